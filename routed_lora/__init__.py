@@ -1,0 +1,21 @@
+"""routed-lora: a frozen backbone with one LoRA adapter per ability, chosen per token (DART-style agentic RL).
+
+The core is :class:`RoutedLoRALinear`, a drop-in ``nn.Linear`` computing ``W x + b + s * B[k] A[k] x`` with the
+adapter ``k`` chosen per token, and a backward that writes each adapter's gradient only from its own tokens.
+"""
+
+from .backend import get_backend, set_backend
+from .layer import RoutedLoRALinear, clear_routes, routed_lora_linear, set_routes, validate_routes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RoutedLoRALinear",
+    "routed_lora_linear",
+    "set_routes",
+    "clear_routes",
+    "validate_routes",
+    "set_backend",
+    "get_backend",
+    "__version__",
+]

@@ -1,0 +1,280 @@
+"""``RoutedLoRALinear``: a frozen ``nn.Linear`` plus E LoRA adapters, one chosen per token.
+
+    y_m = W x_m + b + s * B[rho_m] A[rho_m] x_m        (no LoRA term when rho_m = -1)
+
+``s = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA). The adapter of each token comes from an
+integer ``routes`` tensor of shape ``x.shape[:-1]``: -1 for the backbone only, else an adapter index. Each
+adapter's gradient is written only from the tokens routed to it (see :mod:`routed_lora.reference`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .ops import routed_lora_forward
+
+__all__ = ["RoutedLoRALinear", "routed_lora_linear", "set_routes", "clear_routes", "validate_routes"]
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def validate_routes(routes: torch.Tensor, num_adapters: int, expected_shape=None, *, check_values=True) -> None:
+    """Raise a clear error if ``routes`` is not an integer tensor of values in [-1, num_adapters).
+
+    ``check_values`` reads the values, which on a GPU is a host synchronisation: callers do it once, when the
+    routes are set, not in every layer call.
+    """
+    if not isinstance(routes, torch.Tensor):
+        raise TypeError(f"routes: expected an integer torch.Tensor, got {type(routes).__name__}")
+    if routes.dtype not in _INT_DTYPES:
+        raise TypeError(f"routes: expected an integer dtype (int32 or int64), got {routes.dtype}")
+    if expected_shape is not None and tuple(routes.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"routes: expected shape {tuple(expected_shape)} (x.shape[:-1]), got {tuple(routes.shape)}"
+        )
+    if check_values and routes.numel() > 0:
+        lo, hi = int(routes.min()), int(routes.max())
+        if lo < -1 or hi >= num_adapters:
+            bad = lo if lo < -1 else hi
+            raise ValueError(
+                f"routes: values must be -1 (backbone only) or an adapter index in [0, {num_adapters}), "
+                f"found {bad}"
+            )
+
+
+def routed_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    routes: torch.Tensor,
+    scaling: float,
+    *,
+    check_route_values: bool | None = None,
+) -> torch.Tensor:
+    """Functional routed LoRA linear: ``x`` (..., K), ``weight`` (N, K), ``lora_A`` (E, r, K), ``lora_B``
+    (E, N, r), ``routes`` of shape ``x.shape[:-1]``. Returns (..., N).
+
+    Route values are checked on CPU tensors; on CUDA tensors they are checked without a host synchronisation
+    (``torch._assert_async``) unless ``check_route_values`` says otherwise.
+    """
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension (..., in_features), got a {x.dim()}-d tensor")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x: expected last dimension in_features={K}, got shape {tuple(x.shape)}")
+    if lora_A.dim() != 3 or lora_A.shape[2] != K:
+        raise ValueError(f"lora_A: expected shape (E, r, {K}), got {tuple(lora_A.shape)}")
+    E, r, _ = lora_A.shape
+    if tuple(lora_B.shape) != (E, N, r):
+        raise ValueError(f"lora_B: expected shape {(E, N, r)}, got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected shape ({N},), got {tuple(bias.shape)}")
+
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif x.dtype != weight.dtype:
+        raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
+    # Adapters may be kept in a wider dtype than the backbone (fp32 adapters on a bf16 model): the op runs in
+    # the activation dtype and autograd casts the gradients back.
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+
+    check = (not x.is_cuda) if check_route_values is None else check_route_values
+    if _is_compiling():
+        check = False
+    validate_routes(routes, E, x.shape[:-1], check_values=check)
+    if x.is_cuda and not check and not _is_compiling() and routes.numel() > 0:
+        torch._assert_async(((routes >= -1) & (routes < E)).all(), "routes: value outside [-1, E)")
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    routes1 = routes.reshape(-1)
+    if routes1.dtype != torch.int32:
+        routes1 = routes1.to(torch.int32)
+    y, _ = routed_lora_forward(x2, weight, bias, lora_A, lora_B, routes1, float(scaling))
+    return y.reshape(*lead, N)
+
+
+class RoutedLoRALinear(nn.Linear):
+    """A frozen ``nn.Linear`` with one LoRA adapter per ability, selected per token.
+
+    Parameters ``lora_A`` (E, r, in_features) and ``lora_B`` (E, out_features, r) are initialised as PEFT does
+    (A kaiming-uniform with a = sqrt(5), B zero), so a fresh layer equals the frozen linear. ``weight`` and
+    ``bias`` keep nn.Linear's state-dict keys and never receive gradients.
+
+    Call as ``layer(x, routes)`` with integer ``routes`` of shape ``x.shape[:-1]`` (-1 = backbone only), or set
+    them once with :func:`set_routes` and call ``layer(x)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        lora_alpha: float = 16,
+        adapters: Sequence[str] = ("reasoning", "tool"),
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        names = _check_config(r, lora_alpha, adapters)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_lora(names, r, lora_alpha, use_rslora)
+
+    def _init_lora(self, names, r, lora_alpha, use_rslora):
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.adapter_names = tuple(names)
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        E = len(names)
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(E, self.r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(E, self.out_features, self.r, **kw))
+        self._routes = None
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 8,
+        lora_alpha: float = 16,
+        adapters: Sequence[str] = ("reasoning", "tool"),
+        use_rslora: bool = False,
+    ) -> "RoutedLoRALinear":
+        """Wrap ``linear``: its weight and bias tensors are reused (no copy) and frozen; device and dtype kept."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        names = _check_config(r, lora_alpha, adapters)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self._init_lora(names, r, lora_alpha, use_rslora)
+        return self
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's initialisation: each A[e] kaiming-uniform (a = sqrt(5), fan_in = in_features), B zero."""
+        for e in range(self.lora_A.shape[0]):
+            nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.adapter_names)
+
+    def adapter_index(self, adapter: int | str) -> int:
+        """Index of ``adapter`` given by name or index."""
+        if isinstance(adapter, str):
+            if adapter not in self.adapter_names:
+                raise KeyError(f"adapter: expected one of {self.adapter_names}, got {adapter!r}")
+            return self.adapter_names.index(adapter)
+        idx = int(adapter)
+        if not 0 <= idx < self.num_adapters:
+            raise IndexError(f"adapter: expected an index in [0, {self.num_adapters}), got {idx}")
+        return idx
+
+    def delta_weight(self, adapter: int | str) -> torch.Tensor:
+        """s * B[e] A[e], the (out_features, in_features) change adapter ``adapter`` makes to the weight."""
+        e = self.adapter_index(adapter)
+        return self.scaling * (self.lora_B[e] @ self.lora_A[e])
+
+    def forward(self, x: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
+        check = None
+        if routes is None:
+            routes = self._routes
+            if routes is None:
+                raise RuntimeError(
+                    "RoutedLoRALinear: no routes given and none set; pass routes=... or call "
+                    "routed_lora.set_routes(module, routes) (use -1 for backbone-only tokens)"
+                )
+            check = False  # values were checked once by set_routes
+            if routes.device != x.device:
+                routes = routes.to(x.device)
+        return routed_lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, routes, self.scaling, check_route_values=check
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+            f"adapters={self.adapter_names}" + (", use_rslora=True" if self.use_rslora else "")
+        )
+
+
+def _check_config(r, lora_alpha, adapters) -> tuple[str, ...]:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r: expected an integer >= 1, got {r!r}")
+    if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha: expected a positive number, got {lora_alpha!r}")
+    if isinstance(adapters, str):
+        raise TypeError(f"adapters: expected a sequence of names, got the string {adapters!r}")
+    names = tuple(adapters)
+    if not names:
+        raise ValueError("adapters: expected at least one adapter name, got none")
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise ValueError(f"adapters: names must be non-empty strings, got {n!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"adapters: names must be unique, got duplicates {dup} in {names}")
+    return names
+
+
+def _routed_layers(module: nn.Module) -> Iterable[RoutedLoRALinear]:
+    if isinstance(module, RoutedLoRALinear):
+        return [module]
+    return [m for m in module.modules() if isinstance(m, RoutedLoRALinear)]
+
+
+def set_routes(module: nn.Module, routes: torch.Tensor) -> None:
+    """Set the routes used by every :class:`RoutedLoRALinear` in ``module`` until replaced or cleared.
+
+    ``routes``: integer tensor shaped like the inputs' leading dims ((batch, seq) for a model). Values are
+    checked here, once (a host synchronisation on a GPU), not in every layer call.
+    """
+    layers = _routed_layers(module)
+    if not layers:
+        raise ValueError(f"module: no RoutedLoRALinear found in {type(module).__name__}")
+    validate_routes(routes, min(layer.num_adapters for layer in layers))
+    routes = routes.to(torch.int32)
+    per_device = {}
+    for layer in layers:
+        dev = layer.weight.device
+        if dev not in per_device:
+            per_device[dev] = routes.to(dev)
+        layer._routes = per_device[dev]
+
+
+def clear_routes(module: nn.Module) -> None:
+    """Forget the routes set with :func:`set_routes` for every RoutedLoRALinear in ``module``."""
+    for layer in _routed_layers(module):
+        layer._routes = None

@@ -1,0 +1,103 @@
+"""The routed-LoRA op registered with ``torch.library`` and its autograd glue.
+
+Two custom ops, ``routed_lora::forward`` and ``routed_lora::backward``, each dispatching at run time to the
+PyTorch path (:mod:`routed_lora.reference`) or to the Triton launchers (:mod:`routed_lora.kernels.launch`), as
+:func:`routed_lora.backend.resolve` says. Registering them as custom ops with fake (meta) implementations lets
+``torch.compile(fullgraph=True)`` trace through a model using the layer without graph breaks, and
+``torch.library.opcheck`` validate the registration.
+
+Saved for backward: x, the routes and the masked shrink h (M, E*r), plus references to the parameters
+(W, A, B), which cost no memory. Never an (M, N) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backend as _backend
+from .reference import reference_backward, reference_forward
+
+__all__ = ["routed_lora_forward", "routed_lora_backward"]
+
+
+def _impl(device: torch.device):
+    if _backend.resolve(device) == "triton":
+        from .kernels import launch
+
+        return launch.forward, launch.backward
+    return reference_forward, reference_backward
+
+
+@torch.library.custom_op("routed_lora::forward", mutates_args=())
+def routed_lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    routes: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x W^T + b + s * (h * mask) B_cat^T and h * mask, for x (M, K), routes (M,)."""
+    fwd, _ = _impl(x.device)
+    return fwd(x, weight, bias, lora_A, lora_B, routes, scaling)
+
+
+@routed_lora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, routes, scaling):
+    E, r, _ = lora_A.shape
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], E * r))
+
+
+@torch.library.custom_op("routed_lora::backward", mutates_args=())
+def routed_lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    routes: torch.Tensor,
+    h_masked: torch.Tensor,
+    scaling: float,
+    compute_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB); dx is an empty tensor when ``compute_dx`` is False."""
+    _, bwd = _impl(x.device)
+    dx, dA, dB = bwd(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx)
+    if dx is None:
+        dx = x.new_empty((0,))
+    return dx, dA, dB
+
+
+@routed_lora_backward.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx):
+    dx = x.new_empty(x.shape) if compute_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, routes, scaling = inputs
+    _, h_masked = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, routes, h_masked)
+    ctx.scaling = scaling
+
+
+def _backward(ctx, grad_y, grad_h):
+    # grad_h is ignored: h is an internal output, kept for the backward only.
+    x, weight, lora_A, lora_B, routes, h_masked = ctx.saved_tensors
+    compute_dx = ctx.needs_input_grad[0]
+    dx, dA, dB = routed_lora_backward(
+        grad_y.contiguous(), x, weight, lora_A, lora_B, routes, h_masked, ctx.scaling, compute_dx
+    )
+    return (
+        dx if compute_dx else None,
+        None,  # weight: frozen
+        None,  # bias: frozen
+        dA if ctx.needs_input_grad[3] else None,
+        dB if ctx.needs_input_grad[4] else None,
+        None,
+        None,
+    )
+
+
+routed_lora_forward.register_autograd(_backward, setup_context=_setup_context)
