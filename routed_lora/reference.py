@@ -20,9 +20,11 @@ backbone GEMM, and it is made of a handful of large GEMMs (no loop over tokens o
 product is accumulated in place into ``y`` or ``dx``; the only extra activation kept for the backward is the
 masked shrink h (M, E*r).
 
-Masking uses ``torch.where`` so a token that an adapter does not own contributes an exact +0 to that adapter's
-gradient: an adapter with no tokens gets exact zeros, and changing the upstream gradient at tokens of another
-adapter leaves its gradient bit-for-bit unchanged.
+Masking multiplies in place by a one-hot (M, E, 1) route matrix, so a token that an adapter does not own
+contributes an exact (signed) zero to that adapter's gradient: an adapter with no tokens gets exact zeros, and
+changing the upstream gradient at tokens of another adapter leaves its gradient bit-for-bit unchanged (adding a
+zero product to a partial sum is exact). In-place masking also avoids fresh (M, E*r) allocations, which on the
+CPU cost more than the masking itself.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 __all__ = [
     "route_mask",
+    "apply_route_mask_",
     "reference_forward",
     "reference_backward",
     "concat_lora_A",
@@ -39,10 +42,17 @@ __all__ = [
 ]
 
 
-def route_mask(routes: torch.Tensor, num_adapters: int, r: int) -> torch.Tensor:
-    """Boolean (M, E*r) mask: column j belongs to adapter j // r and is kept where routes == j // r."""
-    owner = torch.arange(num_adapters, device=routes.device, dtype=routes.dtype).repeat_interleave(r)
-    return routes.reshape(-1, 1) == owner.reshape(1, -1)
+def route_mask(routes: torch.Tensor, num_adapters: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot (M, E, 1) route matrix in ``dtype``: entry (m, e) is 1 where routes[m] == e (a row of zeros for -1)."""
+    owner = torch.arange(num_adapters, device=routes.device, dtype=routes.dtype)
+    return (routes.reshape(-1, 1) == owner).to(dtype).unsqueeze(-1)
+
+
+def apply_route_mask_(t: torch.Tensor, routes: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """Zero, in place, the columns of (M, E*r) ``t`` that belong to adapters other than each row's route."""
+    M = t.shape[0]
+    t.view(M, num_adapters, t.shape[1] // num_adapters).mul_(route_mask(routes, num_adapters, t.dtype))
+    return t
 
 
 def concat_lora_A(lora_A: torch.Tensor) -> torch.Tensor:
@@ -87,8 +97,7 @@ def reference_forward(
     lora_A, lora_B = _cast(lora_A, compute_dtype), _cast(lora_B, compute_dtype)
     E, r, _ = lora_A.shape
     y = torch.nn.functional.linear(x, weight, bias)
-    h = x @ concat_lora_A(lora_A).t()
-    h = torch.where(route_mask(routes, E, r), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    h = apply_route_mask_(x @ concat_lora_A(lora_A).t(), routes, E)
     y.addmm_(h, concat_lora_B(lora_B).t(), alpha=float(scaling))
     return y, h
 
@@ -113,8 +122,7 @@ def reference_backward(
     E, r, K = lora_A.shape
     s = float(scaling)
     A_cat, B_cat = concat_lora_A(lora_A), concat_lora_B(lora_B)
-    G = grad_y @ B_cat
-    G = torch.where(route_mask(routes, E, r), G, torch.zeros((), dtype=G.dtype, device=G.device))
+    G = apply_route_mask_(grad_y @ B_cat, routes, E)
     dx = None
     if compute_dx:
         dx = grad_y @ weight
