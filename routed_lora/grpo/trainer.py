@@ -1,0 +1,517 @@
+"""The GRPO loop for routed LoRA (DESIGN.md §3): rollout, reward, advantages, clipped updates, checkpoints.
+
+One training step:
+
+1. take ``prompts_per_step`` questions (this rank's share under DDP) and sample ``group_size`` rollouts of each
+   with the agent loop of :mod:`routed_lora.env.rollout` (tool results spliced in as token ids, info-masked);
+   all rollouts of a question share one group id;
+2. reward each rollout (exact match on the last ``<answer>``, optional format reward) and compute group-normalised
+   advantages (:func:`routed_lora.grpo.loss.group_advantages`);
+3. record the old log-probs (and, when beta > 0, the reference log-probs with adapters off) with the same routes,
+   position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1;
+4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps; each optimiser step
+   accumulates micro-batch losses normalised over the whole step (and over all ranks), clips the global gradient
+   norm, and applies per-adapter learning rates;
+5. write one metrics row (JSONL) and, every ``save_every`` steps, an atomic checkpoint.
+
+Modes: ``dart`` (adapters ``reasoning`` and ``tool``, routed per token by the tag router), ``joint`` (one adapter of
+rank 2r on every token: the Search-R1 LoRA baseline, same layer), ``base`` (no adapters trained: evaluation only).
+
+Per-adapter learning rates: one layer keeps all adapters in one tensor (``lora_A`` (E, r, K)), so the optimiser
+runs at the base learning rate and each adapter's slice of the update is then scaled by ``lr_e / lr``. For
+Adam/AdamW (and SGD) the update, weight decay included, is linear in the learning rate, so this is exactly an
+optimiser with one learning rate per adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .logprobs import disable_dropout, reference_logprobs, routes_for, token_logprobs
+from .loss import group_advantages, grpo_loss, step_normalizer, zero_std_fraction
+
+__all__ = ["GRPOConfig", "RolloutBatch", "routed_layers", "adapter_names", "AdapterOptimizer", "grpo_update",
+           "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
+
+MODES = ("dart", "joint", "base")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class GRPOConfig:
+    """Hyper-parameters; the defaults are those seen in the field (DESIGN.md §3)."""
+
+    mode: str = "dart"
+    r: int = 8  # per adapter (DART); joint mode uses 2r on one adapter
+    lora_alpha: float = 16.0  # scaling alpha / r; joint mode keeps the same scaling (alpha 2 * lora_alpha)
+    target_modules: tuple = DEFAULT_TARGETS
+    group_size: int = 8  # G: Search-R1 5, DART 16
+    prompts_per_step: int = 32
+    steps: int = 100
+    max_turns: int = 4  # tool calls per rollout
+    topk: int = 3  # passages per search
+    max_new_tokens: int = 64  # per generation turn
+    max_total_tokens: int = 512  # whole response incl. <information>
+    temperature: float = 1.0
+    lr: float = 1e-5
+    lr_tool: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    beta: float = 0.001  # k3 KL coefficient; 0 skips the reference pass
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    aggregation: str = "token-mean"
+    scale_rewards: bool = True  # False: Dr.GRPO advantages (no std)
+    adv_eps: float = 1e-6
+    format_reward: float = 0.0
+    epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 2  # optimiser steps per pass (the second onward use the stored old log-probs)
+    micro_batch_size: int = 64
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 25
+    eval_every: int = 0  # 0: evaluate only before and after
+    log_every: int = 1
+
+    def check(self) -> "GRPOConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        from .loss import AGGREGATIONS
+
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size: GRPO needs at least 2 rollouts per prompt, got {self.group_size}")
+        for name in ("temperature", "lr", "prompts_per_step", "micro_batch_size", "epochs", "mini_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        return self
+
+    def adapters(self) -> tuple[str, ...]:
+        return ("joint",) if self.mode == "joint" else ("reasoning", "tool")
+
+    def adapter_lrs(self) -> dict[str, float]:
+        if self.mode == "joint":
+            return {"joint": self.lr}
+        return {"reasoning": self.lr, "tool": self.lr if self.lr_tool is None else self.lr_tool}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GRPOConfig":
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "target_modules" in d:
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+
+@dataclass
+class RolloutBatch:
+    """A batch of finished rollouts, padded. Position p of ``input_ids`` predicts token p+1; ``loss_mask``
+    (B, L-1) is aligned with those targets: 1 where the target was sampled by the policy (not the prompt, not a
+    spliced ``<information>`` id, not padding)."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long
+    loss_mask: torch.Tensor  # (B, L-1) bool
+    rewards: torch.Tensor  # (B,) float
+    group_ids: torch.Tensor  # (B,) long
+    em: torch.Tensor  # (B,) float
+    tool_calls: torch.Tensor  # (B,) float
+    response_len: torch.Tensor  # (B,) float, tokens from the first response token to the end (incl. info)
+    texts: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, idx: Sequence[int] | slice) -> "RolloutBatch":
+        if isinstance(idx, slice):
+            pick = lambda t: t[idx]  # noqa: E731
+            texts = self.texts[idx] if self.texts else []
+        else:
+            ii = torch.as_tensor(list(idx), dtype=torch.long)
+            pick = lambda t: t.index_select(0, ii)  # noqa: E731
+            texts = [self.texts[i] for i in idx] if self.texts else []
+        return RolloutBatch(
+            pick(self.input_ids), pick(self.attention_mask), pick(self.loss_mask), pick(self.rewards),
+            pick(self.group_ids), pick(self.em), pick(self.tool_calls), pick(self.response_len), texts,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# adapters: per-adapter views, learning rates, gradient norms
+
+
+def routed_layers(model: nn.Module) -> list:
+    from routed_lora.layer import RoutedLoRALinear
+
+    return [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
+
+
+def adapter_names(model: nn.Module) -> tuple[str, ...]:
+    layers = routed_layers(model)
+    if not layers:
+        raise ValueError("model: no RoutedLoRALinear layers (apply routed_lora.apply_routed_lora first)")
+    return layers[0].adapter_names
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable LoRA tensor (lora_A and lora_B of each routed layer), in module order."""
+    out = []
+    for layer in routed_layers(model):
+        out += [layer.lora_A, layer.lora_B]
+    return out
+
+
+def adapter_grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of each adapter's gradient over all layers (slices e of lora_A and lora_B)."""
+    names = adapter_names(model)
+    sq = [0.0] * len(names)
+    for layer in routed_layers(model):
+        for p in (layer.lora_A, layer.lora_B):
+            if p.grad is None:
+                continue
+            g = p.grad.detach().double()
+            for e in range(len(names)):
+                sq[e] += float((g[e] * g[e]).sum())
+    return {n: math.sqrt(s) for n, s in zip(names, sq)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors by module name (exact copies; for checkpoints and tests)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and hasattr(mod, "adapter_names"):
+            out[f"{name}.lora_A"] = mod.lora_A.detach().clone()
+            out[f"{name}.lora_B"] = mod.lora_B.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    mods = dict(model.named_modules())
+    for key, value in state.items():
+        name, attr = key.rsplit(".", 1)
+        getattr(mods[name], attr).copy_(value)
+
+
+class AdapterOptimizer:
+    """AdamW over the LoRA tensors with one learning rate per adapter (see module doc)."""
+
+    def __init__(self, model: nn.Module, lrs: dict[str, float], *, weight_decay: float = 0.0,
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        self.names = adapter_names(model)
+        missing = [n for n in self.names if n not in lrs]
+        if missing:
+            raise ValueError(f"lrs: no learning rate for adapters {missing} (have {sorted(lrs)})")
+        self.params = lora_parameters(model)
+        self.base_lr = max(lrs[n] for n in self.names)
+        self.scales = [lrs[n] / self.base_lr for n in self.names]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.base_lr, betas=betas, eps=eps,
+                                           weight_decay=weight_decay)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rescale = any(s != 1.0 for s in self.scales)
+        before = [p.detach().clone() for p in self.params] if rescale else None
+        self.optimizer.step()
+        if rescale:
+            for p, old in zip(self.params, before):
+                for e, s in enumerate(self.scales):
+                    if s != 1.0:
+                        p[e].copy_(old[e] + (p[e] - old[e]) * s)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scales": self.scales, "base_lr": self.base_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed helpers (no-ops without torch.distributed)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world_info() -> tuple[int, int]:
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    dist = _dist()
+    if dist is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the update
+
+
+def _micro_batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _Prepared:
+    def __init__(self, batch, routes, sl):
+        ids, att, lm = batch.input_ids[sl], batch.attention_mask[sl], batch.loss_mask[sl]
+        rt = routes[sl]
+        real = att.bool().any(0)
+        idx = real.nonzero().flatten()
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        self.ids, self.att, self.mask, self.routes = ids[:, lo:hi], att[:, lo:hi], lm[:, lo:hi - 1], rt[:, lo:hi]
+        self.rows = sl
+        self.old = None
+        self.ref = None
+        self.adv = None
+
+
+def _route_counts(routes: torch.Tensor, loss_mask: torch.Tensor, names) -> dict[str, float]:
+    """Tokens per route among the sampled tokens (route of the position that produced each token)."""
+    r = routes[:, :-1][loss_mask.bool()]
+    out = {f"tokens/{n}": float((r == e).sum()) for e, n in enumerate(names)}
+    out["tokens/backbone"] = float((r == -1).sum())
+    return out
+
+
+def grpo_update(
+    model: nn.Module,
+    ddp_model: nn.Module,
+    optimizer: AdapterOptimizer,
+    batch: RolloutBatch,
+    routes: torch.Tensor,
+    cfg: GRPOConfig,
+) -> dict:
+    """Steps 2-4 of the module doc on one rollout batch; returns the step's metrics (summed over ranks)."""
+    rank, world = world_info()
+    n = len(batch)
+    adv = group_advantages(batch.rewards, batch.group_ids, eps=cfg.adv_eps, scale_rewards=cfg.scale_rewards)
+    max_len = cfg.max_total_tokens
+
+    # a fixed split into mini-batches (optimiser steps) and micro-batches, used by every pass
+    mb_rows = [list(range(n))[s] for s in _micro_batches(n, math.ceil(n / cfg.mini_batches))]
+    plan = []  # list of mini-batches, each a list of _Prepared micro-batches
+    for rows in mb_rows:
+        micro = []
+        for s in _micro_batches(len(rows), cfg.micro_batch_size):
+            sl = slice(rows[s.start], rows[s.stop - 1] + 1)
+            p = _Prepared(batch, routes, sl)
+            p.adv = adv[sl]
+            micro.append(p)
+        plan.append(micro)
+
+    # old (and reference) log-probs: same micro-batches, same routes, no grad
+    with torch.no_grad():
+        for micro in plan:
+            for p in micro:
+                p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
+                if cfg.beta > 0:
+                    p.ref = reference_logprobs(model, p.ids, p.att, temperature=cfg.temperature)
+
+    sums = dict(loss=0.0, tokens=0.0, kl=0.0, clip=0.0, ratio=0.0, entropy=0.0)
+    ratio_max, first_ratio_max_dev = 1.0, None
+    gnorms, pre_clip = [], []
+    for _epoch in range(cfg.epochs):
+        for micro in plan:
+            norm_local = step_normalizer([p.mask for p in micro], cfg.aggregation, max_len=max_len)
+            norm = all_reduce_sum([norm_local])[0]
+            # DDP averages gradients over ranks: scale so that the average is the step-wide loss
+            norm = norm / world
+            optimizer.zero_grad()
+            for i, p in enumerate(micro):
+                sync = i == len(micro) - 1
+                ctx = ddp_model.no_sync() if (not sync and hasattr(ddp_model, "no_sync")) else _null()
+                with ctx:
+                    logp, ent = token_logprobs(ddp_model, p.ids, p.att, routes=p.routes,
+                                               temperature=cfg.temperature, with_entropy=True)
+                    out = grpo_loss(
+                        logp, p.old, p.adv, p.mask, ref_logp=p.ref, beta=cfg.beta, eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high, aggregation=cfg.aggregation, normalizer=norm, max_len=max_len,
+                        entropy=ent,
+                    )
+                    out.loss.backward()
+                if first_ratio_max_dev is None:
+                    m = p.mask.bool()
+                    first_ratio_max_dev = float((logp.detach() - p.old)[m].abs().max()) if m.any() else 0.0
+                sums["loss"] += float(out.loss.detach()) * world
+                sums["tokens"] += out.tokens
+                sums["kl"] += out.kl_sum
+                sums["clip"] += out.clip_sum
+                sums["ratio"] += out.ratio_sum
+                sums["entropy"] += out.entropy_sum
+                ratio_max = max(ratio_max, out.ratio_max)
+            gn = adapter_grad_norms(model)
+            gnorms.append(gn)
+            total = torch.nn.utils.clip_grad_norm_(optimizer.params, cfg.max_grad_norm)
+            pre_clip.append(float(total))
+            optimizer.step()
+    optimizer.zero_grad()
+
+    # metrics, summed over ranks
+    rc = _route_counts(routes, batch.loss_mask, adapter_names(model))
+    local = [
+        sums["tokens"], sums["kl"], sums["clip"], sums["ratio"], sums["entropy"],
+        float(n), float(batch.rewards.sum()), float((batch.rewards ** 2).sum()), float(batch.em.sum()),
+        float(batch.tool_calls.sum()), float(batch.response_len.sum()),
+        zero_std_fraction(batch.rewards, batch.group_ids) * float(torch.unique(batch.group_ids).numel()),
+        float(torch.unique(batch.group_ids).numel()), sums["loss"],
+    ] + list(rc.values())
+    tot = all_reduce_sum(local)
+    (tokens, kl, clip, ratio, entropy, nroll, rsum, r2sum, emsum, tcs, rls, zgroups, ngroups, loss_sum) = tot[:14]
+    rmean = rsum / nroll
+    upd = cfg.epochs * len(plan)
+    metrics = {
+        "reward_mean": rmean,
+        "reward_std": math.sqrt(max(r2sum / nroll - rmean * rmean, 0.0)),
+        "em": emsum / nroll,
+        "zero_std_frac": zgroups / max(ngroups, 1.0),
+        "kl": kl / max(tokens, 1.0),
+        "clip_frac": clip / max(tokens, 1.0),
+        "ratio_mean": ratio / max(tokens, 1.0),
+        "ratio_max": ratio_max,
+        "first_update_max_abs_logratio": first_ratio_max_dev,
+        "entropy": entropy / max(tokens, 1.0),
+        "loss": loss_sum / upd / world,
+        "response_len": rls / nroll,
+        "tool_calls": tcs / nroll,
+        "rollouts": nroll,
+        "updates": upd,
+        "grad_norm": sum(pre_clip) / len(pre_clip),
+    }
+    for key, v in zip(rc.keys(), tot[14:]):
+        metrics[key] = v
+    for name in gnorms[0]:
+        metrics[f"grad_norm/{name}"] = sum(g[name] for g in gnorms) / len(gnorms)
+    return metrics
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints and metrics
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(out: Path, *, model, optimizer: AdapterOptimizer, step: int, cfg: GRPOConfig,
+                    extra: dict | None = None) -> Path:
+    """Write ``out/checkpoint.pt`` atomically (temp file, fsync, rename): adapters, optimizer, RNG states
+    (this rank's), step and config. Under DDP only rank 0 writes (adapters are identical on every rank); every
+    rank's RNG state is stored."""
+    rank, world = world_info()
+    rng = rng_state()
+    dist = _dist()
+    if dist is not None:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rngs = gathered
+    else:
+        rngs = [rng]
+    path = Path(out) / "checkpoint.pt"
+    if rank == 0:
+        state = {
+            "step": step,
+            "adapters": adapter_state(model),
+            "optimizer": optimizer.state_dict(),
+            "rng": rngs,
+            "config": cfg.to_dict(),
+            "extra": extra or {},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(state, path)
+    if dist is not None:
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(path: Path, *, model, optimizer: AdapterOptimizer) -> dict:
+    """Restore adapters, optimizer and this rank's RNG state; returns the checkpoint dict (``step`` ...)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_adapter_state(model, state["adapters"])
+    optimizer.load_state_dict(state["optimizer"])
+    rank, world = world_info()
+    rngs = state["rng"]
+    if len(rngs) != world:
+        raise ValueError(f"{path}: written by {len(rngs)} ranks, resuming with {world}")
+    set_rng_state(rngs[rank])
+    return state
+
+
+class MetricsWriter:
+    """Append JSON rows to ``metrics.jsonl`` (rank 0 only). On resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, *, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("step", 0) <= resume_step:
+                        keep.append(line)
+            self.path.write_text("".join(k + "\n" for k in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
