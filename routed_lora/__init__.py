@@ -7,6 +7,11 @@ adapter ``k`` chosen per token, and a backward that writes each adapter's gradie
 from .backend import get_backend, set_backend
 from .layer import RoutedLoRALinear, clear_routes, routed_lora_linear, set_routes, validate_routes
 
+# The HF integration, router and adapter files import transformers / safetensors only when used, so these
+# imports work without the optional ``hf`` extra.
+from .hf import apply_routed_lora, disable_adapters, remove_routed_lora, set_adapter_lr, trainable_parameters
+from .router import TagRouter
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -15,6 +20,12 @@ __all__ = [
     "set_routes",
     "clear_routes",
     "validate_routes",
+    "apply_routed_lora",
+    "remove_routed_lora",
+    "disable_adapters",
+    "trainable_parameters",
+    "set_adapter_lr",
+    "TagRouter",
     "set_backend",
     "get_backend",
     "__version__",

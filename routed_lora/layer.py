@@ -217,7 +217,11 @@ class RoutedLoRALinear(nn.Linear):
                     "routed_lora.set_routes(module, routes) (use -1 for backbone-only tokens)"
                 )
             check = False  # values were checked once by set_routes
-            if routes.device != x.device:
+            if isinstance(routes, int):  # one route for every token (set_routes(module, k))
+                if routes == -1:
+                    return nn.functional.linear(x, self.weight, self.bias)
+                routes = torch.full(x.shape[:-1], routes, dtype=torch.int32, device=x.device)
+            elif routes.device != x.device:
                 routes = routes.to(x.device)
         return routed_lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, routes, self.scaling, check_route_values=check
@@ -255,15 +259,25 @@ def _routed_layers(module: nn.Module) -> Iterable[RoutedLoRALinear]:
     return [m for m in module.modules() if isinstance(m, RoutedLoRALinear)]
 
 
-def set_routes(module: nn.Module, routes: torch.Tensor) -> None:
+def set_routes(module: nn.Module, routes: torch.Tensor | int) -> None:
     """Set the routes used by every :class:`RoutedLoRALinear` in ``module`` until replaced or cleared.
 
-    ``routes``: integer tensor shaped like the inputs' leading dims ((batch, seq) for a model). Values are
+    ``routes``: integer tensor shaped like the inputs' leading dims ((batch, seq) for a model), or a Python int
+    used for every token of every input (-1: backbone only, computed as a plain ``F.linear``). Values are
     checked here, once (a host synchronisation on a GPU), not in every layer call.
     """
     layers = _routed_layers(module)
     if not layers:
         raise ValueError(f"module: no RoutedLoRALinear found in {type(module).__name__}")
+    if isinstance(routes, int) and not isinstance(routes, bool):
+        E = min(layer.num_adapters for layer in layers)
+        if not -1 <= routes < E:
+            raise ValueError(
+                f"routes: values must be -1 (backbone only) or an adapter index in [0, {E}), found {routes}"
+            )
+        for layer in layers:
+            layer._routes = int(routes)
+        return
     validate_routes(routes, min(layer.num_adapters for layer in layers))
     routes = routes.to(torch.int32)
     per_device = {}

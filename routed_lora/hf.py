@@ -1,0 +1,510 @@
+"""Patching Hugging Face causal LMs (any ``nn.Module`` really) with :class:`RoutedLoRALinear`.
+
+- :func:`apply_routed_lora` replaces the targeted ``nn.Linear`` modules in place (PEFT's matching rule),
+  freezes every other parameter and installs three kinds of hooks (no HF class is patched):
+
+  * a forward pre-hook on the model: pops a ``routes=`` keyword if given, else (with a router) computes the
+    routes of the new tokens from ``input_ids`` (positional or keyword) and sets them on every layer. With a
+    KV cache (keyword ``cache`` in transformers 5.x, ``past_key_values`` before) the router's per-sequence
+    state is looked up by the cache object and its length (``cache.get_seq_length()``), so the prompt step and
+    each decoding step of ``generate`` route exactly as the router does on the finished sequences;
+  * a forward hook on the model: stores the router state reached, keyed by the returned cache and its length;
+  * a forward pre-hook on each module that has a ``gradient_checkpointing`` flag (transformers'
+    ``GradientCheckpointingLayer``) and holds routed layers: it wraps that module's
+    ``_gradient_checkpointing_func`` so the routes of the original call are captured with the checkpointed
+    call and put back in place during the recomputation (transformers 5.x checkpoints ``forward``, not
+    ``__call__``; routes read from the layers at recompute time could have been replaced by then, e.g. by the
+    reference pass of GRPO run between loss and backward).
+
+- :func:`disable_adapters` (context manager): every routed layer runs as the frozen ``nn.Linear``.
+- :func:`trainable_parameters`: the optimizer parameter group of the adapters; :func:`set_adapter_lr` gives
+  each adapter its own learning rate (see its docstring for why it scales the update, not the gradient).
+- :func:`remove_routed_lora`: back to plain ``nn.Linear`` modules sharing the same weight tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import weakref
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .layer import RoutedLoRALinear, _check_config
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "apply_routed_lora",
+    "remove_routed_lora",
+    "disable_adapters",
+    "trainable_parameters",
+    "set_adapter_lr",
+    "routed_layers",
+    "get_router",
+    "target_matches",
+]
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_STATE_ATTR = "_routed_lora_state"
+
+
+def target_matches(target_modules: str | Sequence[str], name: str) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole module name; a list matches a name equal to
+    one entry or ending with ``"." + entry``."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+class _State:
+    """What :func:`apply_routed_lora` keeps on the model (attribute ``_routed_lora_state``)."""
+
+    def __init__(self, model, layers, config, router, requires_grad):
+        self.layers: list[tuple[str, RoutedLoRALinear]] = layers
+        self.config = config
+        self.router = router
+        self.requires_grad = requires_grad  # name -> flag before freezing, restored by remove_routed_lora
+        self.disabled = 0
+        self.handles: list = []
+        self.ckpt_modules: list[nn.Module] = []
+        self.streams: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> (length, stream)
+        self.pending = None  # (cache or None, stream) between the pre-hook and the forward hook
+        try:
+            self.signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):  # pragma: no cover
+            self.signature = None
+
+    @property
+    def modules(self) -> list[RoutedLoRALinear]:
+        return [m for _, m in self.layers]
+
+
+def _state(model: nn.Module, *, required: bool = True) -> _State | None:
+    st = model.__dict__.get(_STATE_ATTR)
+    if st is None and required:
+        raise ValueError(
+            f"model: {type(model).__name__} has no routed LoRA; call routed_lora.apply_routed_lora(model) first"
+        )
+    return st
+
+
+def routed_layers(model: nn.Module) -> list[tuple[str, RoutedLoRALinear]]:
+    """``(name, layer)`` for every :class:`RoutedLoRALinear` in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear)]
+
+
+def get_router(model: nn.Module):
+    """The router given to :func:`apply_routed_lora` (None if none)."""
+    st = _state(model, required=False)
+    return None if st is None else st.router
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patching
+# ---------------------------------------------------------------------------------------------------------
+def apply_routed_lora(
+    model: nn.Module,
+    *,
+    target_modules: str | Sequence[str] = DEFAULT_TARGET_MODULES,
+    r: int = 8,
+    lora_alpha: float = 16,
+    adapters: Sequence[str] = ("reasoning", "tool"),
+    use_rslora: bool = False,
+    router=None,
+) -> nn.Module:
+    """Replace the ``nn.Linear`` modules matching ``target_modules`` with :class:`RoutedLoRALinear` (in place).
+
+    ``target_modules`` follows PEFT: a list of names matching a module's full name or its dotted suffix, a
+    regex string matching the whole name, or ``"all-linear"`` (every ``nn.Linear`` but the output layer).
+    Every other parameter is frozen. With ``router`` (e.g. a :class:`~routed_lora.TagRouter`) the model routes
+    by itself in ``model(input_ids=...)`` and ``model.generate(...)``; without one, set routes with
+    :func:`routed_lora.set_routes` or pass ``routes=`` to the model call. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if _state(model, required=False) is not None or any(isinstance(m, RoutedLoRALinear) for m in model.modules()):
+        raise ValueError("model: already has routed LoRA layers; call routed_lora.remove_routed_lora(model) first")
+    names = _check_config(r, lora_alpha, adapters)
+    if isinstance(target_modules, str):
+        if target_modules != "all-linear":
+            try:
+                re.compile(target_modules)
+            except re.error as exc:
+                raise ValueError(f"target_modules: invalid regex {target_modules!r}: {exc}") from None
+    else:
+        target_modules = tuple(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules: expected non-empty module names, got {target_modules!r}")
+
+    matched = _match(model, target_modules)
+    if not matched:
+        linear = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
+            f"its nn.Linear modules include {linear[:8]}{' ...' if len(linear) > 8 else ''}"
+        )
+    for name, module in matched:
+        if type(module) is not nn.Linear:
+            hint = ""
+            if type(module).__name__ == "Conv1D":
+                hint = " (GPT-2 style Conv1D stores its weight transposed; it is not supported)"
+            raise TypeError(
+                f"target_modules: module {name!r} is a {type(module).__module__}.{type(module).__name__}, not an "
+                f"nn.Linear{hint}; only plain nn.Linear modules can be routed"
+            )
+    if router is not None:
+        if not callable(getattr(router, "stream", None)):
+            raise TypeError(f"router: expected a TagRouter-like object with .stream(), got {type(router).__name__}")
+        if hasattr(router, "bind"):
+            router.bind(names)
+
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = []
+    for name, linear in matched:
+        new = RoutedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, adapters=names, use_rslora=use_rslora)
+        new.train(linear.training)
+        _set_submodule(model, name, new)
+        layers.append((name, new))
+
+    config = dict(
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        r=int(r),
+        lora_alpha=lora_alpha,
+        adapters=list(names),
+        use_rslora=bool(use_rslora),
+    )
+    st = _State(model, layers, config, router, requires_grad)
+    model.__dict__[_STATE_ATTR] = st  # a plain attribute, not a submodule
+    st.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+    st.handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True))
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing") and module is not model:
+            inner = [m for m in module.modules() if isinstance(m, RoutedLoRALinear)]
+            if inner:
+                module._routed_lora_inner = inner
+                st.ckpt_modules.append(module)
+                st.handles.append(module.register_forward_pre_hook(_ckpt_pre_hook))
+    return model
+
+
+def _match(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    if target_modules == "all-linear":
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
+    out = []
+
+    def walk(module: nn.Module, prefix: str):
+        for child_name, child in module.named_children():
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            if target_matches(target_modules, full):
+                out.append((full, child))
+                continue  # do not look inside a matched module
+            walk(child, full)
+
+    walk(model, "")
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def remove_routed_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_routed_lora`: plain ``nn.Linear`` modules sharing the same weight and bias tensors,
+    hooks removed, ``requires_grad`` flags as they were before. The adapters are dropped (save them first)."""
+    st = _state(model)
+    for h in st.handles:
+        h.remove()
+    for module in st.ckpt_modules:
+        f = module.__dict__.get("_gradient_checkpointing_func")
+        if f is not None and getattr(f, "_routed_lora", False):
+            module._gradient_checkpointing_func = f.__wrapped__
+        module.__dict__.pop("_routed_lora_inner", None)
+    for name, layer in st.layers:
+        linear = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = layer.in_features, layer.out_features
+        linear.weight = layer.weight
+        linear.register_parameter("bias", layer.bias)
+        linear.train(layer.training)
+        _set_submodule(model, name, linear)
+    for n, p in model.named_parameters():
+        if n in st.requires_grad:
+            p.requires_grad_(st.requires_grad[n])
+    del model.__dict__[_STATE_ATTR]
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# routing hooks
+# ---------------------------------------------------------------------------------------------------------
+def _assign(st: _State, routes) -> None:
+    """Set routes on every layer without re-checking values (the router's are valid by construction)."""
+    if st.disabled:
+        routes = -1
+    if isinstance(routes, torch.Tensor):
+        routes = routes.to(torch.int32)
+        per_device = {}
+        for layer in st.modules:
+            dev = layer.weight.device
+            if dev not in per_device:
+                per_device[dev] = routes.to(dev)
+            layer._routes = per_device[dev]
+    else:
+        for layer in st.modules:
+            layer._routes = routes
+
+
+def _get_arg(bound, kwargs, args, name, position):
+    if name in kwargs:
+        return kwargs[name]
+    if bound is not None:
+        return bound.get(name)
+    return args[position] if len(args) > position else None
+
+
+@torch.compiler.disable
+def _model_pre_hook(model, args, kwargs):
+    st = _state(model, required=False)
+    if st is None:
+        return None
+    st.pending = None
+    explicit = kwargs.pop("routes", None)
+    if explicit is not None:
+        if isinstance(explicit, torch.Tensor):
+            from .layer import validate_routes
+
+            validate_routes(explicit, min(m.num_adapters for m in st.modules))
+        from .layer import set_routes
+
+        set_routes(model, -1 if st.disabled else explicit)
+        return args, kwargs
+    if st.router is None:
+        return args, kwargs
+
+    bound = None
+    if args and st.signature is not None:
+        try:
+            bound = st.signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = None
+    input_ids = _get_arg(bound, kwargs, args, "input_ids", 0)
+    if input_ids is None:
+        raise ValueError(
+            "routed_lora: the model has a router but was called without input_ids (e.g. inputs_embeds only); "
+            "the router needs token ids. Pass routes=... to the call instead."
+        )
+    attention_mask = _get_arg(bound, kwargs, args, "attention_mask", 1)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None and bound is not None:
+        cache = bound.get("cache", bound.get("past_key_values"))
+    ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+    B, T = ids.shape
+    past = 0
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        past = int(cache.get_seq_length())
+    if past > 0:
+        entry = st.streams.get(cache)
+        if entry is None or entry[0] != past:
+            raise RuntimeError(
+                f"routed_lora: the model was called with a KV cache of length {past} but the router has no state "
+                "for it (the cache was not filled by this model's routed calls, or it was modified, e.g. beam "
+                "search reordering). Pass routes=... explicitly for such calls."
+            )
+        stream = entry[1].clone()
+        if stream.batch_size != B:
+            raise RuntimeError(
+                f"routed_lora: the cache holds {stream.batch_size} sequences but the call has {B} "
+                "(beam search and other batch expansions are not supported with a router)"
+            )
+    else:
+        stream = st.router.stream(B, device=ids.device)
+    mask = None
+    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        mask = attention_mask[:, -T:] if attention_mask.shape[1] >= T else None
+    routes = stream.step(ids, mask)
+    if input_ids.dim() == 1:
+        routes = routes[0]
+    _assign(st, routes)
+    st.pending = (cache, stream)
+    return args, kwargs
+
+
+@torch.compiler.disable
+def _model_post_hook(model, args, kwargs, output):
+    st = _state(model, required=False)
+    if st is None or st.pending is None:
+        return None
+    cache, stream = st.pending
+    st.pending = None
+    if cache is None:
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if cache is None and isinstance(output, dict):
+            cache = output.get("cache", output.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        try:
+            st.streams[cache] = (int(cache.get_seq_length()), stream)
+        except TypeError:  # not weak-referenceable
+            pass
+    return None
+
+
+def _ckpt_pre_hook(module, args):
+    f = module.__dict__.get("_gradient_checkpointing_func")
+    if f is not None and not getattr(f, "_routed_lora", False):
+        module._gradient_checkpointing_func = _wrap_checkpoint(f, module._routed_lora_inner)
+    return None
+
+
+def _wrap_checkpoint(checkpoint_fn, layers: list[RoutedLoRALinear]):
+    """Wrap a checkpoint function so ``function`` runs with the routes the layers had at the original call,
+    in the forward and again in the recomputation."""
+
+    def checkpoint_with_routes(function, *args, **kwargs):
+        captured = [layer._routes for layer in layers]
+
+        def run(*a, **k):
+            current = [layer._routes for layer in layers]
+            for layer, routes in zip(layers, captured):
+                layer._routes = routes
+            try:
+                return function(*a, **k)
+            finally:
+                for layer, routes in zip(layers, current):
+                    layer._routes = routes
+
+        return checkpoint_fn(run, *args, **kwargs)
+
+    checkpoint_with_routes._routed_lora = True
+    checkpoint_with_routes.__wrapped__ = checkpoint_fn
+    return checkpoint_with_routes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adapters off, parameters, learning rates
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run ``model`` as the frozen backbone inside the block (every routed layer is a plain ``F.linear``).
+
+    Routes set before are restored on exit. With a router the model keeps routing (so KV-cache state stays
+    consistent) but uses the backbone. The GRPO reference policy is ``with disable_adapters(model): model(...)``.
+    """
+    st = _state(model, required=False)
+    layers = st.modules if st is not None else [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no RoutedLoRALinear layers")
+    saved = [layer._routes for layer in layers]
+    if st is not None:
+        st.disabled += 1
+    for layer in layers:
+        layer._routes = -1
+    try:
+        yield model
+    finally:
+        if st is not None:
+            st.disabled -= 1
+        for layer, routes in zip(layers, saved):
+            layer._routes = routes
+
+
+def trainable_parameters(model: nn.Module) -> list[dict]:
+    """Optimizer parameter groups for the adapters: ``[{"params": [...], "name": "routed_lora",
+    "adapters": (names...)}]``.
+
+    Every ``lora_A`` (E, r, in) and ``lora_B`` (E, out, r) tensor holds all E adapters along dim 0, so one
+    tensor cannot sit in two optimizer groups. To give each adapter its own learning rate use
+    :func:`set_adapter_lr` on the optimizer built from these groups. Parameters outside the routed layers that
+    require gradients (unfrozen by the caller after :func:`apply_routed_lora`) come as a second group
+    ``{"name": "other"}``.
+    """
+    st = _state(model, required=False)
+    layers = routed_layers(model)
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no RoutedLoRALinear layers")
+    names = layers[0][1].adapter_names
+    for n, layer in layers:
+        if layer.adapter_names != names:
+            raise ValueError(f"layer {n!r} has adapters {layer.adapter_names}, others have {names}")
+    lora = []
+    seen = set()
+    for _, layer in layers:
+        for p in (layer.lora_A, layer.lora_B):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                lora.append(p)
+    groups = [{"params": lora, "name": "routed_lora", "adapters": tuple(names)}]
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    if other:
+        groups.append({"params": other, "name": "other"})
+    del st
+    return groups
+
+
+def set_adapter_lr(optimizer: torch.optim.Optimizer, lr: Mapping[str, float]):
+    """Give each adapter its own learning rate in ``optimizer`` (built from :func:`trainable_parameters`).
+
+    ``lr``: ``{adapter: learning rate}``; adapters not named keep the group's ``lr``. The rates are stored as
+    ratios to the group's ``lr`` when this is called, so a scheduler scaling ``lr`` scales every adapter.
+
+    How: each step's update of every adapter slice (dim 0 of ``lora_A``/``lora_B``) is multiplied by
+    ``lr[adapter] / group["lr"]`` (optimizer step pre/post hooks keep a copy of the adapter tensors). For
+    SGD (with momentum), Adam, AdamW, RMSprop and Adagrad the update is proportional to ``lr``, so this equals
+    a per-adapter learning rate. Scaling gradients instead would be wrong for Adam (invariant to gradient
+    scale). Returns the hook handles.
+    """
+    groups = [g for g in optimizer.param_groups if "adapters" in g]
+    if not groups:
+        raise ValueError("optimizer: no parameter group from routed_lora.trainable_parameters (key 'adapters')")
+    for g in groups:
+        names = tuple(g["adapters"])
+        unknown = sorted(set(lr) - set(names))
+        if unknown:
+            raise ValueError(f"lr: unknown adapters {unknown}; the adapters are {names}")
+        base = float(g["lr"])
+        if base <= 0:
+            raise ValueError(f"optimizer group lr must be > 0 to set per-adapter ratios, got {base}")
+        for k, v in lr.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"lr[{k!r}]: expected a number >= 0, got {v!r}")
+        g["adapter_lr_scale"] = [float(lr.get(n, base)) / base for n in names]
+        for p in g["params"]:
+            if p.dim() < 1 or p.shape[0] != len(names):
+                raise ValueError(f"group parameter of shape {tuple(p.shape)} has no adapter dimension of {len(names)}")
+
+    if getattr(optimizer, "_routed_lora_lr_hooks", None):
+        return optimizer._routed_lora_lr_hooks
+    snapshots: dict[int, list[torch.Tensor]] = {}
+
+    def pre(opt, args, kwargs):
+        snapshots.clear()
+        for i, g in enumerate(opt.param_groups):
+            scale = g.get("adapter_lr_scale")
+            if scale is not None and any(s != 1.0 for s in scale):
+                snapshots[i] = [p.detach().clone() for p in g["params"]]
+
+    @torch.no_grad()
+    def post(opt, args, kwargs):
+        for i, old in snapshots.items():
+            g = opt.param_groups[i]
+            for p, p0 in zip(g["params"], old):
+                s = torch.tensor(g["adapter_lr_scale"], dtype=p.dtype, device=p.device)
+                s = s.view(-1, *([1] * (p.dim() - 1)))
+                p.copy_(p0 + (p - p0) * s)
+        snapshots.clear()
+
+    handles = (optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post))
+    optimizer._routed_lora_lr_hooks = handles
+    return handles
+
+
+def _iter_layers(model: nn.Module) -> Iterable[RoutedLoRALinear]:
+    return (m for m in model.modules() if isinstance(m, RoutedLoRALinear))
