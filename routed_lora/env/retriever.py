@@ -1,0 +1,385 @@
+"""Retrieval backends with one interface, ``search(queries, topk) -> list[list[dict]]``.
+
+Each result dict has at least ``contents`` (the passage text) and ``score`` (when known), and ``id`` when the
+corpus has one.
+
+- :class:`BM25Retriever`: an in-process ``bm25s`` index over a JSONL corpus (``{"id", "contents"}`` rows).
+- :class:`HTTPRetriever`: a client for Search-R1's retrieval server protocol::
+
+      POST /retrieve  {"queries": [str, ...], "topk": k, "return_scores": bool}
+      ->  {"result": [[{"document": {"id": ..., "contents": ...}, "score": float}, ...], ...]}   (return_scores)
+      ->  {"result": [[{"id": ..., "contents": ...}, ...], ...]}                                  (otherwise)
+
+- :func:`serve` / :class:`RetrievalServer`: a real HTTP server (stdlib ``ThreadingHTTPServer``) speaking that
+  protocol over any retriever, batching the queries of concurrent requests into one ``search`` call.
+- :func:`format_passages`: the text spliced between ``<information>`` and ``</information>``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Protocol
+
+
+class RetrieverError(RuntimeError):
+    """Retrieval failed."""
+
+
+class RetrieverUnavailable(RetrieverError):
+    """The retrieval server could not be reached (down, wrong host or port)."""
+
+
+class RetrieverTimeout(RetrieverError):
+    """The retrieval server did not answer in time."""
+
+
+class RetrieverProtocolError(RetrieverError):
+    """The retrieval server answered with something that is not the Search-R1 protocol (bad JSON, wrong shape)."""
+
+
+class Retriever(Protocol):
+    def search(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]: ...
+
+
+def format_passages(docs: Sequence[dict]) -> str:
+    """The text spliced in between ``<information>`` and ``</information>``.
+
+    Follows Search-R1: a corpus entry ``"Title\\ntext"`` becomes ``Doc 1(Title: Title) text``; a one-line entry
+    (the built-in world) becomes ``Doc 1: text``. One passage per line."""
+    lines = []
+    for i, d in enumerate(docs, 1):
+        contents = str(d.get("contents", ""))
+        if "\n" in contents:
+            title, text = contents.split("\n", 1)
+            lines.append(f"Doc {i}(Title: {title.strip()}) {' '.join(text.split())}")
+        else:
+            lines.append(f"Doc {i}: {contents.strip()}")
+    return "\n".join(lines)
+
+
+def load_corpus(path: str | Path) -> list[dict]:
+    """Read a JSONL corpus of ``{"id", "contents"}`` rows (``id`` optional, defaults to the row number)."""
+    path = Path(path)
+    if not path.exists():
+        raise RetrieverError(f"corpus {path}: no such file")
+    docs = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RetrieverError(f"corpus {path}:{lineno}: invalid JSON: {exc}") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("contents"), str):
+                raise RetrieverError(f"corpus {path}:{lineno}: expected an object with a 'contents' string")
+            docs.append({"id": str(row.get("id", len(docs))), "contents": row["contents"]})
+    if not docs:
+        raise RetrieverError(f"corpus {path}: empty")
+    return docs
+
+
+class BM25Retriever:
+    """BM25 (``bm25s``, Lucene variant, English stopwords dropped) over a list of docs or a JSONL corpus file."""
+
+    def __init__(self, corpus: str | Path | Sequence[dict], *, k1: float = 1.5, b: float = 0.75):
+        import bm25s
+
+        self._bm25s = bm25s
+        self.docs = load_corpus(corpus) if isinstance(corpus, (str, Path)) else [dict(d) for d in corpus]
+        if not self.docs:
+            raise RetrieverError("empty corpus")
+        tokens = bm25s.tokenize([d["contents"] for d in self.docs], return_ids=False, show_progress=False)
+        self.index = bm25s.BM25(k1=k1, b=b)
+        self.index.index(tokens, show_progress=False)
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def search(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]:
+        if isinstance(queries, str):
+            raise TypeError("search() takes a list of queries, not one string")
+        if not queries:
+            return []
+        k = max(1, min(int(topk), len(self.docs)))
+        toks = self._bm25s.tokenize(list(queries), return_ids=False, show_progress=False)
+        idx, scores = self.index.retrieve(toks, k=k, show_progress=False, n_threads=1)
+        out = []
+        for row_i, row_s in zip(idx.tolist(), scores.tolist()):
+            out.append([{**self.docs[i], "score": float(s)} for i, s in zip(row_i, row_s)])
+        return out
+
+
+def _normalise_doc(item, return_scores: bool) -> dict:
+    if return_scores and isinstance(item, dict) and "document" in item:
+        doc, score = item["document"], item.get("score")
+    else:
+        doc, score = item, None
+    if not isinstance(doc, dict) or not isinstance(doc.get("contents"), str):
+        raise RetrieverProtocolError(f"a result is not a document with a 'contents' string: {str(item)[:200]}")
+    out = dict(doc)
+    if score is not None:
+        out["score"] = float(score)
+    return out
+
+
+class HTTPRetriever:
+    """Client for a Search-R1 retrieval server (``retrieval_server.py`` or ``routed-lora retriever serve``).
+
+    ``url`` is the full endpoint (``http://127.0.0.1:8000/retrieve``) or the server root (``/retrieve`` is added).
+    ``timeout`` (seconds) bounds connecting and each read. ``retries`` (0 = off, the default) re-sends a request
+    that failed because the server was unreachable or slow, after ``backoff * 2**attempt`` seconds; protocol
+    errors are never retried. Raises :class:`RetrieverUnavailable`, :class:`RetrieverTimeout` or
+    :class:`RetrieverProtocolError`, each naming the URL."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0, retries: int = 0, backoff: float = 0.5,
+                 return_scores: bool = True):
+        parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        path = parsed.path if parsed.path not in ("", "/") else "/retrieve"
+        self.url = urllib.parse.urlunparse(parsed._replace(path=path))
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.return_scores = bool(return_scores)
+
+    def _post(self, payload: dict) -> bytes:
+        data = json.dumps(payload).encode()
+        req = urllib.request.Request(self.url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read()[:300].decode(errors="replace")
+            raise RetrieverProtocolError(f"retrieval server {self.url} answered HTTP {exc.code}: {body}") from exc
+        except (socket.timeout, TimeoutError) as exc:
+            raise RetrieverTimeout(f"retrieval server {self.url} did not answer within {self.timeout:g} s") from exc
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (socket.timeout, TimeoutError)):
+                raise RetrieverTimeout(
+                    f"retrieval server {self.url} did not answer within {self.timeout:g} s") from exc
+            raise RetrieverUnavailable(
+                f"retrieval server {self.url} is down or unreachable ({exc.reason}); start one with "
+                f"`routed-lora retriever serve --corpus corpus.jsonl --port PORT`") from exc
+        except (ConnectionError, OSError) as exc:
+            raise RetrieverUnavailable(f"retrieval server {self.url} is down or unreachable ({exc})") from exc
+
+    def search(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]:
+        if isinstance(queries, str):
+            raise TypeError("search() takes a list of queries, not one string")
+        queries = list(queries)
+        if not queries:
+            return []
+        payload = {"queries": queries, "topk": int(topk), "return_scores": self.return_scores}
+        for attempt in range(self.retries + 1):
+            try:
+                raw = self._post(payload)
+                break
+            except (RetrieverUnavailable, RetrieverTimeout):
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.backoff * 2 ** attempt)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RetrieverProtocolError(
+                f"retrieval server {self.url} returned invalid JSON: {raw[:200]!r}") from exc
+        result = body.get("result") if isinstance(body, dict) else None
+        if not isinstance(result, list) or len(result) != len(queries):
+            raise RetrieverProtocolError(
+                f"retrieval server {self.url} returned no 'result' list with one entry per query "
+                f"({len(queries)} queries): {str(body)[:200]}")
+        out = []
+        for row in result:
+            if not isinstance(row, list):
+                raise RetrieverProtocolError(f"retrieval server {self.url}: a result row is not a list: {row!r:.200}")
+            out.append([_normalise_doc(item, self.return_scores) for item in row])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# server
+
+
+class _Batcher:
+    """Collects the queries of concurrent requests and answers them with one ``retriever.search`` call.
+
+    A request waits at most ``max_wait_s`` for others to join its batch; a batch holds at most ``max_batch``
+    queries (a single larger request is searched alone)."""
+
+    def __init__(self, retriever, max_batch: int = 512, max_wait_s: float = 0.002):
+        self.retriever = retriever
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue: queue.Queue = queue.Queue()
+        self.batches = 0  # number of search calls, for tests and logs
+        self.lock = threading.Lock()  # one search at a time (bm25s is not documented thread-safe)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="retrieval-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, queries: list[str], topk: int) -> list[list[dict]]:
+        job = {"queries": queries, "topk": topk, "done": threading.Event(), "result": None, "error": None}
+        self.queue.put(job)
+        job["done"].wait()
+        if job["error"] is not None:
+            raise job["error"]
+        return job["result"]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            jobs = [first]
+            n = len(first["queries"])
+            deadline = time.monotonic() + self.max_wait_s
+            while n < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    job = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                jobs.append(job)
+                n += len(job["queries"])
+            self._run(jobs)
+
+    def _run(self, jobs: list[dict]) -> None:
+        queries = [q for j in jobs for q in j["queries"]]
+        k = max(j["topk"] for j in jobs)
+        try:
+            with self.lock:
+                results = self.retriever.search(queries, topk=k)
+                self.batches += 1
+        except Exception as exc:  # hand the error to every waiting request
+            for j in jobs:
+                j["error"] = exc
+                j["done"].set()
+            return
+        i = 0
+        for j in jobs:
+            j["result"] = [r[: j["topk"]] for r in results[i: i + len(j["queries"])]]
+            i += len(j["queries"])
+            j["done"].set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class RetrievalServer(ThreadingHTTPServer):
+    """Search-R1 protocol over HTTP: ``POST /retrieve``; ``GET /health`` answers ``{"status": "ok", "docs": N}``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, retriever, host: str = "127.0.0.1", port: int = 8000, *, default_topk: int = 3,
+                 max_batch: int = 512, max_wait_s: float = 0.002, verbose: bool = False):
+        self.retriever = retriever
+        self.default_topk = default_topk
+        self.verbose = verbose
+        self.batcher = _Batcher(retriever, max_batch=max_batch, max_wait_s=max_wait_s)
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/retrieve"
+
+    def start(self) -> threading.Thread:
+        """Serve in a daemon thread (for tests and notebooks); stop with :meth:`stop`."""
+        t = threading.Thread(target=self.serve_forever, name="retrieval-server", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.batcher.stop()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: RetrievalServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # quiet unless asked
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def _send(self, code: int, obj) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path.rstrip("/") in ("/health", ""):
+            n = len(self.server.retriever) if hasattr(self.server.retriever, "__len__") else None
+            self._send(200, {"status": "ok", "docs": n})
+        else:
+            self._send(404, {"error": f"unknown path {self.path}; POST /retrieve"})
+
+    def do_POST(self):
+        if self.path.rstrip("/") != "/retrieve":
+            self._send(404, {"error": f"unknown path {self.path}; POST /retrieve"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            req = json.loads(self.rfile.read(length) or b"null")
+        except (ValueError, json.JSONDecodeError) as exc:
+            self._send(400, {"error": f"invalid JSON: {exc}"})
+            return
+        if not isinstance(req, dict) or not isinstance(req.get("queries"), list) or not all(
+                isinstance(q, str) for q in req["queries"]):
+            self._send(400, {"error": "expected {\"queries\": [str, ...], \"topk\": int, \"return_scores\": bool}"})
+            return
+        topk = req.get("topk") or self.server.default_topk
+        if not isinstance(topk, int) or topk < 1:
+            self._send(400, {"error": f"topk must be a positive integer, got {topk!r}"})
+            return
+        return_scores = bool(req.get("return_scores", False))
+        try:
+            results = self.server.batcher.submit(req["queries"], topk) if req["queries"] else []
+        except Exception as exc:
+            self._send(500, {"error": f"retrieval failed: {type(exc).__name__}: {exc}"})
+            return
+        resp = []
+        for row in results:
+            docs = []
+            for d in row:
+                doc = {k: v for k, v in d.items() if k != "score"}
+                docs.append({"document": doc, "score": d.get("score")} if return_scores else doc)
+            resp.append(docs)
+        self._send(200, {"result": resp})
+
+
+def serve(retriever, host: str = "127.0.0.1", port: int = 8000, *, default_topk: int = 3, max_batch: int = 512,
+          max_wait_s: float = 0.002, verbose: bool = False) -> None:
+    """Serve ``retriever`` over the Search-R1 protocol until interrupted (Ctrl-C)."""
+    server = RetrievalServer(retriever, host, port, default_topk=default_topk, max_batch=max_batch,
+                             max_wait_s=max_wait_s, verbose=verbose)
+    print(f"retrieval server on {server.url} ({len(retriever) if hasattr(retriever, '__len__') else '?'} docs)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.batcher.stop()
