@@ -12,6 +12,7 @@ import sys
 
 _COMMAND_MODULES = (
     "routed_lora.demo",
+    "routed_lora.env.cli",
     "routed_lora.bench.cli",
     "routed_lora.grpo.cli",
     "routed_lora.diagnostics.cli",
