@@ -1,0 +1,90 @@
+"""``routed-lora bench``: the throughput suite, its report, and the kernels' compile report.
+
+    routed-lora bench [--quick] [--device cpu|cuda] [--out DIR] [--providers a,b] [--no-e2e]
+    routed-lora bench report RESULTS.jsonl [--out DIR]
+    routed-lora bench compile-report --json [--arch 80 --arch 90]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="run the throughput suite (layer and end to end), or print the kernels' compile report",
+        description="Run the throughput suite: JSONL records, a markdown report and a plot in --out.",
+    )
+    p.add_argument("--quick", action="store_true", help="the quick CPU set (about two minutes)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated subset of linear,routed_torch,routed_triton,naive,peft (default: all)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
+    p.set_defaults(func=_run_suite)
+    sub = p.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+
+    c = sub.add_parser("compile-report", help="registers, spills and shared memory of each shipped kernel config")
+    c.add_argument("--json", action="store_true", help="print a JSON list of records (the only format)")
+    c.add_argument("--arch", type=int, action="append", default=None,
+                   help="compute capability to compile for, e.g. 80 or 90 (repeatable; default: 80 and 90)")
+    c.set_defaults(func=_run_compile_report)
+
+    r = sub.add_parser("report", help="write report.md and the plot from a results JSONL")
+    r.add_argument("results", help="a results.jsonl written by `routed-lora bench`")
+    r.add_argument("--out", default=None, help="output folder (default: the JSONL's folder)")
+    r.add_argument("--run-id", default=None, help="the run to report (default: the file's last run)")
+    r.set_defaults(func=_run_report)
+
+
+def _run_suite(args) -> int:
+    import torch
+
+    from .suite import run_suite
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print("routed-lora bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    providers = args.providers.split(",") if args.providers else None
+    run_suite(device, quick=args.quick, out_dir=args.out, providers=providers, e2e=not args.no_e2e)
+    return 0
+
+
+def _run_report(args) -> int:
+    from .report import write_report
+
+    md, png = write_report(args.results, args.out, run_id=args.run_id)
+    print(md)
+    if png:
+        print(png)
+    return 0
+
+
+def _run_compile_report(args) -> int:
+    import importlib
+
+    try:
+        aot = importlib.import_module("routed_lora.kernels.aot")
+    except ImportError as exc:
+        print(
+            "routed-lora bench compile-report: the AOT compile module routed_lora.kernels.aot is not available "
+            f"({type(exc).__name__}: {exc}); it ships with the Triton kernels (kernels/aot.py)",
+            file=sys.stderr,
+        )
+        return 2
+    if not hasattr(aot, "compile_report"):
+        print("routed-lora bench compile-report: routed_lora.kernels.aot has no compile_report()", file=sys.stderr)
+        return 2
+    archs = tuple(args.arch) if args.arch else (80, 90)
+    try:
+        records = aot.compile_report(archs=archs)
+    except Exception as exc:  # a missing ptxas/cuobjdump, an unsupported arch...
+        print(f"routed-lora bench compile-report: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(records, indent=None if args.json else 2))
+    return 0

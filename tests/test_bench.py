@@ -1,0 +1,244 @@
+"""Fast tests of the benchmark machinery (routed_lora.bench): FLOP counts, providers agreeing on the same problem,
+saved-for-backward accounting, timing statistics, record format, report generation, the CLI, a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from routed_lora.bench import flops as F
+from routed_lora.bench.memory import extra_peak_bytes, saved_for_backward
+from routed_lora.bench.providers import Case, build, make_problem, make_routes, provider_available
+from routed_lora.bench.timing import Timed, paired_ratio, summarize, time_interleaved
+
+CPU_PROVIDERS = ("linear", "routed_torch", "naive", "peft")
+
+
+# ---------------------------------------------------------------- FLOP counts
+
+
+def test_flop_counts_by_hand():
+    M, K, N, r = 10, 3, 5, 2
+    assert F.floor_flops(M, K, N, "forward") == 2 * 10 * 5 * 3 == 300
+    assert F.floor_flops(M, K, N, "backward") == 300  # input gradient only: W is frozen
+    assert F.floor_flops(M, K, N, "full") == 600
+    # 4 routed tokens: shrink 2*4*2*3, expand 2*4*5*2
+    assert F.lora_flops(4, K, N, r, "forward") == 2 * 4 * 2 * 3 + 2 * 4 * 5 * 2 == 128
+    # backward: G = g B (2mNr), dx += G A (2mrK), dA = G^T x (2mrK), dB = g^T h (2mNr)
+    assert F.lora_flops(4, K, N, r, "backward") == 2 * (2 * 4 * 5 * 2) + 2 * (2 * 4 * 2 * 3) == 256
+    assert F.lora_flops(4, K, N, r, "full") == 384
+    assert F.useful_flops(M, K, N, r, 4, "full") == 600 + 384
+    assert F.masked_flops(M, K, N, r, 2, "full") == 600 + F.lora_flops(20, K, N, r, "full")
+    with pytest.raises(ValueError, match="mode"):
+        F.floor_flops(1, 1, 1, "both")
+
+
+def test_issue2_lora_share_is_small():
+    # DESIGN.md §1: minimal LoRA work is ~5% of the frozen GEMMs at M=4096, K=N=1024, r=16
+    share = F.lora_flops(4096, 1024, 1024, 16, "full") / F.floor_flops(4096, 1024, 1024, "full")
+    assert 0.04 < share < 0.05
+
+
+# ---------------------------------------------------------------- problems and providers
+
+
+def test_make_routes_exact_counts_and_seeded():
+    r = make_routes(1000, 0.1, 0.2, seed=3)
+    assert r.dtype == torch.int64 and r.shape == (1000,)
+    assert int((r == 1).sum()) == 100 and int((r == -1).sum()) == 200 and int((r == 0).sum()) == 700
+    assert torch.equal(r, make_routes(1000, 0.1, 0.2, seed=3))
+    assert (make_routes(7, 1.0) == 1).all() and (make_routes(7, 0.0) == 0).all()
+    with pytest.raises(ValueError, match="tool_frac"):
+        make_routes(10, 0.8, 0.5)
+
+
+@pytest.mark.parametrize("M,K,N,backbone", [(17, 24, 40, 0.0), (33, 16, 8, 0.3), (1, 8, 12, 0.0)])
+def test_providers_agree_on_the_same_problem(M, K, N, backbone):
+    """Same weights, same routes: every provider gives the same output and the same gradients (float64)."""
+    case = Case(M=M, K=K, N=N, r=4, tool_frac=0.4, backbone_frac=backbone, dtype="float64")
+    problem = make_problem(case)
+    x0 = torch.randn(M, K, dtype=torch.float64)
+    g = torch.randn(M, N, dtype=torch.float64)
+    results = {}
+    for name in CPU_PROVIDERS:
+        if not provider_available(name, "cpu")[0]:
+            continue
+        b = build(name, problem)
+        x = x0.clone().requires_grad_(True)
+        y = b.forward(x)
+        y.backward(g)
+        grads = [p.grad for p in b.params]
+        if name == "peft":  # per-adapter (r, K) / (N, r) parameters -> stacked (E, r, K), (E, N, r)
+            grads = [torch.stack(grads[:2]), torch.stack(grads[2:])]
+        results[name] = (y.detach(), x.grad, grads)
+    want_y, want_dx, want_g = results["routed_torch"]
+    lin = problem.linear
+    assert torch.allclose(results["linear"][0], x0 @ lin.weight.t() + lin.bias)
+    for name, (y, dx, grads) in results.items():
+        if name == "linear":
+            continue
+        assert torch.allclose(y, want_y, atol=1e-10), f"{name}: output differs by {(y - want_y).abs().max()}"
+        assert torch.allclose(dx, want_dx, atol=1e-10), f"{name}: dx differs by {(dx - want_dx).abs().max()}"
+        for which, got, want in zip(("dA", "dB"), grads, want_g):
+            assert torch.allclose(got.reshape(want.shape), want, atol=1e-10), f"{name}: {which} differs"
+
+
+def test_routed_triton_needs_cuda():
+    ok, why = provider_available("routed_triton", "cpu")
+    assert not ok and "CUDA" in why
+    with pytest.raises(ValueError, match="provider"):
+        provider_available("nope", "cpu")
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_saved_bytes_counts_unique_storages_and_skips_parameters():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def fn():
+        a = x * x  # saves x twice (self and other): one storage
+        b = a[:, :4] * a[:, :4]  # saves a view of a twice: a's storage once
+        return (b @ w[:4]).sum()  # saves w (a parameter: excluded) and b
+
+    _, rep = saved_for_backward(fn, params=[w], inputs=[x])
+    assert rep.bytes == 4 * 8 * 4 + 4 * 8 * 4 + 4 * 4 * 4  # x, a, b
+    assert rep.excluded_bytes == 8 * 8 * 4
+    assert [t[3] for t in rep.tensors].count(True) == 1  # x labelled as the input
+    assert rep.largest_numel(inputs=False) == 32
+
+
+def test_routed_layer_saves_no_MN_tensor_and_meets_issue2_budget():
+    """The layer saves x, the routes and an (M, E*r) shrink: never an (M, N) tensor (issue 2's budget)."""
+    from routed_lora.bench.suite import saved_budget_bytes
+
+    M, K, N, r, E = 64, 32, 96, 4, 2
+    case = Case(M=M, K=K, N=N, r=r, E=E)
+    problem = make_problem(case)
+    x = torch.randn(M, K, requires_grad=True)
+    frozen = [problem.linear.weight, problem.linear.bias]
+    reps = {}
+    for name in ("linear", "routed_torch"):
+        b = build(name, problem)
+        _, reps[name] = saved_for_backward(lambda: b.forward(x), params=frozen + b.params, inputs=[x])
+    rep = reps["routed_torch"]
+    assert rep.largest_numel(inputs=False) < M * N, f"an activation-sized tensor is saved: {rep.tensors}"
+    assert not any(tuple(s) == (M, N) for s, *_ in rep.tensors)
+    assert rep.bytes <= saved_budget_bytes(case, reps["linear"].bytes), rep.tensors
+    assert rep.bytes >= M * K * 4  # x itself is needed for dA
+
+
+def test_extra_peak_bytes_sees_allocations_cpu():
+    def fn():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = a * 2  # another 4 MiB while a is alive
+        return float(b[0])
+
+    peak = extra_peak_bytes(fn, "cpu")
+    assert 8 << 20 <= peak < 12 << 20
+
+
+# ---------------------------------------------------------------- timing
+
+
+def test_summarize_quantiles():
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.n, s.median, s.min, s.mean) == (5, 3.0, 1.0, 3.0)
+    assert s.p20 == pytest.approx(1.8) and s.p80 == pytest.approx(4.2)  # numpy's linear interpolation
+    d = s.as_dict()
+    assert d["median_ms"] == 3000.0 and set(d) >= {"p20_ms", "p80_ms", "n"}
+
+
+def test_time_interleaved_rotates_and_pairs():
+    calls = []
+    timed = [Timed(n, run=lambda _, n=n: calls.append(n), prepare=lambda: None) for n in "abc"]
+    stats, rounds = time_interleaved(timed, warmup=1, min_repeats=3, max_repeats=3, flush=False)
+    assert len(rounds) == 3 and all(set(r) == {"a", "b", "c"} for r in rounds)
+    assert calls[3:6] == ["a", "b", "c"] and calls[6:9] == ["b", "c", "a"] and calls[9:12] == ["c", "a", "b"]
+    assert stats["a"].n == 3
+    pr = paired_ratio([{"a": 2.0, "b": 1.0}, {"a": 6.0, "b": 2.0}, {"a": 4.0, "b": 2.0}], "a", "b")
+    assert pr.median == 2.0
+
+
+# ---------------------------------------------------------------- records, report, CLI
+
+
+def _tiny_entry(**kw):
+    from routed_lora.bench.suite import Entry
+
+    case = Case(M=16, K=32, N=48, r=4, tool_frac=0.5, shape="tiny", **kw)
+    return Entry(case, ("forward", "backward", "full"), "tokens", min_repeats=2, budget_s=0.01)
+
+
+def test_run_entry_records():
+    from routed_lora.bench.suite import run_entry
+
+    rows = run_entry(_tiny_entry(), providers=["linear", "routed_torch", "naive"])
+    layer = [r for r in rows if r["kind"] == "layer"]
+    assert {(r["mode"], r["provider"]) for r in layer} == {
+        (m, p) for m in ("forward", "backward", "full") for p in ("linear", "routed_torch", "naive")
+    }
+    for r in layer:
+        for key in ("M", "K", "N", "r", "E", "tool_frac", "dtype", "median_ms", "p20_ms", "p80_ms",
+                    "ratio_to_floor", "flops_useful", "tflops", "m_lora"):
+            assert key in r, key
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    assert all(r["ratio_to_floor"] == 1.0 for r in layer if r["provider"] == "linear")
+    mem = {r["provider"]: r for r in rows if r["kind"] == "memory"}
+    assert mem["linear"]["saved_bytes"] == 0  # the frozen weight is a parameter, not counted
+    assert mem["routed_torch"]["saved_within_budget"] and not mem["routed_torch"]["saved_has_MN"]
+    json.dumps(rows)  # serialisable
+
+
+def test_run_suite_tiny_and_report(tmp_path):
+    from routed_lora.bench.report import load, markdown
+    from routed_lora.bench.suite import machine_info, run_suite
+
+    logs = []
+    path = run_suite("cpu", quick=True, out_dir=tmp_path, providers=["linear", "routed_torch", "peft"],
+                     entries=[_tiny_entry()], e2e=False, log=logs.append)
+    rows = load(path)
+    info = machine_info("cpu")
+    for key in ("device_name", "torch", "git_sha", "routed_lora", "schema"):
+        assert rows[0][key] == info[key] if key != "device_name" else rows[0][key]
+    assert all(r["run_id"] == rows[0]["run_id"] for r in rows)
+    md = (tmp_path / "report.md").read_text()
+    assert "| sweep |" in md and "routed_torch" in md and "saved MiB" in md and "Machine:" in md
+    assert (tmp_path / "relative_time.png").stat().st_size > 1000
+    assert markdown([]) == "No records.\n"
+
+
+def test_cli_parses_bench_commands():
+    from routed_lora.cli import build_parser
+
+    parser = build_parser()
+    a = parser.parse_args(["bench", "--quick", "--device", "cpu", "--out", "somewhere"])
+    assert a.quick and a.device == "cpu" and a.out == "somewhere" and a.bench_command is None
+    b = parser.parse_args(["bench", "compile-report", "--json"])
+    assert b.bench_command == "compile-report" and b.json
+
+
+def test_compile_report_missing_module_is_a_clear_error(monkeypatch, capsys):
+    import sys
+
+    from routed_lora.cli import main
+
+    monkeypatch.setitem(sys.modules, "routed_lora.kernels.aot", None)  # import fails
+    assert main(["bench", "compile-report", "--json"]) == 2
+    assert "routed_lora.kernels.aot is not available" in capsys.readouterr().err
+
+
+def test_e2e_tiny_models_agree():
+    from routed_lora.bench.e2e import E2EConfig, run_e2e
+
+    cfg = E2EConfig(hidden=32, intermediate=64, layers=1, heads=4, kv_heads=2, vocab=64, batch=2, seq=8, r=4,
+                    lora_alpha=8)
+    rows = run_e2e("cpu", quick=True, cfg=cfg, budget_s=0.01, min_repeats=2)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"routed_lora", "peft"}
+    assert by["routed_lora"]["first_loss"] == pytest.approx(by["peft"]["first_loss"], rel=1e-5)
+    assert by["routed_lora"]["params_trainable"] == by["peft"]["params_trainable"]
+    assert all(r["tokens_per_s"] > 0 and r["extra_peak_bytes"] > 0 for r in rows)
