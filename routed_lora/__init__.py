@@ -11,6 +11,7 @@ from .layer import RoutedLoRALinear, clear_routes, routed_lora_linear, set_route
 # imports work without the optional ``hf`` extra.
 from .hf import apply_routed_lora, disable_adapters, remove_routed_lora, set_adapter_lr, trainable_parameters
 from .router import TagRouter
+from .adapter_io import load_adapters, save_adapters
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,8 @@ __all__ = [
     "trainable_parameters",
     "set_adapter_lr",
     "TagRouter",
+    "save_adapters",
+    "load_adapters",
     "set_backend",
     "get_backend",
     "__version__",

@@ -161,6 +161,22 @@ class TagRouter:
         routes = stream.step(ids2, mask)
         return routes[0] if squeeze else routes
 
+    def to_dict(self) -> dict:
+        """A JSON-able description (saved in ``routed_lora.json``); :meth:`from_dict` rebuilds the router."""
+        return {
+            "type": "TagRouter",
+            "spans": [[t, list(tags)] for t, tags in zip(self.span_targets, self.span_tags)],
+            "default": self.default,
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_dict(cls, tokenizer, d: Mapping, *, adapters: Sequence[str] | None = None) -> "TagRouter":
+        if d.get("type") != "TagRouter":
+            raise ValueError(f"from_dict: expected a TagRouter description, got type {d.get('type')!r}")
+        spans = {t: tuple(tags) for t, tags in d["spans"]}
+        return cls(tokenizer, spans, d.get("default"), adapters=adapters, mode=d.get("mode", "auto"))
+
     def __repr__(self) -> str:
         spans = {t: tags for t, tags in zip(self.span_targets, self.span_tags)}
         return f"TagRouter(spans={spans}, default={self.default!r}, mode={self.mode!r})"
