@@ -430,7 +430,10 @@ def plot_histogram(report: dict, path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("angle between gradients (degrees)")
     ax.set_ylabel("pairs")
     ax.set_title(title or f"gradient angles ({report.get('which', '')}, {report.get('objective', '')})")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(90, 0.5, "no pairs with non-zero gradients", ha="center")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

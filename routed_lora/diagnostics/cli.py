@@ -1,0 +1,325 @@
+"""Sub-commands ``routed-lora diagnose grad-angle``, ``routed-lora diagnose leas`` and ``routed-lora eval``.
+
+Registered by :mod:`routed_lora.cli` through :func:`register`. See docs/diagnostics.md for worked commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register", "build_batch", "run_grad_angle", "run_eval", "run_leas"]
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+def _resolve_env(args):
+    """(model_dir, datasets specs, corpus) from --world-dir / --model / --data / --corpus."""
+    w = Path(args.world_dir) if getattr(args, "world_dir", None) else None
+    model = args.model or (str(w / "model") if w else None)
+    if model is None:
+        raise SystemExit("give --model DIR (an HF model folder) or --world-dir DIR (from `routed-lora world build`)")
+    data = list(args.data or [])
+    if not data:
+        if w is None:
+            raise SystemExit("give --data [NAME=]FILE (JSONL/parquet with question, golden_answers) or --world-dir")
+        data = [f"{getattr(args, 'split', 'test')}={w / (getattr(args, 'split', 'test') + '.jsonl')}"]
+    corpus = args.corpus or (str(w / "corpus.jsonl") if w else None)
+    return model, data, corpus
+
+
+def _retriever(args, corpus):
+    from routed_lora.env.retriever import BM25Retriever, HTTPRetriever
+
+    if getattr(args, "retriever_url", None):
+        return HTTPRetriever(args.retriever_url)
+    if corpus is None:
+        raise SystemExit("give --corpus FILE (JSONL corpus), --retriever-url URL or --world-dir")
+    return BM25Retriever(corpus)
+
+
+def _threads(n):
+    import torch
+
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def _add_env_args(p, *, split_default="test"):
+    p.add_argument("--world-dir", default=None, help="built-in world folder (model/, corpus.jsonl, test.jsonl)")
+    p.add_argument("--model", default=None, help="HF model folder with its tokenizer (default WORLD_DIR/model)")
+    p.add_argument("--adapters", default=None,
+                   help="trained adapters: a `routed-lora train` checkpoint (checkpoint.pt or its folder) or a "
+                        "PEFT-style adapter folder; default: fresh adapters")
+    p.add_argument("--data", action="append", default=None, metavar="[NAME=]FILE",
+                   help="QA data set (JSONL/parquet, question + golden_answers); repeat for several")
+    p.add_argument("--split", default=split_default, help="world split used when --data is not given")
+    p.add_argument("--corpus", default=None, help="JSONL corpus for the in-process BM25 retriever")
+    p.add_argument("--retriever-url", default=None, help="Search-R1 retrieval server (POST /retrieve)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each data set")
+    p.add_argument("--max-turns", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+
+
+# ----------------------------------------------------------------------------------------------- grad-angle
+
+
+def _pad(seqs, pad_id):
+    import torch
+
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        out[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def dart_router(tokenizer):
+    """The DART tag router bound to (reasoning, tool): tool inside <search> ... </search>, reasoning elsewhere."""
+    from routed_lora.router import TagRouter
+
+    return TagRouter(tokenizer, spans={"tool": ("<search>", "</search>")}, default="reasoning",
+                     adapters=("reasoning", "tool"))
+
+
+def build_batch(model, tokenizer, rows, retriever, *, source="rollouts", group_size=4, temperature=1.0,
+                max_turns=4, max_new_tokens=64, max_length=1024, topk=3, seed=0) -> tuple[dict, dict]:
+    """A collated batch with ``advantages`` and DART ``routes`` (the role routes) from ``rows``.
+
+    ``source="rollouts"``: ``group_size`` sampled rollouts per question with the agent loop, EM rewards and
+    group-normalised advantages. ``source="expert"``: the scripted expert trajectory of each world question
+    (rows need a ``plan``), advantages 1 (use with the ``logp`` objective). Returns (batch, info)."""
+    import torch
+
+    from routed_lora.grpo.loss import group_advantages, zero_std_fraction
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    info: dict = {"source": source, "questions": len(rows)}
+    if source == "expert":
+        from routed_lora.env.trajectories import build_trajectories
+
+        trajs = build_trajectories(tokenizer, rows, retriever, topk=topk)
+        ids = _pad([t["input_ids"] for t in trajs], pad)
+        attn = _pad([[1] * len(t["input_ids"]) for t in trajs], 0)
+        loss = _pad([t["loss_mask"] for t in trajs], 0).float()
+        batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
+                 "advantages": torch.ones(len(trajs))}
+    elif source == "rollouts":
+        from routed_lora.env.data import make_prompt
+        from routed_lora.env.reward import compute_score
+        from routed_lora.env.rollout import collate, generate_rollouts
+
+        prompts = [make_prompt(r["question"]) for r in rows for _ in range(group_size)]
+        gids = torch.tensor([i for i in range(len(rows)) for _ in range(group_size)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            rolls = generate_rollouts(model, tokenizer, prompts, retriever, max_turns=max_turns,
+                                      max_new_tokens=max_new_tokens, max_length=max_length, topk=topk,
+                                      do_sample=True, temperature=temperature)
+        rewards = torch.tensor([compute_score(ro.text, rows[i // group_size]["golden_answers"])
+                                for i, ro in enumerate(rolls)], dtype=torch.float32)
+        batch = collate(rolls, pad)
+        batch["advantages"] = group_advantages(rewards, gids)
+        info.update(group_size=group_size, reward_mean=float(rewards.mean()),
+                    zero_std_group_fraction=zero_std_fraction(rewards, gids),
+                    tool_calls_per_rollout=sum(r.num_tool_calls for r in rolls) / len(rolls))
+    else:
+        raise ValueError(f"source: expected 'rollouts' or 'expert', got {source!r}")
+    batch["routes"] = dart_router(tokenizer)(batch["input_ids"], batch["attention_mask"])
+    return batch, info
+
+
+def run_grad_angle(args) -> dict:
+    import torch
+
+    from routed_lora.env.data import load_qa
+
+    from .evaluate import load_policy
+    from .grad_angle import grad_angle_from_batch, write_report
+
+    _threads(args.threads)
+    model_dir, data, corpus = _resolve_env(args)
+    rows = []
+    for spec in data:
+        rows += load_qa(spec.split("=", 1)[-1])
+    if args.hops:
+        rows = [r for r in rows if r.get("hops") in args.hops]
+    rows = rows[: args.questions]
+    retriever = _retriever(args, corpus)
+    if args.mode == "full":
+        from routed_lora.env.tokenizer import load_model
+        from routed_lora.grpo.logprobs import disable_dropout
+
+        from .evaluate import fix_tokenizer
+
+        model, tok = load_model(model_dir)
+        tok = fix_tokenizer(model_dir, tok)
+        model.eval()
+        disable_dropout(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    else:
+        model, tok, _ = load_policy(model_dir, args.adapters, mode=args.mode, r=args.r, random_b=args.random_b,
+                                    seed=args.seed)
+    objective = args.objective or ("logp" if args.source == "expert" else "grpo")
+    batch, info = build_batch(model, tok, rows, retriever, source=args.source, group_size=args.group_size,
+                              temperature=args.temperature, max_turns=args.max_turns,
+                              max_new_tokens=args.max_new_tokens, max_length=args.max_length, topk=args.topk,
+                              seed=args.seed)
+    routes = None
+    if args.mode == "joint":
+        routes = torch.where(batch["attention_mask"].bool(), 0, -1)
+    report = grad_angle_from_batch(model, batch, which="full" if args.mode == "full" else "lora", routes=routes,
+                                   objective=objective, temperature=args.temperature,
+                                   max_rollouts=args.max_rollouts, max_pairs=args.max_pairs)
+    report["mode"] = args.mode
+    report["batch_info"] = info
+    report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+    paths = write_report(report, args.out)
+    b = report["batch"]
+    w = report.get("within_rollout", {}).get("angle_deg", {})
+    line = (f"grad-angle ({args.mode}, {objective}, {info['source']}): batch reasoning vs tool "
+            f"{_fmt(b['angle_deg'])} deg; within rollouts median {_fmt(w.get('median'))} deg (n={w.get('n', 0)})")
+    for role, blk in report.get("across_rollouts", {}).items():
+        line += f"; across {role} median {_fmt(blk['angle_deg']['median'])} deg (n={blk['angle_deg']['n']})"
+    print(line)
+    for a, ct in report.get("cross_talk", {}).items():
+        print(f"  cross-talk {a}: {_fmt(ct['cross_talk'], 3)} (share {_fmt(ct['cross_talk_share'], 3)})")
+    if not report["roles"].get("tool"):
+        print("  warning: the batch has no tool tokens (the model never searched); no reasoning-vs-tool angle",
+              file=sys.stderr)
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return report
+
+
+def _fmt(x, nd=1):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+# ----------------------------------------------------------------------------------------------- leas
+
+
+def run_leas(args) -> dict:
+    from .leas import leas, read_rates, write_leas
+
+    rates, ids, n = read_rates(args.rates)
+    n_samples = args.n_samples or n
+    res = leas(rates, eps=args.eps, n_samples=n_samples, question_ids=ids)
+    paths = write_leas(res, args.out)
+    s = res.summary()
+    print(f"LEAS: {s['kept']} questions kept, {s['dropped_never_solved']} dropped (no variant solved them), "
+          f"eps {res.eps:g} ({res.method})")
+    for name, c in s["columns"].items():
+        print(f"  {name:15s} mean {_fmt(c['mean'], 3):>7s}  median {_fmt(c['median'], 3):>7s}  "
+              f"positive {_fmt(c['share_positive'], 2)}")
+    print(f"  negative tool*reasoning interaction on {_fmt(s['negative_interaction_share'], 3)} of kept questions")
+    print(f"wrote {paths['csv']} and {paths['summary']}")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def run_eval(args) -> dict:
+    from .evaluate import (VARIANTS, compare_two_agent, evaluate_variant, load_datasets, load_policy, summarize,
+                           write_records)
+
+    _threads(args.threads)
+    model_dir, data, corpus = _resolve_env(args)
+    datasets = load_datasets(data, limit=args.limit)
+    retriever = _retriever(args, corpus)
+    variants = []
+    for v in args.variant:
+        variants += list(VARIANTS) if v == "all" else [v]
+    dart = load_policy(model_dir, args.adapters)
+    model, tok, router = dart
+    kw = dict(samples=args.samples, greedy=not args.no_greedy, temperature=args.temperature,
+              batch_size=args.batch_size, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+              max_length=args.max_length, topk=args.topk, seed=args.seed)
+    records, costs = [], {}
+    for v in dict.fromkeys(variants):
+        if v == "two-agent":
+            recs, c = compare_two_agent(model_dir, args.adapters, datasets, retriever, dart=dart, **kw)
+            costs.update({"two-agent": c["two-agent"], "unified (vs two-agent)": c["unified"]})
+            recs = [r for r in recs if r["variant"] == "two-agent" or "unified" not in variants]
+        else:
+            recs, c = evaluate_variant(model, tok, router, datasets, retriever, v, **kw)
+            costs[v] = c
+        records += recs
+    summary = {"em": summarize(records), "costs": costs,
+               "config": {k: v for k, v in vars(args).items() if k != "func"}}
+    out = Path(args.out)
+    paths = write_records(records, out)
+    (out / "eval_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for v, per in summary["em"].items():
+        parts = [f"{d} greedy {_fmt(m['em_greedy'], 3)} sampled {_fmt(m['em_sampled'], 3)} (n={m['n']})"
+                 for d, m in per.items() if d != "all" or len(per) == 1]
+        print(f"{v:16s} " + "; ".join(parts))
+    if "two-agent" in costs:
+        a, d = costs["two-agent"], costs["unified (vs two-agent)"]
+        print("2-Agent vs DART on the same questions: "
+              f"wall {a['wall_s']:.2f} s vs {d['wall_s']:.2f} s; model bytes {a['model_bytes']} vs {d['model_bytes']}; "
+              f"cache rebuilds {a['cache_rebuilds']} vs {d['cache_rebuilds']}; prefill tokens {a['prefill_tokens']} "
+              f"vs {d['prefill_tokens']}; hand-overs {a['handovers']}, foreign tokens {a['foreign_tokens']}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} and {out / 'eval_summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- registration
+
+
+def register(subparsers) -> None:
+    d = subparsers.add_parser("diagnose", help="DART diagnostics: gradient conflict, LEAS attribution")
+    dsub = d.add_subparsers(dest="diagnose_command", metavar="ACTION", required=True)
+
+    g = dsub.add_parser("grad-angle", help="angle between the gradients of reasoning and tool tokens",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_env_args(g, split_default="train")
+    g.add_argument("--mode", choices=("dart", "joint", "full"), default="dart",
+                   help="dart: the two routed adapters; joint: one shared LoRA on every token; full: every weight "
+                        "of the model (no LoRA)")
+    g.add_argument("--source", choices=("rollouts", "expert"), default="rollouts",
+                   help="sampled rollouts with EM rewards, or the world's scripted expert trajectories")
+    g.add_argument("--objective", choices=("grpo", "logp"), default=None,
+                   help="GRPO policy loss at ratio 1 (default for rollouts) or per-token -log p (default for expert)")
+    g.add_argument("--questions", type=int, default=8)
+    g.add_argument("--hops", type=int, action="append", default=None, help="keep questions with these hop counts")
+    g.add_argument("--group-size", type=int, default=4)
+    g.add_argument("--max-rollouts", type=int, default=16, help="rollouts used for the per-rollout pairs")
+    g.add_argument("--max-pairs", type=int, default=2000, help="across-rollout pairs per role")
+    g.add_argument("--r", type=int, default=8, help="rank of fresh adapters (ignored with --adapters)")
+    g.add_argument("--random-b", type=float, default=0.0,
+                   help="fresh adapters: draw B ~ N(0, STD^2) so A gets gradients too (0: PEFT init, B = 0)")
+    g.add_argument("--out", required=True, help="folder for grad_angle.json and grad_angle.png")
+    g.set_defaults(func=lambda a: (run_grad_angle(a), 0)[1])
+
+    lp = dsub.add_parser("leas", help="LEAS attribution from per-question rates of the six variants")
+    lp.add_argument("--rates", nargs="+", required=True,
+                    help="CSV/JSONL file(s): wide (a column per variant) or long (variant, id, rate or correct+n), "
+                         "e.g. the eval_<variant>.jsonl files of `routed-lora eval`")
+    lp.add_argument("--out", required=True, help="folder for leas.csv and leas_summary.json")
+    lp.add_argument("--eps", type=float, default=None, help="clip rates to [eps, 1 - eps] (default 1/(2n))")
+    lp.add_argument("--n-samples", type=int, default=None, help="samples per question (default: from the files)")
+    lp.set_defaults(func=lambda a: (run_leas(a), 0)[1])
+
+    e = subparsers.add_parser("eval", help="EM per data set with the tool loop: LEAS variants and the 2-Agent baseline",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_env_args(e)
+    e.add_argument("--variant", nargs="+", default=["unified"],
+                   choices=("base", "reasoning", "tool", "unified", "hybrid_tool", "hybrid_reasoning", "two-agent",
+                            "all"),
+                   help="route choices on the one routed model (see docs/diagnostics.md); 'all' = the six LEAS "
+                        "variants; two-agent also runs DART (unified) on the same questions for the comparison")
+    e.add_argument("--samples", type=int, default=4, help="sampled rollouts per question (correctness rate)")
+    e.add_argument("--no-greedy", action="store_true", help="skip the greedy rollout per question")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--out", required=True, help="folder for eval_<variant>.jsonl and eval_summary.json")
+    e.set_defaults(func=lambda a: (run_eval(a), 0)[1])

@@ -1,0 +1,652 @@
+"""``routed-lora eval``: exact match per data set with the full tool loop, for the six LEAS variants of one routed
+model and for the paper's 2-Agent baseline.
+
+Variants as route choices on one routed model (adapters ``reasoning`` = R and ``tool`` = T; -1 = the backbone).
+The DART tag router (DESIGN.md §2) splits positions into *tool positions* (from the one holding ``<search>`` up
+to, not including, the one holding ``</search>``) and *context positions* (everything else: prompt,
+``<think>``, ``<answer>``, ``<information>``). Each variant picks a route for each kind:
+
+    variant            tool positions   context positions   LEAS design vector
+    base               -1               -1                  [1, 0, 0, 0, 0, 0]
+    reasoning          R                R                   [1, 0, 1, 0, 1, 0]
+    tool               T                T                   [1, 1, 0, 1, 0, 0]
+    unified            T                R                   [1, 1, 1, 1, 1, 1]   (DART as trained)
+    hybrid_tool        T                -1                  [1, 1, 0, 0, 0, 0]
+    hybrid_reasoning   -1               R                   [1, 0, 1, 0, 0, 0]
+
+(:data:`VARIANT_ROUTES`). The routes are applied by :class:`VariantRouter`, which wraps the DART router and
+remaps its output, so the model routes by itself in ``generate`` exactly as in training. A ``joint`` checkpoint
+(one adapter on every token) supports ``base`` and ``unified`` only.
+
+Scoring. For every question: ``samples`` rollouts at ``temperature`` (the correctness rate = the fraction whose
+last ``<answer>`` exact-matches a gold answer, normalised as in DESIGN.md §3), and, with ``greedy``, one greedy
+rollout. EM per data set is the mean greedy score and the mean rate. One JSONL line per (variant, question):
+``variant, dataset, id, question, golden_answers, hops, n, correct (list of 0/1), rate, greedy, answers,
+tool_calls`` -- the long form that ``routed-lora diagnose leas`` reads.
+
+2-Agent baseline (``two-agent``). Two copies of the model are loaded, each holding the adapters; copy "R"
+routes every position to R (the reasoning agent), copy "T" every position to T (the tool agent). The reasoning
+agent writes until it emits ``<search>`` (or ``</answer>`` / eos); the turn passes to the tool agent, which reads
+the whole transcript and writes the query up to ``</search>``; the passages are spliced in as ids and the turn
+returns to the reasoning agent. So every token is produced by the same adapter as in DART (the position holding
+``<search>`` predicts the first query token with T in both), but each agent encodes the whole context with its
+own adapter and its own KV cache.
+
+Cost accounting (the same agent loop and HF ``generate`` for both systems, same questions, seed and settings):
+
+- ``wall_s``: wall-clock time of all rollouts of the system;
+- ``generate_calls``: ``model.generate`` calls; each builds a KV cache from scratch over the whole transcript of
+  each of its rows (this loop does not keep caches across calls); ``cache_rebuilds``: summed over rollouts, the
+  calls after a rollout's first one (its context re-encoded: after each tool result in both systems, and at
+  every hand-over between agents in 2-Agent);
+- ``prefill_tokens``: real (non-pad) tokens encoded by those prefills, the compute the rebuilds cost;
+- ``handovers`` and ``foreign_tokens`` (2-Agent): turn changes between agents, and the tokens an agent must
+  encode that the other agent wrote since its last turn (with persistent per-agent caches, the least extra
+  prefill a 2-Agent system pays; DART pays none, its one cache holds every token);
+- ``model_bytes``: parameter and buffer bytes of the models held (two copies for 2-Agent);
+  ``kv_cache_bytes_peak``: the largest KV cache of one ``generate`` call (2 x layers x kv_heads x head_dim x
+  rows x tokens x element size) times the caches a persistent implementation holds at once (1 for DART, 2 for
+  2-Agent); on CUDA also ``cuda_peak_bytes`` (``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .leas import VARIANTS
+
+__all__ = [
+    "VARIANTS",
+    "ALL_VARIANTS",
+    "VARIANT_ROUTES",
+    "variant_route_pair",
+    "VariantRouter",
+    "load_policy",
+    "evaluate_variant",
+    "two_agent_rollouts",
+    "compare_two_agent",
+    "summarize",
+    "write_records",
+    "load_datasets",
+]
+
+ALL_VARIANTS = VARIANTS + ("two-agent",)
+
+# (tool positions, context positions); "R" / "T" = the reasoning / tool adapter, None = backbone (-1)
+VARIANT_ROUTES = {
+    "base": (None, None),
+    "reasoning": ("R", "R"),
+    "tool": ("T", "T"),
+    "unified": ("T", "R"),
+    "hybrid_tool": ("T", None),
+    "hybrid_reasoning": (None, "R"),
+}
+
+
+def variant_route_pair(variant: str, adapters: Sequence[str] = ("reasoning", "tool")) -> tuple[int, int]:
+    """(route of tool positions, route of context positions) for ``variant`` over the model's ``adapters``.
+
+    A two-adapter model needs adapters named ``reasoning`` and ``tool``; a one-adapter (joint) model supports
+    ``base`` and ``unified`` (its one adapter everywhere)."""
+    if variant not in VARIANT_ROUTES:
+        raise ValueError(f"variant: expected one of {tuple(VARIANT_ROUTES)}, got {variant!r}")
+    adapters = tuple(adapters)
+    if len(adapters) == 1:
+        if variant == "base":
+            return -1, -1
+        if variant == "unified":
+            return 0, 0
+        raise ValueError(f"variant {variant!r} needs separate reasoning and tool adapters; this model has only "
+                         f"{adapters} (a joint checkpoint supports 'base' and 'unified')")
+    if "reasoning" not in adapters or "tool" not in adapters:
+        raise ValueError(f"variant {variant!r}: expected adapters named 'reasoning' and 'tool', got {adapters}")
+    idx = {"R": adapters.index("reasoning"), "T": adapters.index("tool"), None: -1}
+    t, c = VARIANT_ROUTES[variant]
+    return idx[t], idx[c]
+
+
+class VariantRouter:
+    """Wrap a tag router whose spans mark the tool positions; remap its routes for :attr:`variant`.
+
+    ``inner`` routes tool positions to ``tool_route`` (an adapter index) and everything else to some other
+    route; this router returns ``variant_route_pair(variant)`` instead. Change ``variant`` between calls."""
+
+    def __init__(self, inner, variant: str = "unified", *, tool_adapter: str | int = "tool"):
+        self.inner = inner
+        self.variant = variant
+        self.tool_adapter = tool_adapter
+        self.adapter_names = getattr(inner, "adapter_names", None)
+
+    def bind(self, adapters: Sequence[str]) -> "VariantRouter":
+        if hasattr(self.inner, "bind"):
+            self.inner.bind(adapters)
+        self.adapter_names = tuple(adapters)
+        variant_route_pair(self.variant, self.adapter_names)  # fail early on an unsupported variant
+        return self
+
+    def _tool_index(self) -> int:
+        if isinstance(self.tool_adapter, int):
+            return self.tool_adapter
+        names = self.adapter_names or ()
+        return names.index(self.tool_adapter) if self.tool_adapter in names else 0
+
+    def remap(self, routes: torch.Tensor) -> torch.Tensor:
+        tool_r, ctx_r = variant_route_pair(self.variant, self.adapter_names or ("reasoning", "tool"))
+        is_tool = routes == self._tool_index()
+        if len(self.adapter_names or ()) == 1:  # joint: the inner router puts the one adapter everywhere
+            is_tool = torch.zeros_like(is_tool)
+        return torch.where(is_tool, torch.full_like(routes, tool_r), torch.full_like(routes, ctx_r))
+
+    def stream(self, batch_size: int, device=None) -> "_VariantStream":
+        return _VariantStream(self, self.inner.stream(batch_size, device=device))
+
+    def __call__(self, input_ids, attention_mask=None):
+        return self.remap(self.inner(input_ids, attention_mask))
+
+    def __repr__(self) -> str:
+        return f"VariantRouter({self.variant!r}, inner={self.inner!r})"
+
+
+class _VariantStream:
+    def __init__(self, router: VariantRouter, inner):
+        self.router, self.inner = router, inner
+
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+    def clone(self) -> "_VariantStream":
+        return _VariantStream(self.router, self.inner.clone())
+
+    def step(self, input_ids, attention_mask=None):
+        return self.router.remap(self.inner.step(input_ids, attention_mask))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _read_adapter_checkpoint(path: Path) -> dict:
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "adapters" not in state:
+        raise ValueError(f"{path}: not a routed-lora training checkpoint (no 'adapters' entry)")
+    return state
+
+
+def load_policy(model_dir: str | Path, adapters: str | Path | None = None, *, variant: str = "unified",
+                mode: str = "dart", r: int = 8, lora_alpha: float = 16.0, target_modules=None,
+                random_b: float = 0.0, seed: int = 0):
+    """Load the backbone from ``model_dir`` (an HF folder with its tokenizer), patch it with routed LoRA and a
+    :class:`VariantRouter`, and load ``adapters``: a training checkpoint (``checkpoint.pt`` or its folder; the
+    layout, rank, alpha and target modules come from its config) or a PEFT-style folder written by
+    ``routed_lora.save_adapters``. Without ``adapters`` the adapters are fresh for ``mode`` ("dart": reasoning
+    and tool of rank r; "joint": one adapter ``joint`` of rank 2r, alpha 2 * lora_alpha, as the trainer builds
+    it), with B = 0 (every variant is the backbone) unless ``random_b`` > 0 draws B ~ N(0, random_b^2) (seeded
+    by ``seed``; for diagnostics of untrained adapters). Returns ``(model, tokenizer, router)``; set
+    ``router.variant`` to switch variants."""
+    import routed_lora as rl
+    from routed_lora.env.tokenizer import load_model
+    from routed_lora.grpo.logprobs import disable_dropout
+
+    model, tok = load_model(model_dir)
+    tok = fix_tokenizer(model_dir, tok)
+    model.eval()
+    disable_dropout(model)
+    if mode not in ("dart", "joint"):
+        raise ValueError(f"mode: expected 'dart' or 'joint', got {mode!r}")
+    names, state, peft_dir = ("reasoning", "tool"), None, None
+    if mode == "joint":
+        names, r, lora_alpha = ("joint",), 2 * r, 2 * lora_alpha
+    targets = target_modules
+    if adapters is not None:
+        p = Path(adapters)
+        if (p / "adapter_config.json").exists() or (p.is_dir() and not (p / "checkpoint.pt").exists()):
+            peft_dir = p
+        else:
+            state = _read_adapter_checkpoint(p)
+            cfg = state.get("config", {})
+            mode = cfg.get("mode", "dart")
+            r_cfg, alpha = int(cfg.get("r", r)), float(cfg.get("lora_alpha", lora_alpha))
+            if mode == "joint":
+                names, r, lora_alpha = ("joint",), 2 * r_cfg, 2 * alpha
+            else:
+                names, r, lora_alpha = ("reasoning", "tool"), r_cfg, alpha
+            targets = targets or tuple(cfg.get("target_modules") or ()) or None
+    from routed_lora.hf import DEFAULT_TARGET_MODULES
+
+    targets = targets or DEFAULT_TARGET_MODULES
+    inner = rl.TagRouter(tok, spans={names[-1]: ("<search>", "</search>")}, default=names[0])
+    router = VariantRouter(inner, variant, tool_adapter=names[-1])
+    if peft_dir is not None:
+        model = rl.load_adapters(model, peft_dir, router=router)
+    else:
+        rl.apply_routed_lora(model, target_modules=targets, r=r, lora_alpha=lora_alpha, adapters=names,
+                             router=router)
+        if state is not None:
+            from routed_lora.grpo.trainer import load_adapter_state
+
+            load_adapter_state(model, state["adapters"])
+        elif random_b > 0:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for m in model.modules():
+                    if hasattr(m, "lora_B") and hasattr(m, "adapter_names"):
+                        m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * random_b)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok, router
+
+
+def fix_tokenizer(model_dir, tok):
+    """Work around a tokenizer round trip seen with transformers 5.x: a word-level tokenizer saved with
+    ``tokenizer_class: TokenizersBackend`` next to a ``qwen2`` config comes back from ``AutoTokenizer`` as a
+    ``Qwen2Tokenizer`` whose byte-level pre-tokenizer splits words into characters (most ids become wrong).
+    Reload such a folder as a plain ``PreTrainedTokenizerFast`` from its ``tokenizer.json``; any other tokenizer
+    is returned unchanged."""
+    cfg_path = Path(model_dir) / "tokenizer_config.json"
+    if not cfg_path.exists() or not (Path(model_dir) / "tokenizer.json").exists():
+        return tok
+    cls = json.loads(cfg_path.read_text()).get("tokenizer_class")
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and type(tok).__name__ not in (
+            "TokenizersBackend", "PreTrainedTokenizerFast"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    return tok
+
+
+def load_datasets(specs: Sequence[str], limit: int | None = None) -> dict[str, list[dict]]:
+    """``NAME=PATH`` or ``PATH`` (name = file stem) -> rows (``question``, ``golden_answers``, ...)."""
+    from routed_lora.env.data import load_qa
+
+    out = {}
+    for s in specs:
+        name, path = s.split("=", 1) if "=" in s else (Path(s).stem, s)
+        if name in out:
+            raise ValueError(f"data set name {name!r} given twice; use NAME=PATH")
+        out[name] = load_qa(path, limit=limit)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- cost meter
+
+
+@dataclass
+class _Meter:
+    """Counts ``generate`` calls, prefill tokens and the largest KV cache of a call."""
+
+    kv_bytes_per_token: int
+    calls: int = 0
+    row_calls: int = 0
+    prefill_tokens: int = 0
+    kv_peak: int = 0
+    per_row_calls: list = field(default_factory=list)
+
+    def wrap(self, model):
+        orig = model.generate
+        meter = self
+
+        def generate(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            attn = kwargs.get("attention_mask")
+            out = orig(*args, **kwargs)
+            meter.calls += 1
+            meter.row_calls += int(ids.shape[0])
+            meter.prefill_tokens += int(attn.sum()) if attn is not None else int(ids.numel())
+            seqs = out.sequences if hasattr(out, "sequences") else out
+            meter.kv_peak = max(meter.kv_peak, int(seqs.numel()) * meter.kv_bytes_per_token)
+            return out
+
+        return generate
+
+
+def _kv_bytes_per_token(model) -> int:
+    cfg = getattr(model, "config", None)
+    try:
+        layers = cfg.num_hidden_layers
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    except AttributeError:
+        return 0
+    elem = next(model.parameters()).element_size()
+    return 2 * layers * kv * hd * elem
+
+
+def _model_bytes(*models) -> int:
+    seen, total = set(), 0
+    for m in models:
+        for t in [*m.parameters(), *m.buffers()]:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+@torch.no_grad()
+def _metered_rollouts(model, meter: _Meter, *args, **kwargs):
+    from routed_lora.env.rollout import generate_rollouts
+
+    model.generate = meter.wrap(model)  # an instance attribute, removed below
+    try:
+        return generate_rollouts(model, *args, **kwargs)
+    finally:
+        del model.generate
+
+
+# ----------------------------------------------------------------------------------------------- one variant
+
+
+def _score(rolls, rows, idx) -> list[tuple[int, float, str | None, int]]:
+    from routed_lora.env.reward import exact_match, extract_answer
+
+    out = []
+    for i, ro in zip(idx, rolls):
+        pred = extract_answer(ro.text)
+        out.append((i, float(exact_match(pred, rows[i]["golden_answers"])), pred, ro.num_tool_calls))
+    return out
+
+
+def _run_system(run_fn, rows, *, samples, greedy, temperature, batch_size, seed, prompt_template):
+    """Rollouts of every question (greedy once, then ``samples`` sampled), via ``run_fn(prompts, do_sample)``.
+    Returns per-question dicts."""
+    from routed_lora.env.data import TINY_PROMPT, make_prompt
+
+    template = prompt_template or TINY_PROMPT
+    recs = [{"correct": [], "answers": [], "tool_calls": 0.0, "greedy": None, "greedy_answer": None}
+            for _ in rows]
+    n_rollouts = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        plans = ([("greedy", 1, False)] if greedy else []) + ([("sampled", samples, True)] if samples > 0 else [])
+        for kind, reps, do_sample in plans:
+            expanded = [i for i in range(len(rows)) for _ in range(reps)]
+            for s in range(0, len(expanded), batch_size):
+                idx = expanded[s: s + batch_size]
+                rolls = run_fn([make_prompt(rows[i]["question"], template) for i in idx], do_sample)
+                n_rollouts += len(rolls)
+                for i, sc, pred, calls in _score(rolls, rows, idx):
+                    if kind == "greedy":
+                        recs[i]["greedy"], recs[i]["greedy_answer"] = int(sc), pred
+                    else:
+                        recs[i]["correct"].append(int(sc))
+                        recs[i]["answers"].append(pred)
+                        recs[i]["tool_calls"] += calls / reps
+    return recs, n_rollouts
+
+
+def _records(variant, dataset, rows, recs, samples):
+    out = []
+    for k, (row, rec) in enumerate(zip(rows, recs)):
+        out.append({
+            "variant": variant,
+            "dataset": dataset,
+            "id": row.get("id", k),
+            "question": row["question"],
+            "golden_answers": row["golden_answers"],
+            "hops": row.get("hops"),
+            "n": samples,
+            "correct": rec["correct"],
+            "rate": (sum(rec["correct"]) / len(rec["correct"])) if rec["correct"] else None,
+            "greedy": rec["greedy"],
+            "answers": rec["answers"],
+            "greedy_answer": rec["greedy_answer"],
+            "tool_calls": rec["tool_calls"],
+        })
+    return out
+
+
+def evaluate_variant(model, tokenizer, router: VariantRouter, datasets: dict[str, list[dict]], retriever,
+                     variant: str, *, samples: int = 4, greedy: bool = True, temperature: float = 1.0,
+                     batch_size: int = 64, max_turns: int = 4, max_new_tokens: int = 64, max_length: int = 1024,
+                     topk: int = 3, seed: int = 1234, prompt_template: str | None = None,
+                     generation_kwargs: dict | None = None) -> tuple[list, dict]:
+    """Evaluate ``variant`` (one of :data:`VARIANTS`) on every data set. Returns (records, costs)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS} (two-agent: use compare_two_agent), got {variant!r}")
+    old = router.variant
+    router.variant = variant
+    variant_route_pair(variant, router.adapter_names or ("reasoning", "tool"))
+    meter = _Meter(_kv_bytes_per_token(model))
+    kw = dict(max_turns=max_turns, max_new_tokens=max_new_tokens, max_length=max_length, topk=topk,
+              temperature=temperature, generation_kwargs=generation_kwargs)
+    records, t0, n_rollouts = [], time.perf_counter(), 0
+    try:
+        for name, rows in datasets.items():
+            def run(prompts, do_sample):
+                return _metered_rollouts(model, meter, tokenizer, prompts, retriever, do_sample=do_sample, **kw)
+
+            recs, n = _run_system(run, rows, samples=samples, greedy=greedy, temperature=temperature,
+                                  batch_size=batch_size, seed=seed, prompt_template=prompt_template)
+            n_rollouts += n
+            records += _records(variant, name, rows, recs, samples)
+    finally:
+        router.variant = old
+    costs = {"wall_s": time.perf_counter() - t0, "rollouts": n_rollouts, "generate_calls": meter.calls,
+             "cache_rebuilds": meter.row_calls - n_rollouts,
+             "prefill_tokens": meter.prefill_tokens, "kv_cache_bytes_peak": meter.kv_peak,
+             "model_bytes": _model_bytes(model)}
+    return records, costs
+
+
+# ----------------------------------------------------------------------------------------------- 2-Agent
+
+
+def _single(tokenizer, tag):
+    ids = tokenizer.encode(tag, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"two-agent: the tag {tag} must be a single token for this tokenizer (it is {len(ids)}); "
+                         "the hand-over at tag boundaries is implemented for single-token tags")
+    return ids[0]
+
+
+@torch.no_grad()
+def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, max_turns: int = 4,
+                       max_new_tokens: int = 64, max_length: int = 1024, topk: int = 3, do_sample: bool = True,
+                       temperature: float = 1.0, meters: dict | None = None,
+                       generation_kwargs: dict | None = None):
+    """The 2-Agent loop (module doc): ``reasoner`` writes until ``<search>``, ``tool_agent`` writes the query up to
+    ``</search>``, passages are spliced in as ids, and the turn returns. Returns (rollouts, stats) with the
+    :class:`routed_lora.env.rollout.Rollout` fields the scorer needs and ``handovers`` / ``foreign_tokens``."""
+    from routed_lora.env.rollout import Rollout, _encode_prompts, information_ids
+
+    s_open, s_close = _single(tokenizer, "<search>"), _single(tokenizer, "</search>")
+    a_close = _single(tokenizer, "</answer>")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stops = {"R": [s_open, a_close] + ([eos] if eos is not None else []),
+             "T": [s_close, a_close] + ([eos] if eos is not None else [])}
+    agents = {"R": reasoner, "T": tool_agent}
+    meters = meters or {}
+    device = next(reasoner.parameters()).device
+    rolls = [Rollout(p, [], []) for p in _encode_prompts(tokenizer, prompts)]
+    owner = ["R"] * len(rolls)
+    seen = {"R": [len(r.prompt_ids) for r in rolls], "T": [len(r.prompt_ids) for r in rolls]}
+    wrote = [[] for _ in rolls]  # per token of ids: who wrote it ("P" prompt / info, "R", "T")
+    for k, r in enumerate(rolls):
+        wrote[k] = ["P"] * len(r.prompt_ids)
+    done = [False] * len(rolls)
+    stats = {"handovers": 0, "foreign_tokens": 0}
+    gen_kw = dict(do_sample=do_sample, pad_token_id=pad, return_dict_in_generate=True, use_cache=True)
+    if do_sample:
+        gen_kw.update(temperature=float(temperature), top_k=0, top_p=1.0)
+    gen_kw.update(generation_kwargs or {})
+
+    for _ in range(4 * (max_turns + 2)):
+        for i in range(len(rolls)):
+            if not done[i] and len(rolls[i].ids) >= max_length:
+                done[i], rolls[i].finish_reason = True, "length"
+        if all(done):
+            break
+        for who in ("R", "T"):
+            active = [i for i in range(len(rolls)) if not done[i] and owner[i] == who]
+            if not active:
+                continue
+            for i in active:  # tokens this agent has not encoded yet that the other agent wrote
+                other = "T" if who == "R" else "R"
+                stats["foreign_tokens"] += sum(1 for w in wrote[i][seen[who][i]:] if w == other)
+            seqs = [rolls[i].ids for i in active]
+            longest = max(len(s) for s in seqs)
+            budget = max(1, min(max_new_tokens, max_length - longest))
+            ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+            attn = torch.zeros((len(seqs), longest), dtype=torch.long)
+            for r_, s in enumerate(seqs):
+                ids[r_, longest - len(s):] = torch.tensor(s)
+                attn[r_, longest - len(s):] = 1
+            model = agents[who]
+            gen = meters[who].wrap(model) if who in meters else model.generate
+            out = gen(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=budget,
+                      eos_token_id=stops[who], **gen_kw)
+            new = out.sequences[:, longest:].tolist()
+            searches = []
+            for r_, i in enumerate(active):
+                ro, toks = rolls[i], new[r_]
+                cut, why = len(toks), "length"
+                for k, t in enumerate(toks):
+                    if t in stops[who]:
+                        cut = k + 1
+                        why = {s_open: "search_open", s_close: "search", a_close: "answer"}.get(t, "eos")
+                        break
+                keep = min(cut, max_length - len(ro.ids))
+                if keep < cut:
+                    why = "length"
+                ro.completion_ids += toks[:keep]
+                ro.info_mask += [0] * keep
+                wrote[i] += [who] * keep
+                seen[who][i] = len(ro.ids)
+                if why == "search_open":
+                    if ro.num_tool_calls >= max_turns:
+                        done[i], ro.finish_reason = True, "max_turns"
+                    else:
+                        owner[i] = "T"
+                        stats["handovers"] += 1
+                elif why == "search":
+                    q_start = max(k for k, t in enumerate(ro.completion_ids) if t == s_open) + 1 \
+                        if s_open in ro.completion_ids else 0
+                    q = tokenizer.decode(ro.completion_ids[q_start:-1], skip_special_tokens=True).strip()
+                    ro.queries.append(q)
+                    searches.append((i, q))
+                elif why in ("answer", "eos"):
+                    done[i], ro.finish_reason = True, why
+                else:
+                    done[i], ro.finish_reason = True, "length"
+            if searches:
+                results = retriever.search([q for _, q in searches], topk=topk)
+                for (i, _q), docs in zip(searches, results):
+                    ro = rolls[i]
+                    info = information_ids(tokenizer, docs)[: max(0, max_length - len(ro.ids))]
+                    ro.completion_ids += info
+                    ro.info_mask += [1] * len(info)
+                    wrote[i] += ["P"] * len(info)
+                    ro.num_tool_calls += 1
+                    owner[i] = "R"
+                    stats["handovers"] += 1
+    for ro in rolls:
+        ro.finish_reason = ro.finish_reason or "max_turns"
+        ro.text = tokenizer.decode(ro.completion_ids, skip_special_tokens=True)
+    return rolls, stats
+
+
+def compare_two_agent(model_dir, adapters, datasets: dict[str, list[dict]], retriever, *, samples: int = 4,
+                      greedy: bool = True, temperature: float = 1.0, batch_size: int = 64, max_turns: int = 4,
+                      max_new_tokens: int = 64, max_length: int = 1024, topk: int = 3, seed: int = 1234,
+                      prompt_template: str | None = None, dart=None,
+                      generation_kwargs: dict | None = None) -> tuple[list, dict]:
+    """Run the 2-Agent baseline and DART (``unified``, one model) on the same questions with the same settings.
+
+    ``dart``: an already loaded ``(model, tokenizer, router)`` to reuse for DART (else loaded here). Returns
+    (records of both systems, {"two-agent": costs, "unified": costs})."""
+    if dart is None:
+        dart = load_policy(model_dir, adapters)
+    model, tok, router = dart
+    kw = dict(samples=samples, greedy=greedy, temperature=temperature, batch_size=batch_size, max_turns=max_turns,
+              max_new_tokens=max_new_tokens, max_length=max_length, topk=topk, seed=seed,
+              prompt_template=prompt_template, generation_kwargs=generation_kwargs)
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rec_dart, cost_dart = evaluate_variant(model, tok, router, datasets, retriever, "unified", **kw)
+    if dev.type == "cuda":
+        cost_dart["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+
+    reasoner, _, r_router = load_policy(model_dir, adapters, variant="reasoning")
+    tool_agent, _, t_router = load_policy(model_dir, adapters, variant="tool")
+    reasoner.to(dev)
+    tool_agent.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    meters = {"R": _Meter(_kv_bytes_per_token(reasoner)), "T": _Meter(_kv_bytes_per_token(tool_agent))}
+    totals = {"handovers": 0, "foreign_tokens": 0}
+    records, t0, n_rollouts = [], time.perf_counter(), 0
+    for name, rows in datasets.items():
+        def run(prompts, do_sample):
+            rolls, st = two_agent_rollouts(reasoner, tool_agent, tok, prompts, retriever, max_turns=max_turns,
+                                           max_new_tokens=max_new_tokens, max_length=max_length, topk=topk,
+                                           do_sample=do_sample, temperature=temperature, meters=meters,
+                                           generation_kwargs=generation_kwargs)
+            for k in totals:
+                totals[k] += st[k]
+            return rolls
+
+        recs, n = _run_system(run, rows, samples=samples, greedy=greedy, temperature=temperature,
+                              batch_size=batch_size, seed=seed, prompt_template=prompt_template)
+        n_rollouts += n
+        records += _records("two-agent", name, rows, recs, samples)
+    cost = {"wall_s": time.perf_counter() - t0, "rollouts": n_rollouts,
+            "generate_calls": sum(m.calls for m in meters.values()),
+            "cache_rebuilds": sum(m.row_calls for m in meters.values()) - n_rollouts,
+            "prefill_tokens": sum(m.prefill_tokens for m in meters.values()),
+            "kv_cache_bytes_peak": 2 * max(m.kv_peak for m in meters.values()),
+            "model_bytes": _model_bytes(reasoner, tool_agent), **totals}
+    if dev.type == "cuda":
+        cost["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+    cost_dart.setdefault("handovers", 0)
+    cost_dart.setdefault("foreign_tokens", 0)
+    return rec_dart + records, {"two-agent": cost, "unified": cost_dart}
+
+
+# ----------------------------------------------------------------------------------------------- summaries
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Per variant and data set (and per hop count when rows have ``hops``): greedy EM, mean sampled rate,
+    questions, tool calls."""
+    groups: dict = defaultdict(list)
+    for r in records:
+        groups[(r["variant"], r["dataset"])].append(r)
+        if r.get("hops") is not None:
+            groups[(r["variant"], f"{r['dataset']}/{int(r['hops'])}hop")].append(r)
+        groups[(r["variant"], "all")].append(r)
+    out: dict = defaultdict(dict)
+    for (v, d), rs in sorted(groups.items()):
+        g = [r["greedy"] for r in rs if r["greedy"] is not None]
+        s = [r["rate"] for r in rs if r["rate"] is not None]
+        out[v][d] = {"n": len(rs), "em_greedy": (sum(g) / len(g)) if g else None,
+                     "em_sampled": (sum(s) / len(s)) if s else None,
+                     "tool_calls": sum(r["tool_calls"] for r in rs) / len(rs)}
+    return dict(out)
+
+
+def write_records(records: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
+    """``eval_<variant>.jsonl`` per variant (one line per question, the long form LEAS reads)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_v: dict = defaultdict(list)
+    for r in records:
+        by_v[r["variant"]].append(r)
+    paths = {}
+    for v, rs in by_v.items():
+        p = out / f"eval_{v}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rs))
+        paths[v] = p
+    return paths
+
