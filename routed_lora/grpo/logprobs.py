@@ -74,15 +74,20 @@ def routes_for(
 
 
 def _forward_logits(model, input_ids, attention_mask, routes):
+    kw = {}
     if routes is not None:
-        import routed_lora as rl
+        if "_routed_lora_state" in _unwrap(model).__dict__:
+            kw["routes"] = routes  # the model's pre-hook takes them (and overrides its own router)
+        else:
+            import routed_lora as rl
 
-        rl.set_routes(_unwrap(model), routes)
+            rl.set_routes(_unwrap(model), routes)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_for(attention_mask),
         use_cache=False,
+        **kw,
     )
     return out.logits if hasattr(out, "logits") else out[0]
 

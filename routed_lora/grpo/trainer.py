@@ -133,6 +133,7 @@ class RolloutBatch:
     tool_calls: torch.Tensor  # (B,) float
     response_len: torch.Tensor  # (B,) float, tokens from the first response token to the end (incl. info)
     texts: list = field(default_factory=list)
+    rollout_logprobs: torch.Tensor | None = None  # (B, L-1) generation-time log-probs of the targets, if recorded
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -148,6 +149,7 @@ class RolloutBatch:
         return RolloutBatch(
             pick(self.input_ids), pick(self.attention_mask), pick(self.loss_mask), pick(self.rewards),
             pick(self.group_ids), pick(self.em), pick(self.tool_calls), pick(self.response_len), texts,
+            None if self.rollout_logprobs is None else pick(self.rollout_logprobs),
         )
 
 
@@ -209,36 +211,35 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 class AdapterOptimizer:
-    """AdamW over the LoRA tensors with one learning rate per adapter (see module doc)."""
+    """AdamW over the LoRA tensors with one learning rate per adapter: ``routed_lora.trainable_parameters`` and
+    ``routed_lora.set_adapter_lr`` (the optimiser runs at the largest rate and each adapter's slice of the
+    update is scaled by ``lr_e / lr_max``; exact for AdamW, see the module doc)."""
 
     def __init__(self, model: nn.Module, lrs: dict[str, float], *, weight_decay: float = 0.0,
                  betas=(0.9, 0.999), eps: float = 1e-8):
+        import routed_lora as rl
+
         self.names = adapter_names(model)
         missing = [n for n in self.names if n not in lrs]
         if missing:
             raise ValueError(f"lrs: no learning rate for adapters {missing} (have {sorted(lrs)})")
-        self.params = lora_parameters(model)
+        groups = rl.trainable_parameters(model)
+        self.params = [p for g in groups for p in g["params"]]
         self.base_lr = max(lrs[n] for n in self.names)
-        self.scales = [lrs[n] / self.base_lr for n in self.names]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.base_lr, betas=betas, eps=eps,
+        if self.base_lr <= 0:
+            raise ValueError(f"lrs: at least one adapter needs a learning rate > 0, got {lrs}")
+        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=betas, eps=eps,
                                            weight_decay=weight_decay)
+        rl.set_adapter_lr(self.optimizer, {n: lrs[n] for n in self.names})
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
     def step(self) -> None:
-        rescale = any(s != 1.0 for s in self.scales)
-        before = [p.detach().clone() for p in self.params] if rescale else None
         self.optimizer.step()
-        if rescale:
-            for p, old in zip(self.params, before):
-                for e, s in enumerate(self.scales):
-                    if s != 1.0:
-                        p[e].copy_(old[e] + (p[e] - old[e]) * s)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scales": self.scales, "base_lr": self.base_lr}
+        return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -285,6 +286,7 @@ class _Prepared:
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         self.ids, self.att, self.mask, self.routes = ids[:, lo:hi], att[:, lo:hi], lm[:, lo:hi - 1], rt[:, lo:hi]
         self.rows = sl
+        self.rollout = None if batch.rollout_logprobs is None else batch.rollout_logprobs[sl][:, lo:hi - 1]
         self.old = None
         self.ref = None
         self.adv = None
@@ -331,6 +333,13 @@ def grpo_update(
                 p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
                 if cfg.beta > 0:
                     p.ref = reference_logprobs(model, p.ids, p.att, temperature=cfg.temperature)
+    # generation-time vs teacher-forced log-probs of the sampled tokens: same routes, positions and temperature
+    # give equal values up to float rounding (the KV-cache path sums in another order)
+    gen_diff = None
+    diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
+             if p.rollout is not None and p.mask.any()]
+    if diffs:
+        gen_diff = max(diffs)
 
     sums = dict(loss=0.0, tokens=0.0, kl=0.0, clip=0.0, ratio=0.0, entropy=0.0)
     ratio_max, first_ratio_max_dev = 1.0, None
@@ -402,6 +411,8 @@ def grpo_update(
         "updates": upd,
         "grad_norm": sum(pre_clip) / len(pre_clip),
     }
+    if gen_diff is not None:
+        metrics["rollout_vs_teacher_forced_max_abs_logprob_diff"] = gen_diff
     for key, v in zip(rc.keys(), tot[14:]):
         metrics[key] = v
     for name in gnorms[0]:
@@ -515,3 +526,218 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building the policy, the data order, the loop
+
+
+def load_model_and_tokenizer(path: str | Path, *, dtype=None):
+    """A causal LM and its tokenizer from a local folder (no network).
+
+    transformers 5's ``AutoTokenizer`` builds the *model family's* tokenizer class (e.g. ``Qwen2Tokenizer``, a
+    byte-level BPE pipeline) even for a folder whose ``tokenizer_config.json`` says ``TokenizersBackend`` or
+    ``PreTrainedTokenizerFast`` (a word-level ``tokenizer.json``, as the built-in world writes): encoding and
+    decoding then silently go wrong. Such folders are loaded with ``PreTrainedTokenizerFast`` instead."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+    cls = None
+    cfg_file = path / "tokenizer_config.json"
+    if cfg_file.exists():
+        cls = json.loads(cfg_file.read_text()).get("tokenizer_class")
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    return model, tok
+
+
+def build_policy(model, tokenizer, cfg: GRPOConfig):
+    """Patch ``model`` in place for ``cfg.mode`` and attach the router (so ``generate`` routes by itself).
+
+    dart: adapters (reasoning, tool), rank r, the tag router (tool inside ``<search>`` ... ``</search>``);
+    joint and base... joint: one adapter ``joint`` of rank 2r and alpha 2 * lora_alpha (same scaling) on every
+    token; base: the dart layout with its zero-initialised B (identical to the backbone), never trained.
+    Returns ``(model, router)``."""
+    import routed_lora as rl
+
+    disable_dropout(model)
+    if cfg.mode == "joint":
+        router = rl.TagRouter(tokenizer, spans={"joint": ("<search>", "</search>")}, default="joint")
+        rl.apply_routed_lora(model, target_modules=cfg.target_modules, r=2 * cfg.r, lora_alpha=2 * cfg.lora_alpha,
+                             adapters=("joint",), router=router)
+    else:
+        router = rl.TagRouter(tokenizer, spans={"tool": ("<search>", "</search>")}, default="reasoning")
+        rl.apply_routed_lora(model, target_modules=cfg.target_modules, r=cfg.r, lora_alpha=cfg.lora_alpha,
+                             adapters=("reasoning", "tool"), router=router)
+    return model, router
+
+
+def rows_for_step(n_rows: int, step: int, per_step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Indices of the questions of ``step`` for ``rank``: consecutive slices of a reshuffled order per epoch
+    (a pure function of the step, so a resumed run sees the same questions)."""
+    start = step * per_step
+    out = []
+    i = start
+    while len(out) < per_step:
+        epoch, pos = divmod(i, n_rows)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        perm = torch.randperm(n_rows, generator=g)
+        take = min(per_step - len(out), n_rows - pos)
+        out += perm[pos:pos + take].tolist()
+        i += take
+    share = per_step // world
+    return out[rank * share:(rank + 1) * share]
+
+
+class Trainer:
+    """The GRPO loop over a question list with a retriever (module doc). ``model`` must already be patched
+    (:func:`build_policy`); ``router`` is the model's router (used for the teacher-forced routes)."""
+
+    def __init__(self, cfg: GRPOConfig, model, tokenizer, router, retriever, train_rows: Sequence[dict], *,
+                 out: str | Path, eval_rows: Sequence[dict] | None = None, eval_samples: int | None = None,
+                 prompt_template: str | None = None, progress: bool = True,
+                 reward_fn: Callable[[str, list], float] | None = None):
+        from routed_lora.env.data import TINY_PROMPT
+
+        self.reward_fn = reward_fn  # (completion text, golden answers) -> reward; default EM (+ format reward)
+        self.cfg = cfg.check()
+        self.model = model
+        self.tok = tokenizer
+        self.router = router
+        self.retriever = retriever
+        self.rows = list(train_rows)
+        self.eval_rows = list(eval_rows) if eval_rows else []
+        self.eval_samples = cfg.group_size if eval_samples is None else eval_samples
+        self.template = prompt_template or TINY_PROMPT
+        self.out = Path(out)
+        self.progress = progress
+        self.rank, self.world = world_info()
+        if cfg.prompts_per_step % self.world:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the {self.world} ranks")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.ddp_model = model
+        if self.world > 1 and cfg.mode != "base":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp_model = DDP(model)  # broadcasts rank 0's adapters
+        self.optimizer = AdapterOptimizer(model, cfg.adapter_lrs(), weight_decay=cfg.weight_decay) \
+            if cfg.mode != "base" else None
+        self.step = 0
+
+    # -- one batch of rollouts -----------------------------------------------------------------------------------
+    def collect(self, rows: Sequence[dict], group_offset: int = 0) -> tuple[RolloutBatch, torch.Tensor, dict]:
+        from routed_lora.env.data import make_prompt
+        from routed_lora.env.reward import compute_score, exact_match, extract_answer
+        from routed_lora.env.rollout import collate, generate_rollouts
+
+        G = self.cfg.group_size
+        prompts = [make_prompt(r["question"], self.template) for r in rows for _ in range(G)]
+        plen = max(len(self.tok(p)["input_ids"]) for p in prompts)
+        t0 = time.perf_counter()
+        self.model.eval()
+        rolls = generate_rollouts(self.model, self.tok, prompts, self.retriever, max_turns=self.cfg.max_turns,
+                                  max_new_tokens=self.cfg.max_new_tokens,
+                                  max_length=plen + self.cfg.max_total_tokens, topk=self.cfg.topk,
+                                  do_sample=True, temperature=self.cfg.temperature, return_logprobs=True)
+        t_roll = time.perf_counter() - t0
+        golds = [r["golden_answers"] for r in rows for _ in range(G)]
+        score = self.reward_fn or (lambda text, g: compute_score(text, g, format_score=self.cfg.format_reward))
+        rewards = torch.tensor([float(score(ro.text, g)) for ro, g in zip(rolls, golds)], dtype=torch.float32)
+        em = torch.tensor([exact_match(extract_answer(ro.text), g) for ro, g in zip(rolls, golds)])
+        c = collate(rolls, self.pad_id)
+        ids, att = c["input_ids"], c["attention_mask"]
+        loss_mask = c["loss_mask"][:, 1:].bool()
+        batch = RolloutBatch(
+            input_ids=ids, attention_mask=att, loss_mask=loss_mask, rewards=rewards,
+            group_ids=torch.arange(len(rows)).repeat_interleave(G) + group_offset, em=em.float(),
+            tool_calls=torch.tensor([float(ro.num_tool_calls) for ro in rolls]),
+            response_len=torch.tensor([float(len(ro.completion_ids)) for ro in rolls]),
+            texts=[ro.text for ro in rolls],
+            rollout_logprobs=c["old_logprobs"][:, 1:] if "old_logprobs" in c else None,
+        )
+        routes = routes_for(ids, att, joint_adapter=0) if self.cfg.mode == "joint" else \
+            routes_for(ids, att, router=self.router)
+        info = {"rollout_seconds": t_roll, "finish_answer": sum(ro.finish_reason == "answer" for ro in rolls) / len(rolls)}
+        return batch, routes, info
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, rows=None, label: str = "eval") -> dict:
+        from .evaluate import evaluate_em
+
+        rows = self.eval_rows if rows is None else rows
+        if not rows:
+            return {}
+        return evaluate_em(self.model, self.tok, rows, self.retriever, samples=self.eval_samples,
+                           temperature=self.cfg.temperature, max_turns=self.cfg.max_turns,
+                           max_new_tokens=self.cfg.max_new_tokens, topk=self.cfg.topk,
+                           prompt_template=self.template, seed=self.cfg.seed + 7919)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self, *, resume: str | Path | bool | None = None, evaluate_before: bool = True,
+              evaluate_after: bool = True, callback: Callable[[dict], None] | None = None) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        start = 0
+        if resume:
+            path = self.out / "checkpoint.pt" if resume is True else Path(resume)
+            if path.is_dir():
+                path = path / "checkpoint.pt"
+            if not path.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+            start = int(state["step"])
+        else:
+            random.seed(cfg.seed + self.rank)
+            import numpy as np
+
+            np.random.seed(cfg.seed + self.rank)
+            torch.manual_seed(cfg.seed + 1000 * self.rank)
+        writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=start if resume else None,
+                               enabled=self.rank == 0)
+        evals = {}
+        if evaluate_before and not resume and self.eval_rows:
+            ev = self.evaluate()
+            evals["before"] = ev
+            writer.write({"eval": "before", "step": 0, **ev})
+        steps = cfg.steps if cfg.mode != "base" else 0
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"grpo {cfg.mode}",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        last = {}
+        for step in bar:
+            t0 = time.perf_counter()
+            idx = rows_for_step(len(self.rows), step, cfg.prompts_per_step, cfg.seed, self.rank, self.world)
+            rows = [self.rows[i] for i in idx]
+            batch, routes, info = self.collect(rows, group_offset=self.rank * len(rows))
+            t1 = time.perf_counter()
+            self.model.train()
+            metrics = grpo_update(self.model, self.ddp_model, self.optimizer, batch, routes, cfg)
+            self.model.eval()
+            t2 = time.perf_counter()
+            row = {"step": step + 1, **metrics, "rollout_s": t1 - t0, "update_s": t2 - t1,
+                   "finish_answer": info["finish_answer"]}
+            self.step = step + 1
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < steps and self.eval_rows:
+                ev = self.evaluate()
+                writer.write({"eval": f"step{self.step}", "step": self.step, **ev})
+            writer.write(row)
+            last = row
+            if callback is not None:
+                callback(row)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                            clip=f"{metrics['clip_frac']:.3f}", refresh=False)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == steps:
+                save_checkpoint(self.out, model=self.model, optimizer=self.optimizer, step=self.step, cfg=cfg)
+        bar.close()
+        train_seconds = time.perf_counter() - t_start
+        if evaluate_after and self.eval_rows:
+            ev = self.evaluate()
+            evals["after"] = ev
+            writer.write({"eval": "after", "step": self.step, **ev})
+        return {"steps": self.step, "train_seconds": train_seconds, "last": last, "evals": evals}
