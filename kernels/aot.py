@@ -1,0 +1,188 @@
+"""Ahead-of-time compilation of every shipped kernel config, and a resource report from cuobjdump.
+
+Runs without a GPU: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` builds the cubin with
+the ptxas bundled in Triton, and ``cuobjdump`` (also bundled, triton/backends/nvidia/bin) gives registers,
+stack and local memory (ptxas puts register spills in the stack frame, so STACK 0 and LOCAL 0 mean no spills)
+and the SASS, where tensor-core instructions are HGMMA (sm_90 wgmma) or HMMA (sm_80 mma.sync).
+
+``compile_report(archs=(80, 90))`` returns one record per (kernel, config, arch) with the keys kernel, config,
+arch, registers, local_bytes, stack_bytes, shared_bytes, tensor_core_instructions (and num_warps,
+num_stages, variant, dtype, tensor_core_opcode). ``compiled_kernels`` lists what is compiled: each kernel
+variant (constexpr flags) with each config shipped for it, at the benchmark shape's E*r = 32 in bf16.
+``routed-lora bench compile-report --json`` prints these records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import fused_lora, launch
+
+__all__ = ["compiled_kernels", "compile_one", "compile_report", "cuobjdump_path", "parse_resource_usage"]
+
+_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def cuobjdump_path() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _jit(fn):
+    """The JITFunction of a kernel, also when the module was imported under TRITON_INTERPRET=1."""
+    from triton.runtime.jit import JITFunction
+
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
+def _signature(fn, dtype: str, pointer_types: dict, ints: tuple, floats: tuple, constexprs: dict):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        elif name in ints or name.startswith("stride_") or name.isupper():
+            sig[name] = "i32"
+        else:
+            raise KeyError(f"aot: no type for argument {name!r} of {fn.__name__}")
+    return sig
+
+
+def _divisibility(fn, names) -> dict:
+    """``tt.divisibility`` 16 hints, as the launcher gives for aligned pointers and sizes / leading strides."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names if n in fn.arg_names}
+
+
+def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
+    """(kernel name, variant name, jit fn, signature, constexprs, attrs, config) for every shipped config.
+
+    Like a JIT launch, integer arguments equal to 1 (the unit strides of contiguous tensors) are compiled as
+    constants, and pointers, sizes and leading strides get divisibility-by-16 hints: without them the loads
+    are not vectorised and the loops are not software-pipelined. The forward and the dx launch of the linear
+    kernel have different unit strides, so both are compiled.
+    """
+    p = _PTR[dtype]
+    block_r = launch._block_r(E * R)
+    prec = "ieee"
+    out = []
+
+    def add(name, variant, fn, ptrs, unit, hints, flags, cfgs):
+        fn = _jit(fn)
+        for cfg in cfgs:
+            ce = {**cfg.kwargs, **flags, "BLOCK_R": block_r, "R": R, "DOT_PRECISION": prec, **{u: 1 for u in unit}}
+            sig = _signature(fn, dtype, ptrs, (), ("scaling",), ce)
+            out.append((name, variant, fn, sig, ce, _divisibility(fn, hints), cfg))
+
+    ptrs = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, "l_ptr": p, "u_ptr": p, "out_ptr": p}
+    common = ["a_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "out_ptr", "M", "N", "K", "stride_am",
+              "stride_lm", "stride_ue", "stride_om"]
+    fwd_unit = ("stride_ak", "stride_wk", "stride_lc", "stride_ur", "stride_on")
+    dx_unit = ("stride_ak", "stride_wn", "stride_lc", "stride_un", "stride_on")
+    fused = {"BACKBONE": True, "HAS_BIAS": True, "ACC_OUT": False}
+    lora_only = {"BACKBONE": False, "HAS_BIAS": False, "ACC_OUT": True}
+    fn = fused_lora.routed_linear_kernel
+    add("routed_linear_kernel", "fused_forward", fn, ptrs, fwd_unit, common + ["stride_wn", "stride_un"], fused,
+        launch.LINEAR_CONFIGS)
+    add("routed_linear_kernel", "fused_dx", fn, ptrs, dx_unit, common + ["stride_wk", "stride_ur"],
+        {**fused, "HAS_BIAS": False}, launch.LINEAR_CONFIGS)
+    add("routed_linear_kernel", "lora_only_forward", fn, ptrs, fwd_unit, common + ["stride_wn", "stride_un"],
+        lora_only, launch.LINEAR_LORA_CONFIGS)
+    add("routed_linear_kernel", "lora_only_dx", fn, ptrs, dx_unit, common + ["stride_wk", "stride_ur"],
+        lora_only, launch.LINEAR_LORA_CONFIGS)
+
+    fn = fused_lora.routed_shrink_kernel
+    ptrs = {"x_ptr": p, "l_ptr": p, "routes_ptr": "*i32", "out_ptr": p, "h_ptr": p, "db_ptr": "*fp32"}
+    common = ["x_ptr", "l_ptr", "routes_ptr", "out_ptr", "h_ptr", "db_ptr", "K", "stride_xm", "stride_le",
+              "stride_om", "stride_hm", "stride_dbp", "stride_dbe", "stride_dbk"]
+    add("routed_shrink_kernel", "shrink", fn, ptrs, ("stride_xk", "stride_lk", "stride_oc"),
+        common + ["stride_lr"], {"FUSE_DB": False, "DETERMINISTIC": True}, launch.SHRINK_CONFIGS)
+    db_unit = ("stride_xk", "stride_lr", "stride_oc", "stride_hc", "stride_dbr")
+    add("routed_shrink_kernel", "shrink_db", fn, ptrs, db_unit, common + ["stride_lk"],
+        {"FUSE_DB": True, "DETERMINISTIC": True}, launch.SHRINK_DB_CONFIGS)
+    add("routed_shrink_kernel", "shrink_db_atomic", fn, ptrs, db_unit, common + ["stride_lk"],
+        {"FUSE_DB": True, "DETERMINISTIC": False}, launch.SHRINK_DB_CONFIGS[:1])
+
+    fn = fused_lora.routed_grad_a_kernel
+    ptrs = {"g_ptr": p, "x_ptr": p, "out_ptr": "*fp32"}
+    common = ["g_ptr", "x_ptr", "out_ptr", "K", "M_PER_SPLIT", "stride_gm", "stride_xm", "stride_op", "stride_oe",
+              "stride_or"]
+    unit = ("stride_gc", "stride_xk", "stride_ok")
+    add("routed_grad_a_kernel", "grad_a", fn, ptrs, unit, common, {"DETERMINISTIC": True}, launch.GRAD_A_CONFIGS)
+    add("routed_grad_a_kernel", "grad_a_atomic", fn, ptrs, unit, common, {"DETERMINISTIC": False},
+        launch.GRAD_A_CONFIGS[:1])
+    return out
+
+
+_RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def parse_resource_usage(text: str) -> dict:
+    """Registers, stack, shared and local bytes from ``cuobjdump --dump-resource-usage`` output."""
+    m = _RES_RE.search(text)
+    if not m:
+        raise ValueError(f"cuobjdump: no resource line in output:\n{text[:2000]}")
+    reg, stack, shared, local = (int(v) for v in m.groups())
+    return {"registers": reg, "stack_bytes": stack, "static_shared_bytes": shared, "local_bytes": local}
+
+
+def compile_one(fn, signature: dict, constexprs: dict, attrs: dict, num_warps: int, num_stages: int, arch: int):
+    """Compile one kernel config for ``sm_<arch>``; returns (compiled kernel, resource dict, SASS text)."""
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    cubin = compiled.asm["cubin"]
+    tool = cuobjdump_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+    return compiled, parse_resource_usage(res.stdout), sass
+
+
+def _record(item, arch: int, dtype: str) -> dict:
+    name, variant, fn, sig, ce, attrs, cfg = item
+    compiled, res, sass = compile_one(fn, sig, ce, attrs, cfg.num_warps, cfg.num_stages, arch)
+    opcode = "HGMMA" if arch >= 90 else "HMMA"
+    n_tc = len(re.findall(rf"\b{opcode}\b", sass))
+    n_any_tc = len(re.findall(r"\bH[G]?MMA\b", sass))
+    return {
+        "kernel": name,
+        "variant": variant,
+        "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        "arch": f"sm_{arch}",
+        "dtype": dtype,
+        "registers": res["registers"],
+        "local_bytes": res["local_bytes"],
+        "stack_bytes": res["stack_bytes"],
+        "shared_bytes": int(getattr(compiled.metadata, "shared", 0) or 0),
+        "tensor_core_opcode": opcode,
+        "tensor_core_instructions": n_tc,
+        "any_mma_instructions": n_any_tc,
+    }
+
+
+def compile_report(archs=(80, 90), dtype: str = "bf16", workers: int | None = None) -> list[dict]:
+    """Compile every shipped config for each ``sm_<arch>``; one record per (kernel variant, config, arch)."""
+    items = [(item, arch) for arch in archs for item in compiled_kernels(dtype)]
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda ia: _record(ia[0], ia[1], dtype), items))
+
+
+if __name__ == "__main__":  # python -m routed_lora.kernels.aot
+    import json
+
+    for rec in compile_report():
+        print(json.dumps(rec))

@@ -1,0 +1,530 @@
+"""Plain launchers of the routed-LoRA kernels: ``forward`` and ``backward`` (no autograd here).
+
+The contract with :mod:`routed_lora.ops` (same semantics as :mod:`routed_lora.reference`):
+
+    forward(x, weight, bias, lora_A, lora_B, routes, scaling) -> (y, h_masked)
+    backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx) -> (dx | None, dA, dB)
+
+``h_masked`` (M, E*r) in x.dtype has exactly the reference's format, so a backward on one backend accepts the
+h of the other.
+
+Variants (``set_variant``):
+  * ``"fused"``: the backbone GEMM runs in Triton with the LoRA expand as its epilogue: y (and dx) written once.
+  * ``"cublas"``: the backbone GEMM stays in cuBLAS (torch.addmm / torch.mm) and one Triton kernel adds
+    s * h_masked B_cat^T (resp. s * G A_cat) in place.
+  * ``"auto"`` (default): on CUDA, the first call of each shape times ``fused``, ``cublas`` and the PyTorch
+    path and caches the fastest per (device, dtype, bucketed M, K, N, r, E, bias, dx) -- so ``auto`` is never
+    slower than the PyTorch path by more than the timing noise. Under the Triton interpreter (CPU tensors,
+    ``TRITON_INTERPRET=1``) ``auto`` means ``fused``. Inside CUDA-graph capture an unmeasured shape uses
+    ``cublas``. The shrink, G/dB and dA kernels are Triton in both Triton variants.
+
+Determinism (``set_deterministic``, env ``ROUTED_LORA_DETERMINISTIC``): **on by default**. The dB and dA
+reductions over tokens are written as fp32 partials per block of tokens and summed by ``torch.sum`` in a
+fixed order, so two identical backward calls give bit-identical gradients (needed for reproducible RL runs
+and for the "adapter 0's gradient is bit-for-bit unchanged when adapter 1's tokens change" property). The cost
+is one extra memory pass over a (blocks, E, N, r) / (splits, E, r, K) fp32 workspace, a few percent of the
+backward at most. ``set_deterministic(False)`` uses ``tl.atomic_add`` into an fp32 buffer instead.
+
+fp32 inputs: ``tl.dot`` runs as tf32 when ``torch.backends.cuda.matmul.allow_tf32`` is True (PyTorch's own
+switch for its fp32 matmuls) and as exact ``ieee`` fp32 otherwise (PyTorch's default). fp16 / bf16 always
+accumulate in fp32.
+
+Autotuning: each kernel is autotuned on its sizes (K, N, r, E) and the token count bucketed to a power of
+two (``M_BUCKET``). ``pin_configs(True)`` (env ``ROUTED_LORA_PIN_CONFIGS=1``) turns autotuning off and uses
+one fixed config per kernel (small 16-wide tiles under the interpreter, the first shipped config on a GPU);
+``pin_configs({"linear": {...}})`` pins given ones. ``CALLS`` counts every launcher and kernel launch, so
+tests can prove the kernels ran.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+
+import torch
+import triton
+
+from . import fused_lora
+
+__all__ = [
+    "CALLS",
+    "forward",
+    "backward",
+    "set_variant",
+    "get_variant",
+    "set_deterministic",
+    "get_deterministic",
+    "pin_configs",
+    "shipped_configs",
+    "VARIANT_CACHE",
+]
+
+CALLS: collections.Counter = collections.Counter()
+
+_VARIANTS = ("auto", "fused", "cublas", "torch")
+_state = {
+    "variant": os.environ.get("ROUTED_LORA_VARIANT", "auto"),
+    "deterministic": os.environ.get("ROUTED_LORA_DETERMINISTIC", "1") not in ("0", "", "false", "False"),
+    "pinned": None,
+}
+
+# --------------------------------------------------------------------------------------------------------------
+# Shipped configurations (every one is compiled for sm_80 and sm_90 by the compile test: no spills, tensor cores).
+
+LINEAR_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# The cuBLAS variant's in-place LoRA add (BACKBONE=False, ACC_OUT=True): no K loop, so fewer configs.
+LINEAR_LORA_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=2),
+]
+SHRINK_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+]
+# G + dB: BLOCK_M sets the number of dB partials (the workspace), so it is the same in every config.
+SHRINK_DB_BLOCK_M = 128
+SHRINK_DB_CONFIGS = [
+    triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+]
+GRAD_A_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+]
+# Largest adapter-column tile: E*r above it is looped (linear) or split over the grid (shrink, dA).
+MAX_BLOCK_R = 128
+# dA splits the token reduction in chunks of a multiple of this many rows.
+GRAD_A_SPLIT_ROWS = 256
+
+# Pinned configs under the interpreter: 16-wide tiles, so tiny test shapes cover several tiles and tails.
+INTERPRETER_CONFIGS = {
+    "linear": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
+    "linear_lora": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
+    "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
+    "shrink_db": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
+    "grad_a": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
+}
+
+_CONFIG_LISTS = {
+    "linear": LINEAR_CONFIGS,
+    "linear_lora": LINEAR_LORA_CONFIGS,
+    "shrink": SHRINK_CONFIGS,
+    "shrink_db": SHRINK_DB_CONFIGS,
+    "grad_a": GRAD_A_CONFIGS,
+}
+_KERNELS = {
+    "linear": fused_lora.routed_linear_kernel,
+    "linear_lora": fused_lora.routed_linear_kernel,
+    "shrink": fused_lora.routed_shrink_kernel,
+    "shrink_db": fused_lora.routed_shrink_kernel,
+    "grad_a": fused_lora.routed_grad_a_kernel,
+}
+_KEYS = {
+    "linear": ["M_BUCKET", "N", "K", "R", "E"],
+    "linear_lora": ["M_BUCKET", "N", "K", "R", "E"],
+    "shrink": ["M_BUCKET", "K", "R", "E"],
+    "shrink_db": ["M_BUCKET", "K", "R", "E"],
+    "grad_a": ["M_BUCKET", "K", "R", "E"],
+}
+
+
+def shipped_configs() -> dict[str, list]:
+    """Every shipped autotuning config per kernel name (what the compile test and report cover)."""
+    return {name: list(cfgs) for name, cfgs in _CONFIG_LISTS.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Switches.
+
+
+def set_variant(name: str) -> None:
+    """``"auto"`` (default), ``"fused"``, ``"cublas"`` or ``"torch"`` (the PyTorch path, for comparisons)."""
+    if name not in _VARIANTS:
+        raise ValueError(f"set_variant: expected one of {_VARIANTS}, got {name!r}")
+    _state["variant"] = name
+
+
+def get_variant() -> str:
+    return _state["variant"]
+
+
+def set_deterministic(flag: bool) -> None:
+    """True (default): fixed-order fp32 reductions for dA / dB. False: ``tl.atomic_add``."""
+    _state["deterministic"] = bool(flag)
+
+
+def get_deterministic() -> bool:
+    return _state["deterministic"]
+
+
+def pin_configs(pinned=True) -> None:
+    """Turn autotuning off. ``True``: one default config per kernel; a dict ``{kernel: {meta...}}`` pins those
+    (kernels: linear, linear_lora, shrink, shrink_db, grad_a; keys as in the configs plus num_warps / num_stages);
+    ``False`` / ``None``: autotune again."""
+    if pinned is True:
+        _state["pinned"] = {}
+    elif not pinned:
+        _state["pinned"] = None
+    else:
+        unknown = set(pinned) - set(_KERNELS)
+        if unknown:
+            raise ValueError(f"pin_configs: unknown kernels {sorted(unknown)}; expected some of {sorted(_KERNELS)}")
+        _state["pinned"] = dict(pinned)
+
+
+if os.environ.get("ROUTED_LORA_PIN_CONFIGS", "0") not in ("0", ""):
+    pin_configs(True)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    if t.device.type == "cuda":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError(
+            f"routed_lora.kernels: {t.device.type} tensors need the Triton interpreter (TRITON_INTERPRET=1) or CUDA"
+        )
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel runners: interpreter, pinned config, or autotuned.
+
+_RUNNERS: dict = {}
+
+
+def _config_dict(cfg: "triton.Config") -> dict:
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _pinned_meta(name: str, interpret: bool) -> dict | None:
+    if interpret:
+        base = dict(INTERPRETER_CONFIGS[name])
+        pinned = _state["pinned"] or {}
+        base.update(pinned.get(name, {}))
+        return base
+    if _state["pinned"] is None:
+        return None
+    return {**_config_dict(_CONFIG_LISTS[name][0]), **_state["pinned"].get(name, {})}
+
+
+def _prune_linear(configs, named_args, **kwargs):
+    m = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)]
+    return kept or configs[-1:]
+
+
+def _runner(name: str, interpret: bool, restore=(), reset=()):
+    key = (name, interpret, tuple(restore), tuple(reset))
+    if key not in _RUNNERS:
+        fn = _KERNELS[name]
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            raw = getattr(fn, "fn", fn)
+            _RUNNERS[key] = InterpretedFunction(raw)
+        else:
+            _RUNNERS[key] = triton.autotune(
+                configs=_CONFIG_LISTS[name],
+                key=_KEYS[name],
+                restore_value=list(restore),
+                reset_to_zero=list(reset),
+                prune_configs_by={"early_config_prune": _prune_linear} if name.startswith("linear") else None,
+            )(fn)
+    return _RUNNERS[key]
+
+
+def _launch(name: str, device_tensor: torch.Tensor, grid, args: dict, restore=(), reset=()) -> None:
+    """Run kernel ``name`` with keyword ``args``; ``grid(meta)`` gives the launch grid."""
+    interpret = _interpreting(device_tensor)
+    meta = _pinned_meta(name, interpret)
+    CALLS[name] += 1
+    if meta is None:
+        _runner(name, False, restore, reset)[grid](**args)
+    else:
+        kernel = _runner(name, True) if interpret else _KERNELS[name]
+        kernel[grid(meta)](**args, **meta)
+
+
+def _m_bucket(M: int) -> int:
+    return min(max(16, triton.next_power_of_2(max(M, 1))), 1 << 16)
+
+
+def _block_r(ER: int) -> int:
+    return min(max(16, triton.next_power_of_2(ER)), MAX_BLOCK_R)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One launcher per kernel.
+
+
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    """h_masked = (x A_cat^T) * mask, (M, E*r) in x.dtype."""
+    M, K = x.shape
+    E, R, _ = lora_A.shape
+    out = torch.empty((M, E * R), device=x.device, dtype=x.dtype)
+    BLOCK_R = _block_r(E * R)
+    args = dict(
+        x_ptr=x, l_ptr=lora_A, routes_ptr=routes, out_ptr=out, h_ptr=out, db_ptr=out,
+        M=M, K=K, R=R, E=E, M_BUCKET=_m_bucket(M),
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_le=lora_A.stride(0), stride_lr=lora_A.stride(1), stride_lk=lora_A.stride(2),
+        stride_om=out.stride(0), stride_oc=out.stride(1),
+        stride_hm=0, stride_hc=0, stride_dbp=0, stride_dbe=0, stride_dbk=0, stride_dbr=0,
+        scaling=1.0, BLOCK_R=BLOCK_R, FUSE_DB=False, DETERMINISTIC=True, DOT_PRECISION=_dot_precision(x.dtype),
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E * R, BLOCK_R))  # noqa: E731
+    _launch("shrink", x, grid, args)
+    return out
+
+
+def shrink_grad_b(
+    grad_y: torch.Tensor, lora_B: torch.Tensor, routes: torch.Tensor, h_masked: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over g: G = (g B_cat) * mask (M, E*r) in g.dtype and dB = s g^T h_masked as (E, N, r)."""
+    M, N = grad_y.shape
+    E, _, R = lora_B.shape
+    G = torch.empty((M, E * R), device=grad_y.device, dtype=grad_y.dtype)
+    BLOCK_R = _block_r(E * R)
+    interpret = _interpreting(grad_y)
+    meta = _pinned_meta("shrink_db", interpret)
+    block_m = meta["BLOCK_M"] if meta is not None else SHRINK_DB_BLOCK_M
+    deterministic = _state["deterministic"]
+    if deterministic:
+        ws = torch.empty((triton.cdiv(M, block_m), E, N, R), device=grad_y.device, dtype=torch.float32)
+        stride_dbp = ws.stride(0)
+    else:
+        ws = torch.zeros((E, N, R), device=grad_y.device, dtype=torch.float32)
+        stride_dbp = 0
+    off = 1 if deterministic else 0
+    args = dict(
+        x_ptr=grad_y, l_ptr=lora_B, routes_ptr=routes, out_ptr=G, h_ptr=h_masked, db_ptr=ws,
+        M=M, K=N, R=R, E=E, M_BUCKET=_m_bucket(M),
+        stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
+        stride_le=lora_B.stride(0), stride_lr=lora_B.stride(2), stride_lk=lora_B.stride(1),
+        stride_om=G.stride(0), stride_oc=G.stride(1),
+        stride_hm=h_masked.stride(0), stride_hc=h_masked.stride(1),
+        stride_dbp=stride_dbp, stride_dbe=ws.stride(off), stride_dbk=ws.stride(off + 1),
+        stride_dbr=ws.stride(off + 2),
+        scaling=float(scaling), BLOCK_R=BLOCK_R, FUSE_DB=True, DETERMINISTIC=deterministic,
+        DOT_PRECISION=_dot_precision(grad_y.dtype),
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E * R, BLOCK_R))  # noqa: E731
+    _launch("shrink_db", grad_y, grid, args, reset=() if deterministic else ("db_ptr",))
+    dB = ws.sum(0) if deterministic else ws
+    return G, dB.to(grad_y.dtype)
+
+
+def grad_a(G: torch.Tensor, x: torch.Tensor, R: int, E: int, scaling: float) -> torch.Tensor:
+    """dA = s * G^T x as (E, r, K) in x.dtype; G (M, E*r) already masked."""
+    M, K = x.shape
+    BLOCK_R = _block_r(E * R)
+    deterministic = _state["deterministic"]
+    if x.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        tiles = triton.cdiv(K, 64) * triton.cdiv(E * R, BLOCK_R)
+        splits = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, GRAD_A_SPLIT_ROWS)))
+        rows = triton.cdiv(triton.cdiv(M, splits), GRAD_A_SPLIT_ROWS) * GRAD_A_SPLIT_ROWS
+    else:  # interpreter: exercise the split reduction on small shapes
+        rows = 64
+    splits = max(1, triton.cdiv(M, rows))
+    if deterministic:
+        ws = torch.empty((splits, E, R, K), device=x.device, dtype=torch.float32)
+        stride_op = ws.stride(0)
+    else:
+        ws = torch.zeros((E, R, K), device=x.device, dtype=torch.float32)
+        stride_op = 0
+    off = 1 if deterministic else 0
+    args = dict(
+        g_ptr=G, x_ptr=x, out_ptr=ws,
+        M=M, K=K, R=R, E=E, M_PER_SPLIT=rows, M_BUCKET=_m_bucket(M),
+        stride_gm=G.stride(0), stride_gc=G.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_op=stride_op, stride_oe=ws.stride(off), stride_or=ws.stride(off + 1), stride_ok=ws.stride(off + 2),
+        scaling=float(scaling), BLOCK_R=BLOCK_R, DETERMINISTIC=deterministic,
+        DOT_PRECISION=_dot_precision(x.dtype),
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(E * R, BLOCK_R), splits)  # noqa: E731
+    _launch("grad_a", x, grid, args, reset=() if deterministic else ("out_ptr",))
+    dA = ws.sum(0) if deterministic else ws
+    return dA.to(x.dtype)
+
+
+def linear(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    transpose_weight: bool,
+    bias: torch.Tensor | None,
+    L: torch.Tensor,
+    adapter: torch.Tensor,
+    adapter_is_B: bool,
+    scaling: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = [out +] a Wt + b + s L U with one write of out.
+
+    ``transpose_weight``: Wt = W^T (forward, a = x) or W (dx, a = g). ``adapter_is_B``: U[c, n] = B[c//r, n, c%r]
+    (forward) or U[c, k] = A[c//r, c%r, k] (dx). ``out`` given: the cuBLAS variant; the backbone product is
+    already in ``out`` and only ``s L U`` is added (read-modify-write).
+    """
+    M = a.shape[0]
+    if transpose_weight:  # a (M, K) @ W^T -> (M, N)
+        N, K = weight.shape
+        stride_wk, stride_wn = weight.stride(1), weight.stride(0)
+    else:  # a (M, N_w) @ W -> (M, K_w)
+        K, N = weight.shape
+        stride_wk, stride_wn = weight.stride(0), weight.stride(1)
+    if adapter_is_B:
+        E, _, R = adapter.shape
+        stride_ue, stride_ur, stride_un = adapter.stride(0), adapter.stride(2), adapter.stride(1)
+    else:
+        E, R, _ = adapter.shape
+        stride_ue, stride_ur, stride_un = adapter.stride(0), adapter.stride(1), adapter.stride(2)
+    backbone = out is None
+    if backbone:
+        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    args = dict(
+        a_ptr=a, w_ptr=weight, bias_ptr=bias if bias is not None else out, l_ptr=L, u_ptr=adapter, out_ptr=out,
+        M=M, N=N, K=K, R=R, E=E, M_BUCKET=_m_bucket(M),
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wk=stride_wk, stride_wn=stride_wn,
+        stride_lm=L.stride(0), stride_lc=L.stride(1),
+        stride_ue=stride_ue, stride_ur=stride_ur, stride_un=stride_un,
+        stride_om=out.stride(0), stride_on=out.stride(1),
+        scaling=float(scaling), BLOCK_R=_block_r(E * R), BACKBONE=backbone, HAS_BIAS=bias is not None,
+        ACC_OUT=not backbone, DOT_PRECISION=_dot_precision(a.dtype),
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _launch("linear" if backbone else "linear_lora", a, grid, args, restore=() if backbone else ("out_ptr",))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The contract: forward / backward with per-shape variant choice.
+
+VARIANT_CACHE: dict = {}
+
+
+def _forward_variant(variant, x, weight, bias, lora_A, lora_B, routes, scaling):
+    if variant == "torch":
+        from routed_lora.reference import reference_forward
+
+        return reference_forward(x, weight, bias, lora_A, lora_B, routes, scaling)
+    h = shrink(x, lora_A, routes)
+    if variant == "fused":
+        y = linear(x, weight, True, bias, h, lora_B, True, scaling)
+    else:
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        linear(x, weight, True, None, h, lora_B, True, scaling, out=y)
+    return y, h
+
+
+def _backward_variant(variant, grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx):
+    if variant == "torch":
+        from routed_lora.reference import reference_backward
+
+        return reference_backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx)
+    E, R, _ = lora_A.shape
+    G, dB = shrink_grad_b(grad_y, lora_B, routes, h_masked, scaling)
+    dA = grad_a(G, x, R, E, scaling)
+    dx = None
+    if compute_dx:
+        if variant == "fused":
+            dx = linear(grad_y, weight, False, None, G, lora_A, False, scaling)
+        else:
+            dx = torch.mm(grad_y, weight)
+            linear(grad_y, weight, False, None, G, lora_A, False, scaling, out=dx)
+    return dx, dA, dB
+
+
+def _time_ms(fn, reps: int = 5) -> float:
+    fn()  # warm-up (and autotuning)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _choose(kind: str, key: tuple, candidates: dict) -> str:
+    """The variant for this call: forced, interpreter ("fused"), cached, or measured now and cached."""
+    variant = _state["variant"]
+    if variant != "auto":
+        return variant
+    if key[0] == "cpu":
+        return "fused"
+    if key in VARIANT_CACHE:
+        return VARIANT_CACHE[key]
+    if torch.cuda.is_current_stream_capturing():
+        return "cublas"
+    timings = {name: _time_ms(fn) for name, fn in candidates.items()}
+    best = min(timings, key=timings.get)
+    VARIANT_CACHE[key] = best
+    CALLS[f"measured_{kind}"] += 1
+    return best
+
+
+def _shape_key(kind, x, weight, lora_A, *extra):
+    E, R, _ = lora_A.shape
+    dev = "cpu" if x.device.type != "cuda" else f"cuda:{x.device.index}:{torch.cuda.get_device_name(x.device)}"
+    return (dev, kind, x.dtype, _m_bucket(x.shape[0]), weight.shape[1], weight.shape[0], R, E, *extra)
+
+
+def _prepare(x, routes, lora_A, lora_B, *others):
+    dtype = x.dtype
+    lora_A = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+    lora_B = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
+    routes = routes.reshape(-1)
+    if routes.dtype != torch.int32 or not routes.is_contiguous():
+        routes = routes.to(torch.int32).contiguous()
+    return lora_A, lora_B, routes
+
+
+def forward(x, weight, bias, lora_A, lora_B, routes, scaling):
+    """(y, h_masked) for x (M, K); see the module docstring."""
+    lora_A, lora_B, routes = _prepare(x, routes, lora_A, lora_B)
+    M = x.shape[0]
+    E, R, _ = lora_A.shape
+    CALLS["forward"] += 1
+    if M == 0 or weight.shape[0] == 0:
+        CALLS["forward_empty"] += 1
+        return torch.nn.functional.linear(x, weight, bias), x.new_zeros((M, E * R))
+    args = (x, weight, bias, lora_A, lora_B, routes, scaling)
+    key = _shape_key("forward", x, weight, lora_A, bias is not None)
+    candidates = {v: (lambda v=v: _forward_variant(v, *args)) for v in ("fused", "cublas", "torch")}
+    variant = _choose("forward", key, candidates)
+    CALLS[f"forward_{variant}"] += 1
+    return _forward_variant(variant, *args)
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx):
+    """(dx or None, dA (E, r, K), dB (E, N, r)); see the module docstring."""
+    lora_A, lora_B, routes = _prepare(x, routes, lora_A, lora_B)
+    if h_masked.dtype != x.dtype:
+        h_masked = h_masked.to(x.dtype)
+    M = x.shape[0]
+    CALLS["backward"] += 1
+    if M == 0 or weight.shape[0] == 0 or x.shape[1] == 0:
+        CALLS["backward_empty"] += 1
+        dx = torch.zeros_like(x) if compute_dx else None
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    args = (grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, bool(compute_dx))
+    key = _shape_key("backward", x, weight, lora_A, bool(compute_dx))
+    candidates = {v: (lambda v=v: _backward_variant(v, *args)) for v in ("fused", "cublas", "torch")}
+    variant = _choose("backward", key, candidates)
+    CALLS[f"backward_{variant}"] += 1
+    return _backward_variant(variant, *args)

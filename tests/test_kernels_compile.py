@@ -1,0 +1,60 @@
+"""Every shipped kernel config compiles for sm_80 and sm_90 with no spills and with tensor-core instructions.
+
+Runs without a GPU: Triton's bundled ptxas builds the cubins and its bundled cuobjdump reads them
+(see ``routed_lora.kernels.aot``). ptxas puts register spills in the stack frame, so both STACK and LOCAL
+must be 0. Tensor cores: HGMMA (wgmma) on sm_90, HMMA (mma.sync) on sm_80.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from routed_lora.kernels import aot, launch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report():
+    if not os.path.exists(aot.cuobjdump_path()):
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    return aot.compile_report(archs=(80, 90))
+
+
+def test_every_shipped_config_is_covered(report):
+    expected = (
+        2 * len(launch.LINEAR_CONFIGS)  # fused forward, fused dx
+        + 2 * len(launch.LINEAR_LORA_CONFIGS)  # cuBLAS variant: LoRA add for y and for dx
+        + len(launch.SHRINK_CONFIGS)
+        + len(launch.SHRINK_DB_CONFIGS)
+        + 1  # shrink_db with atomics
+        + len(launch.GRAD_A_CONFIGS)
+        + 1  # grad_a with atomics
+    )
+    assert len(report) == 2 * expected
+    assert {r["arch"] for r in report} == {"sm_80", "sm_90"}
+    for r in report:
+        assert set(r) >= {"kernel", "config", "arch", "registers", "local_bytes", "stack_bytes", "shared_bytes",
+                          "tensor_core_instructions"}
+
+
+def test_no_spills_and_tensor_cores(report):
+    bad = []
+    for r in report:
+        what = f"{r['kernel']}[{r['variant']}] {r['config']} {r['arch']}"
+        if r["stack_bytes"] != 0 or r["local_bytes"] != 0:
+            bad.append(f"{what}: spills (STACK {r['stack_bytes']}, LOCAL {r['local_bytes']}, {r['registers']} regs)")
+        if r["tensor_core_instructions"] == 0:
+            bad.append(f"{what}: no {r['tensor_core_opcode']} in the SASS")
+        if not 0 < r["registers"] <= 255:
+            bad.append(f"{what}: {r['registers']} registers")
+    assert not bad, "\n".join(bad)
+
+
+def test_parse_resource_usage():
+    text = "Function routed_linear_kernel:\nREG:122 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:580 TEXTURE:0"
+    assert aot.parse_resource_usage(text) == {
+        "registers": 122, "stack_bytes": 0, "static_shared_bytes": 1024, "local_bytes": 0
+    }

@@ -1,0 +1,127 @@
+"""The Triton kernels on a CUDA device (skipped without one): real launches, autotuning and the variant choice.
+
+``benchmarks/gpu_check.py`` runs the same checks at the benchmark shape and times them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+if torch.cuda.is_available():
+    triton = pytest.importorskip("triton")
+    import routed_lora as rl
+    from routed_lora.kernels import launch
+    from routed_lora.reference import reference_backward, reference_forward
+
+ATOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    launch.set_variant("auto")
+    launch.set_deterministic(True)
+    launch.pin_configs(False)
+    yield
+    launch.set_variant("auto")
+    launch.set_deterministic(True)
+    launch.pin_configs(False)
+
+
+def _inputs(M, K, N, r, E, dtype, seed=0, minus1=True):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    x = rnd(M, K).to(dtype)
+    W = (rnd(N, K) / K**0.5).to(dtype)
+    b = rnd(N).to(dtype)
+    A = (rnd(E, r, K) / K**0.5).to(dtype)
+    B = (rnd(E, N, r) / r**0.5).to(dtype)
+    lo = -1 if minus1 else 0
+    routes = torch.randint(lo, E, (M,), generator=g, device="cuda", dtype=torch.int32)
+    gy = rnd(M, N).to(dtype)
+    return x, W, b, A, B, routes, gy
+
+
+def _check(name, got, ref64, low, atol):
+    assert got.dtype == low.dtype, f"{name}: dtype {got.dtype} != {low.dtype}"
+    err = (got.double() - ref64).abs().max().item()
+    bound = 2 * (low.double() - ref64).abs().max().item() + atol
+    assert err <= bound, f"{name}: max |err| {err:.3g} > {bound:.3g}"
+
+
+def _compare(x, W, b, A, B, routes, gy, variant):
+    launch.set_variant(variant)
+    s = 2.0
+    y, h = launch.forward(x, W, b, A, B, routes, s)
+    y64, h64 = reference_forward(x, W, b, A, B, routes, s, compute_dtype=torch.float64)
+    yl, hl = reference_forward(x, W, b, A, B, routes, s)
+    atol = ATOL[x.dtype] * max(1.0, y64.abs().max().item() / 8)
+    _check("y", y, y64, yl, atol)
+    _check("h", h, h64, hl, atol)
+    dx, dA, dB = launch.backward(gy, x, W, A, B, routes, hl, s, True)
+    r64 = reference_backward(gy, x, W, A, B, routes, hl, s, True, compute_dtype=torch.float64)
+    rlow = reference_backward(gy, x, W, A, B, routes, hl, s, True)
+    for name, got, ref, low in zip(("dx", "dA", "dB"), (dx, dA, dB), r64, rlow):
+        scale = max(1.0, ref.abs().max().item() / 8)
+        _check(name, got, ref, low, ATOL[x.dtype] * scale * (1 if name == "dx" else 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", ["fused", "cublas"])
+@pytest.mark.parametrize("M,K,N,r,E", [(1, 256, 384, 8, 2), (17, 1000, 520, 16, 3), (1000, 512, 1000, 4, 2),
+                                       (4096, 1024, 1024, 16, 2), (333, 256, 256, 128, 8)])
+def test_kernels_match_reference(M, K, N, r, E, variant, dtype):
+    _compare(*_inputs(M, K, N, r, E, dtype), variant)
+
+
+def test_auto_measures_once_and_caches():
+    x, W, b, A, B, routes, gy = _inputs(2048, 1024, 1024, 16, 2, torch.bfloat16)
+    launch.VARIANT_CACHE.clear()
+    before = launch.CALLS.copy()
+    _compare(x, W, b, A, B, routes, gy, "auto")
+    _compare(x, W, b, A, B, routes, gy, "auto")
+    calls = launch.CALLS - before
+    assert calls["measured_forward"] == 1 and calls["measured_backward"] == 1, dict(calls)
+    assert all(v in ("fused", "cublas", "torch") for v in launch.VARIANT_CACHE.values())
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    x, W, b, A, B, routes, gy = _inputs(4096, 512, 512, 16, 2, torch.bfloat16)
+    _, h = launch.forward(x, W, b, A, B, routes, 2.0)
+    first = launch.backward(gy, x, W, A, B, routes, h, 2.0, True)
+    for _ in range(3):
+        again = launch.backward(gy, x, W, A, B, routes, h, 2.0, True)
+        for a, b_ in zip(first, again):
+            assert torch.equal(a, b_)
+
+
+def test_empty_adapter_gets_exact_zeros_on_gpu():
+    x, W, b, A, B, routes, gy = _inputs(1000, 256, 256, 8, 3, torch.bfloat16)
+    routes = torch.where(routes == 1, torch.zeros_like(routes), routes)
+    for det in (True, False):
+        launch.set_deterministic(det)
+        _, h = launch.forward(x, W, b, A, B, routes, 2.0)
+        _, dA, dB = launch.backward(gy, x, W, A, B, routes, h, 2.0, False)
+        assert torch.all(dA[1] == 0) and torch.all(dB[1] == 0)
+
+
+def test_layer_compiled_and_autocast():
+    layer = rl.RoutedLoRALinear(512, 256, r=8, device="cuda")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 64, 512, device="cuda", requires_grad=True)
+    routes = torch.randint(-1, 2, (4, 64), device="cuda")
+    compiled = torch.compile(layer, fullgraph=True)
+    before = launch.CALLS.copy()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = compiled(x, routes)
+    y.float().sum().backward()
+    calls = launch.CALLS - before
+    assert y.dtype == torch.bfloat16
+    assert calls["forward"] >= 1 and calls["backward"] >= 1, dict(calls)
+    assert layer.lora_A.grad is not None and x.grad is not None

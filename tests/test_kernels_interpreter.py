@@ -1,0 +1,251 @@
+"""The Triton kernels under the interpreter (TRITON_INTERPRET=1, CPU tensors) against the float64 reference.
+
+The launchers decide at call time whether to interpret (CPU tensor + TRITON_INTERPRET=1), whatever the
+environment was when triton or the kernels were imported, so setting the variable per test is enough and the
+module works in any collection order.
+
+bf16 work-around (test harness only): the interpreter keeps bf16 tensors as raw uint16 bit patterns and its
+``tl.dot`` multiplies those integers (results around 1e10). The ``bf16_dot_fix`` fixture patches the
+interpreter's ``create_dot`` for the duration of a test so bf16 operands are widened exactly to fp32 first,
+which is what a GPU's bf16 MMA with fp32 accumulation computes. The kernels are unchanged.
+
+Error rule (DESIGN.md §4): ``max|out - ref64| <= 2 * max|ref_lowp - ref64| + atol`` with ref_lowp the
+PyTorch path in the test dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import routed_lora as rl  # noqa: E402
+from routed_lora.kernels import launch  # noqa: E402
+from routed_lora.reference import reference_backward, reference_forward  # noqa: E402
+
+ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launch.set_variant("auto")
+    launch.set_deterministic(True)
+    launch.pin_configs(False)
+    yield
+    launch.set_variant("auto")
+    launch.set_deterministic(True)
+    launch.pin_configs(False)
+
+
+@pytest.fixture(autouse=True)
+def bf16_dot_fix(monkeypatch):
+    """Patch the interpreter's dot so bf16 operands (stored as uint16 bits) are widened to fp32 exactly."""
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    original = interp.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        bits = h.data.astype(np.uint32) << np.uint32(16)
+        return interp.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+
+
+@dataclasses.dataclass
+class Case:
+    dtype: torch.dtype
+    M: int
+    K: int
+    N: int
+    r: int
+    E: int
+    routes: str  # random | one | minus1 | empty | all_minus1
+    bias: bool = True
+    layout: str = "contiguous"  # contiguous | column_major | sliced
+
+    @property
+    def id(self):
+        d = str(self.dtype).replace("torch.", "")
+        return f"{d}-M{self.M}-K{self.K}-N{self.N}-r{self.r}-E{self.E}-{self.routes}-{self.layout}" + (
+            "" if self.bias else "-nobias"
+        )
+
+
+CASES = [
+    Case(torch.float32, 1, 24, 20, 4, 2, "random"),
+    Case(torch.float32, 17, 40, 37, 8, 3, "minus1", layout="column_major"),
+    Case(torch.float32, 130, 33, 18, 16, 2, "random", bias=False),
+    Case(torch.float16, 17, 21, 35, 4, 3, "one"),
+    Case(torch.float16, 130, 19, 17, 8, 2, "empty", layout="sliced"),
+    Case(torch.bfloat16, 17, 37, 23, 16, 3, "random", bias=False),
+    Case(torch.bfloat16, 130, 18, 20, 4, 2, "minus1"),
+    Case(torch.bfloat16, 1, 20, 33, 8, 3, "all_minus1"),
+]
+
+
+def make_inputs(c: Case, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if c.layout == "column_major":
+        x = rnd(c.K, c.M).to(c.dtype).t()
+    elif c.layout == "sliced":
+        x = rnd(c.M, 2 * c.K + 3).to(c.dtype)[:, 1 : 2 * c.K + 1 : 2]
+    else:
+        x = rnd(c.M, c.K).to(c.dtype)
+    W = (rnd(c.N, c.K) / c.K**0.5).to(c.dtype)
+    b = rnd(c.N).to(c.dtype) if c.bias else None
+    A = (rnd(c.E, c.r, c.K) / c.K**0.5).to(c.dtype)
+    B = (rnd(c.E, c.N, c.r) / c.r**0.5).to(c.dtype)
+    if c.routes == "random":
+        routes = torch.randint(0, c.E, (c.M,), generator=g)
+    elif c.routes == "minus1":
+        routes = torch.randint(-1, c.E, (c.M,), generator=g)
+    elif c.routes == "one":
+        routes = torch.full((c.M,), c.E - 1)
+    elif c.routes == "empty":  # adapter 0 owns no token
+        routes = torch.randint(0, 2, (c.M,), generator=g) * 2 - 1
+        routes.clamp_(max=c.E - 1)
+    else:
+        routes = torch.full((c.M,), -1)
+    grad_y = rnd(c.M, c.N).to(c.dtype)
+    return x, W, b, A, B, routes.to(torch.int32), grad_y
+
+
+def check(name, got, ref64, ref_lowp, atol):
+    assert got.dtype == ref_lowp.dtype, f"{name}: dtype {got.dtype}, expected {ref_lowp.dtype}"
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(ref64.shape)}"
+    err = (got.double() - ref64).abs()
+    bound = 2 * (ref_lowp.double() - ref64).abs().max().item() + atol
+    if err.numel() and err.max().item() > bound:
+        idx = np.unravel_index(int(err.argmax()), tuple(err.shape))
+        raise AssertionError(
+            f"{name}: max |err| {err.max().item():.3g} > bound {bound:.3g} at index {tuple(int(i) for i in idx)} "
+            f"(got {got.double()[idx].item():.6g}, want {ref64[idx].item():.6g})"
+        )
+
+
+def run_case(c: Case, variant="fused"):
+    x, W, b, A, B, routes, gy = make_inputs(c)
+    s = 2.0
+    before = launch.CALLS.copy()
+    y, h = launch.forward(x, W, b, A, B, routes, s)
+    y64, h64 = reference_forward(x, W, b, A, B, routes, s, compute_dtype=torch.float64)
+    yl, hl = reference_forward(x, W, b, A, B, routes, s)
+    atol = ATOL[c.dtype]
+    check("y", y, y64, yl, atol)
+    check("h_masked", h, h64, hl, atol)
+    # The backward gets the h of the reference (the two backends exchange h in the same format).
+    h_in = hl
+    dx, dA, dB = launch.backward(gy, x, W, A, B, routes, h_in, s, True)
+    r64 = reference_backward(gy, x, W, A, B, routes, h_in, s, True, compute_dtype=torch.float64)
+    rl_ = reference_backward(gy, x, W, A, B, routes, h_in, s, True)
+    for name, got, want, low in zip(("dx", "dA", "dB"), (dx, dA, dB), r64, rl_):
+        check(name, got, want, low, atol * (4 if name != "dx" else 1))
+    # Structural exactness: non-owning columns of h are exact zeros, unused adapters get exact zero gradients.
+    owner = torch.arange(c.E).repeat_interleave(c.r)
+    assert torch.all(h[routes[:, None].long() != owner[None, :]] == 0), "h_masked: a non-owned column is not 0"
+    for e in range(c.E):
+        if not bool((routes == e).any()):
+            assert torch.all(dA[e] == 0) and torch.all(dB[e] == 0), f"adapter {e} owns no token: gradient not 0"
+    # The kernels ran: no silent fallback to the PyTorch path.
+    calls = launch.CALLS - before
+    assert calls[f"forward_{variant}"] == 1 and calls[f"backward_{variant}"] == 1, dict(calls)
+    assert calls["forward_torch"] == 0 and calls["backward_torch"] == 0, dict(calls)
+    lin = "linear" if variant == "fused" else "linear_lora"
+    assert calls["shrink"] == 1 and calls["shrink_db"] == 1 and calls["grad_a"] == 1 and calls[lin] == 2, dict(calls)
+    # No backward dx when not asked.
+    dx2, dA2, dB2 = launch.backward(gy, x, W, A, B, routes, h_in, s, False)
+    assert dx2 is None
+    assert torch.equal(dA2, dA) and torch.equal(dB2, dB), "deterministic mode: repeated backward differs"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_kernels_match_reference(case):
+    run_case(case)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=lambda c: c.id)
+def test_cublas_variant_matches_reference(case):
+    launch.set_variant("cublas")
+    run_case(case, variant="cublas")
+
+
+def test_atomic_mode_and_looped_adapter_columns(monkeypatch):
+    """Non-deterministic mode (tl.atomic_add) and E*r wider than the column tile (looped / split over R)."""
+    launch.set_deterministic(False)
+    monkeypatch.setattr(launch, "MAX_BLOCK_R", 16)
+    run_case(Case(torch.float32, 40, 20, 19, 16, 3, "minus1"))
+    run_case(Case(torch.bfloat16, 17, 18, 21, 8, 3, "random"))
+
+
+def test_gradient_isolation_bit_for_bit():
+    """Changing g at tokens of adapter 1 leaves adapter 0's dA and dB bit-for-bit unchanged."""
+    c = Case(torch.float32, 40, 20, 19, 4, 2, "random")
+    x, W, b, A, B, routes, gy = make_inputs(c)
+    _, h = launch.forward(x, W, b, A, B, routes, 2.0)
+    _, dA, dB = launch.backward(gy, x, W, A, B, routes, h, 2.0, False)
+    gy2 = gy.clone()
+    gy2[routes == 1] = torch.randn_like(gy2[routes == 1]) * 100
+    _, dA2, dB2 = launch.backward(gy2, x, W, A, B, routes, h, 2.0, False)
+    assert torch.equal(dA[0], dA2[0]) and torch.equal(dB[0], dB2[0])
+    assert not torch.equal(dA[1], dA2[1])
+
+
+def test_pinned_config_override():
+    launch.pin_configs({"linear": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}})
+    run_case(Case(torch.float32, 40, 36, 20, 4, 2, "minus1"))
+    with pytest.raises(ValueError, match="unknown kernels"):
+        launch.pin_configs({"nope": {}})
+
+
+def test_cpu_tensor_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x, W, b, A, B, routes, gy = make_inputs(CASES[0])
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        launch.forward(x, W, b, A, B, routes, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_public_layer_with_triton_backend(dtype):
+    """RoutedLoRALinear with set_backend("triton") runs the kernels; every gradient matches the torch backend."""
+    torch.manual_seed(0)
+    layer = rl.RoutedLoRALinear(24, 19, r=4, lora_alpha=8, adapters=("reasoning", "tool", "extra"), dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+        layer.bias.normal_()
+    x = torch.randn(2, 9, 24, dtype=dtype)
+    routes = torch.randint(-1, 2, (2, 9))  # adapter "extra" owns no token
+    results = {}
+    for backend in ("torch", "triton"):
+        rl.set_backend(backend)
+        try:
+            layer.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            before = launch.CALLS.copy()
+            y = layer(xi, routes)
+            y.float().square().sum().backward()
+            calls = launch.CALLS - before
+        finally:
+            rl.set_backend("auto")
+        results[backend] = (y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), calls)
+    yt, dxt, dAt, dBt, calls = results["triton"]
+    assert calls["forward_fused"] == 1 and calls["backward_fused"] == 1, dict(calls)
+    assert not results["torch"][4], "the torch backend launched kernels"
+    assert yt.dtype == dtype and dxt.dtype == dtype and dAt.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 6e-2
+    for name, got, want in zip(("y", "dx", "dA", "dB"), results["triton"][:4], results["torch"][:4]):
+        scale = max(1.0, want.double().abs().max().item())
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= tol * scale, f"{name}: triton vs torch backend max |err| {err:.3g} (scale {scale:.3g})"
+    assert torch.all(dAt[2] == 0) and torch.all(dBt[2] == 0)
