@@ -305,8 +305,14 @@ def load_adapters(
     path: str | os.PathLike | Mapping[str, str | os.PathLike],
     *,
     adapter: str | Sequence[str] | None = None,
-) -> list[str]:
-    """Load adapters into ``model`` (patched by :func:`~routed_lora.apply_routed_lora`); all or nothing.
+    router=None,
+) -> nn.Module:
+    """Load adapters into ``model``; all or nothing. Returns ``model``.
+
+    ``model`` is patched by :func:`~routed_lora.apply_routed_lora` already, or plain: then ``path`` must be a
+    folder written by :func:`save_adapters`, and the model is patched from its ``routed_lora.json`` (same
+    modules, rank, alpha, rsLoRA and adapter names; ``router`` is passed to ``apply_routed_lora``) before
+    loading. If the load then fails the patch is undone.
 
     ``path`` is one of:
 
@@ -320,14 +326,45 @@ def load_adapters(
     config's ``target_modules`` select exactly the model's routed layers under PEFT's rule; the file holds
     exactly the keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` of those layers with
     shapes (r, in) / (out, r) and the model's rank. A different scaling (``lora_alpha``, rsLoRA) is honoured by
-    rescaling B to the model's scaling. Returns the names of the adapters loaded.
+    rescaling B to the model's scaling.
     """
+    if routed_layers(model):
+        if router is not None:
+            raise ValueError("router: only used when load_adapters patches a plain model; the model is patched")
+        _load_into(model, path, adapter)
+        return model
+    if isinstance(path, Mapping) or not (Path(path) / MANIFEST).is_file():
+        raise ValueError(
+            f"model: {type(model).__name__} has no RoutedLoRALinear layers; call routed_lora.apply_routed_lora "
+            f"first, or give a folder written by save_adapters (with {MANIFEST}) to patch it from"
+        )
+    from .hf import apply_routed_lora, remove_routed_lora
+
+    manifest = _read_json(Path(path) / MANIFEST)
+    try:
+        kw = dict(
+            target_modules=list(manifest["modules"]),
+            r=int(manifest["r"]),
+            lora_alpha=manifest["lora_alpha"],
+            use_rslora=bool(manifest.get("use_rslora", False)),
+            adapters=tuple(manifest.get("model_adapters") or manifest["adapters"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterLoadError(f"{Path(path) / MANIFEST}: incomplete manifest ({exc!r})") from None
+    apply_routed_lora(model, router=router, **kw)
+    try:
+        _load_into(model, path, adapter)
+    except BaseException:
+        remove_routed_lora(model)
+        raise
+    return model
+
+
+def _load_into(model, path, adapter) -> list[str]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     layers = routed_layers(model)
-    if not layers:
-        raise ValueError(f"model: {type(model).__name__} has no RoutedLoRALinear layers")
     model_adapters = layers[0][1].adapter_names
     module_names = {n for n, _ in layers}
     all_modules = [n for n, _ in model.named_modules() if n]

@@ -28,7 +28,7 @@ import contextlib
 import inspect
 import re
 import weakref
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -426,7 +426,6 @@ def trainable_parameters(model: nn.Module) -> list[dict]:
     require gradients (unfrozen by the caller after :func:`apply_routed_lora`) come as a second group
     ``{"name": "other"}``.
     """
-    st = _state(model, required=False)
     layers = routed_layers(model)
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no RoutedLoRALinear layers")
@@ -445,7 +444,6 @@ def trainable_parameters(model: nn.Module) -> list[dict]:
     other = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     if other:
         groups.append({"params": other, "name": "other"})
-    del st
     return groups
 
 
@@ -505,6 +503,3 @@ def set_adapter_lr(optimizer: torch.optim.Optimizer, lr: Mapping[str, float]):
     optimizer._routed_lora_lr_hooks = handles
     return handles
 
-
-def _iter_layers(model: nn.Module) -> Iterable[RoutedLoRALinear]:
-    return (m for m in model.modules() if isinstance(m, RoutedLoRALinear))

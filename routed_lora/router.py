@@ -91,6 +91,7 @@ class TagRouter:
         self.close_ids = [single[c] for _, c in self.span_tags]
         self._max_tag_len = max(len(t) for t in tags)
         self._piece_cache: dict[int, str] = {}
+        self._device_cache: dict = {}
         self.adapter_names: tuple[str, ...] | None = None
         self._span_routes: list[int] | None = None
         self._default_route: int | None = None
@@ -134,9 +135,23 @@ class TagRouter:
 
     def _routes_table(self, device) -> torch.Tensor:
         """(S + 1,) route of each span state; entry S (index -1) is the default."""
+        return self._tensors(device)[0]
+
+    def _tensors(self, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(route table, opening tag ids, closing tag ids) on ``device``, cached (no copy per decoding step)."""
         if self._span_routes is None:
             self._resolve(self.adapter_names)
-        return torch.tensor([*self._span_routes, self._default_route], dtype=torch.long, device=device)
+        key = (str(torch.device(device)), tuple(self._span_routes), self._default_route)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            table = torch.tensor([*self._span_routes, self._default_route], dtype=torch.long, device=device)
+            if self.mode == "tokens":
+                o = torch.tensor(self.open_ids, dtype=torch.long, device=device)
+                c = torch.tensor(self.close_ids, dtype=torch.long, device=device)
+            else:
+                o = c = None
+            cached = self._device_cache[key] = (table, o, c)
+        return cached
 
     def piece(self, token_id: int) -> str:
         """The text of one token on its own (text mode)."""
@@ -239,11 +254,9 @@ class RouterStream:
         device = ids.device
         if self.state.device != device:
             self.state = self.state.to(device)
-        table = r._routes_table(device)
+        table, open_ids, close_ids = r._tensors(device)
         if T == 0:
             return torch.empty((B, 0), dtype=torch.long, device=device)
-        open_ids = torch.tensor(r.open_ids, dtype=ids.dtype, device=device)
-        close_ids = torch.tensor(r.close_ids, dtype=ids.dtype, device=device)
         is_open = ids.unsqueeze(-1) == open_ids  # (B, T, S)
         is_close = ids.unsqueeze(-1) == close_ids
         if mask is not None:
@@ -270,7 +283,7 @@ class RouterStream:
     def _step_text(self, ids, mask):
         r = self.router
         B, T = ids.shape
-        table = r._routes_table("cpu").tolist()
+        table = r._routes_table("cpu").tolist()  # cached
         default = table[-1]
         ids_l = ids.tolist()
         mask_l = None if mask is None else mask.tolist()

@@ -97,13 +97,13 @@ def test_round_trip_is_exact_and_partial_adapter_list(tmp_path):
     model = _patched(lora_seed=1)
     rl.save_adapters(model, tmp_path / "a")
     other = _patched(lora_seed=2)
-    assert rl.load_adapters(other, tmp_path / "a") == ["reasoning", "tool"]
+    assert rl.load_adapters(other, tmp_path / "a") is other
     assert _same(_snapshot(other), _snapshot(model))
     # only the tool adapter
     third = _patched(lora_seed=3)
     before = _snapshot(third)
     rl.save_adapters(model, tmp_path / "b", adapters=["tool"])
-    assert rl.load_adapters(third, tmp_path / "b") == ["tool"]
+    rl.load_adapters(third, tmp_path / "b")
     for (_, a), (_, b), (n, c) in zip(routed_layers(third), routed_layers(model), routed_layers(third)):
         assert torch.equal(a.lora_A[1], b.lora_A[1]) and torch.equal(a.lora_B[1], b.lora_B[1])
         assert torch.equal(a.lora_A[0], before[f"{n}.lora_A"][0])
@@ -128,12 +128,39 @@ def test_load_a_folder_written_by_peft(tmp_path, rslora):
         with pm.disable_adapter():
             assert (pm(IDS).logits - ref).abs().max() > 1e-3  # the PEFT adapter is not a no-op
     model = _patched(lora_alpha=16)  # other alpha, no rsLoRA: B is rescaled to the model's scaling
-    assert rl.load_adapters(model, tmp_path / "p", adapter="tool") == ["tool"]
+    rl.load_adapters(model, tmp_path / "p", adapter="tool")
     torch.testing.assert_close(_logits(model, torch.ones_like(IDS)), ref, rtol=1e-5, atol=1e-5)
     # a mapping of PEFT folders loads several at once
     model2 = _patched()
     rl.load_adapters(model2, {"reasoning": tmp_path / "p", "tool": tmp_path / "p"})
     torch.testing.assert_close(_logits(model2, torch.zeros_like(IDS)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_load_patches_a_plain_model_from_our_folder(tmp_path):
+    tok = tiny_tokenizer()
+    model = rl.apply_routed_lora(tiny_model("llama", vocab_size=len(tok)), target_modules=["v_proj", "up_proj"],
+                                 r=2, lora_alpha=5, use_rslora=True, adapters=("a", "b", "c"),
+                                 router=rl.TagRouter(tok, default="a", spans={"c": ("<search>", "</search>")}))
+    with torch.no_grad():
+        for _, layer in routed_layers(model):
+            layer.lora_B.normal_()
+    rl.save_adapters(model, tmp_path)
+    router = rl.TagRouter(tok, default="a", spans={"c": ("<search>", "</search>")})
+    plain = tiny_model("llama", vocab_size=len(tok))
+    assert rl.load_adapters(plain, tmp_path, router=router) is plain
+    assert [n for n, _ in routed_layers(plain)] == [n for n, _ in routed_layers(model)]
+    assert _same(_snapshot(plain), _snapshot(model))
+    ids = torch.tensor([tok("a <search> b </search> c").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # a failed load undoes the patch
+    _edit_config(tmp_path / "b", use_dora=True)
+    plain2 = tiny_model("llama", vocab_size=len(tok))
+    with pytest.raises(adapter_io.AdapterLoadError, match="use_dora"):
+        rl.load_adapters(plain2, tmp_path)
+    assert not routed_layers(plain2) and all(p.requires_grad for p in plain2.parameters())
+    with pytest.raises(ValueError, match="apply_routed_lora"):
+        rl.load_adapters(plain2, tmp_path / "c", adapter="c")
 
 
 def _edit_config(folder, **changes):
@@ -234,6 +261,8 @@ def test_bad_arguments(tmp_path):
         rl.save_adapters(model, tmp_path / "file")
     with pytest.raises(ValueError, match="no RoutedLoRALinear"):
         rl.save_adapters(tiny_model("qwen2", vocab_size=VOCAB), tmp_path / "c")
+    with pytest.raises(ValueError, match="router: only used"):
+        rl.load_adapters(model, tmp_path / "a", router=object())
     other = rl.apply_routed_lora(tiny_model("qwen2", vocab_size=VOCAB), adapters=("a", "b"))
     with pytest.raises(adapter_io.AdapterLoadError, match="not one of"):
         rl.load_adapters(other, tmp_path / "a")

@@ -172,3 +172,29 @@ def test_bad_inputs(tok):
         router(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))
     with pytest.raises(ValueError, match="2 sequences"):
         router.stream(2).step(torch.zeros(3, dtype=torch.long))
+
+
+def test_import_without_optional_dependencies():
+    """``import routed_lora`` (and the router with any tokenizer-like object) works without the hf extra."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('transformers', 'peft', 'safetensors', 'tokenizers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import torch, routed_lora as rl
+class Tok:
+    vocab = {'<search>': 5, '</search>': 6}
+    unk_token_id = None
+    def encode(self, text, add_special_tokens=False):
+        return [self.vocab[text]]
+r = rl.TagRouter(Tok(), adapters=('reasoning', 'tool'))
+print(r(torch.tensor([1, 5, 2, 6, 3])).tolist())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0, 1, 1, 0, 0]"
