@@ -159,3 +159,19 @@ def test_cli_eval_leas_and_grad_angle_end_to_end(env, tmp_path, capsys):
     rep = json.loads((tmp_path / "ga_joint" / "grad_angle.json").read_text())
     assert rep["mode"] == "joint" and rep["objective"] == "grpo" and "cross_talk" not in rep
     assert all(".lora_A[joint]" in n or ".lora_B[joint]" in n for n in rep["tensors"])
+
+
+def test_load_policy_from_saved_adapter_folder(env, tmp_path):
+    world, tok, root, ckpt, _ = env
+    model, _, _ = load_policy(root / "model", ckpt)
+    rl.save_adapters(model, tmp_path / "adapters")
+    again, _, router = load_policy(root / "model", tmp_path / "adapters", variant="hybrid_tool")
+    assert router.adapter_names == ("reasoning", "tool") and router.variant == "hybrid_tool"
+    a, b = adapter_state(model), adapter_state(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # one PEFT folder alone is a single joint adapter: only base and unified make sense
+    joint, _, jr = load_policy(root / "model", tmp_path / "adapters" / "tool")
+    assert jr.adapter_names == ("joint",)
+    lay = [m for m in joint.modules() if hasattr(m, "adapter_names")][0]
+    ref = [m for m in model.modules() if hasattr(m, "adapter_names")][0]
+    assert torch.equal(lay.lora_B[0], ref.lora_B[1])

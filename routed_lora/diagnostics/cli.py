@@ -155,13 +155,10 @@ def run_grad_angle(args) -> dict:
     rows = rows[: args.questions]
     retriever = _retriever(args, corpus)
     if args.mode == "full":
-        from routed_lora.env.tokenizer import load_model
         from routed_lora.grpo.logprobs import disable_dropout
+        from routed_lora.grpo.trainer import load_model_and_tokenizer
 
-        from .evaluate import fix_tokenizer
-
-        model, tok = load_model(model_dir)
-        tok = fix_tokenizer(model_dir, tok)
+        model, tok = load_model_and_tokenizer(model_dir)
         model.eval()
         disable_dropout(model)
         for p in model.parameters():

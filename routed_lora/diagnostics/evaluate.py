@@ -186,30 +186,40 @@ def load_policy(model_dir: str | Path, adapters: str | Path | None = None, *, va
                 random_b: float = 0.0, seed: int = 0):
     """Load the backbone from ``model_dir`` (an HF folder with its tokenizer), patch it with routed LoRA and a
     :class:`VariantRouter`, and load ``adapters``: a training checkpoint (``checkpoint.pt`` or its folder; the
-    layout, rank, alpha and target modules come from its config) or a PEFT-style folder written by
-    ``routed_lora.save_adapters``. Without ``adapters`` the adapters are fresh for ``mode`` ("dart": reasoning
+    layout, rank, alpha and target modules come from its config), a folder written by
+    ``routed_lora.save_adapters`` (its ``routed_lora.json`` gives the layout), or one PEFT LoRA folder (loaded
+    as a single ``joint`` adapter). Without ``adapters`` the adapters are fresh for ``mode`` ("dart": reasoning
     and tool of rank r; "joint": one adapter ``joint`` of rank 2r, alpha 2 * lora_alpha, as the trainer builds
     it), with B = 0 (every variant is the backbone) unless ``random_b`` > 0 draws B ~ N(0, random_b^2) (seeded
     by ``seed``; for diagnostics of untrained adapters). Returns ``(model, tokenizer, router)``; set
     ``router.variant`` to switch variants."""
     import routed_lora as rl
-    from routed_lora.env.tokenizer import load_model
     from routed_lora.grpo.logprobs import disable_dropout
+    from routed_lora.grpo.trainer import load_model_and_tokenizer
 
-    model, tok = load_model(model_dir)
-    tok = fix_tokenizer(model_dir, tok)
+    model, tok = load_model_and_tokenizer(model_dir)
     model.eval()
     disable_dropout(model)
     if mode not in ("dart", "joint"):
         raise ValueError(f"mode: expected 'dart' or 'joint', got {mode!r}")
-    names, state, peft_dir = ("reasoning", "tool"), None, None
+    names, state, adapter_dir = ("reasoning", "tool"), None, None
     if mode == "joint":
         names, r, lora_alpha = ("joint",), 2 * r, 2 * lora_alpha
-    targets = target_modules
+    targets, use_rslora = target_modules, False
     if adapters is not None:
         p = Path(adapters)
-        if (p / "adapter_config.json").exists() or (p.is_dir() and not (p / "checkpoint.pt").exists()):
-            peft_dir = p
+        if (p / "routed_lora.json").exists():  # save_adapters' folder: the manifest gives the layout
+            man = json.loads((p / "routed_lora.json").read_text())
+            names = tuple(man.get("model_adapters") or man["adapters"])
+            r, lora_alpha, use_rslora = int(man["r"]), float(man["lora_alpha"]), bool(man.get("use_rslora"))
+            targets = targets or man.get("modules") or man.get("target_modules")
+            adapter_dir = p
+        elif (p / "adapter_config.json").exists():  # one PEFT LoRA folder: a single (joint) adapter
+            cfg = json.loads((p / "adapter_config.json").read_text())
+            names, r, lora_alpha = ("joint",), int(cfg["r"]), float(cfg["lora_alpha"])
+            use_rslora = bool(cfg.get("use_rslora"))
+            targets = targets or cfg["target_modules"]
+            adapter_dir = p
         else:
             state = _read_adapter_checkpoint(p)
             cfg = state.get("config", {})
@@ -225,11 +235,13 @@ def load_policy(model_dir: str | Path, adapters: str | Path | None = None, *, va
     targets = targets or DEFAULT_TARGET_MODULES
     inner = rl.TagRouter(tok, spans={names[-1]: ("<search>", "</search>")}, default=names[0])
     router = VariantRouter(inner, variant, tool_adapter=names[-1])
-    if peft_dir is not None:
-        model = rl.load_adapters(model, peft_dir, router=router)
+    if isinstance(targets, list):
+        targets = tuple(targets)
+    rl.apply_routed_lora(model, target_modules=targets, r=r, lora_alpha=lora_alpha, adapters=names,
+                         use_rslora=use_rslora, router=router)
+    if adapter_dir is not None:
+        rl.load_adapters(model, adapter_dir, adapter="joint" if names == ("joint",) else None)
     else:
-        rl.apply_routed_lora(model, target_modules=targets, r=r, lora_alpha=lora_alpha, adapters=names,
-                             router=router)
         if state is not None:
             from routed_lora.grpo.trainer import load_adapter_state
 
@@ -243,24 +255,6 @@ def load_policy(model_dir: str | Path, adapters: str | Path | None = None, *, va
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok, router
-
-
-def fix_tokenizer(model_dir, tok):
-    """Work around a tokenizer round trip seen with transformers 5.x: a word-level tokenizer saved with
-    ``tokenizer_class: TokenizersBackend`` next to a ``qwen2`` config comes back from ``AutoTokenizer`` as a
-    ``Qwen2Tokenizer`` whose byte-level pre-tokenizer splits words into characters (most ids become wrong).
-    Reload such a folder as a plain ``PreTrainedTokenizerFast`` from its ``tokenizer.json``; any other tokenizer
-    is returned unchanged."""
-    cfg_path = Path(model_dir) / "tokenizer_config.json"
-    if not cfg_path.exists() or not (Path(model_dir) / "tokenizer.json").exists():
-        return tok
-    cls = json.loads(cfg_path.read_text()).get("tokenizer_class")
-    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and type(tok).__name__ not in (
-            "TokenizersBackend", "PreTrainedTokenizerFast"):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    return tok
 
 
 def load_datasets(specs: Sequence[str], limit: int | None = None) -> dict[str, list[dict]]:
