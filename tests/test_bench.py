@@ -242,3 +242,13 @@ def test_e2e_tiny_models_agree():
     assert by["routed_lora"]["first_loss"] == pytest.approx(by["peft"]["first_loss"], rel=1e-5)
     assert by["routed_lora"]["params_trainable"] == by["peft"]["params_trainable"]
     assert all(r["tokens_per_s"] > 0 and r["extra_peak_bytes"] > 0 for r in rows)
+
+
+def test_breakdown_lists_ops_relative_to_floor():
+    from routed_lora.bench.breakdown import breakdown, format_breakdown
+
+    res = breakdown(Case(M=64, K=32, N=48, r=4), "routed_torch", steps=2, warmup=1)
+    assert res["floor_ms"] > 0 and res["provider_ms"] > 0
+    names = {op[0] for op in res["ops"]}
+    assert "routed_lora::forward" in names and "routed_lora::backward" in names
+    assert "| op |" in format_breakdown(res)

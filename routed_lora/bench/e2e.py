@@ -145,7 +145,9 @@ def run_e2e(device: str = "cpu", quick: bool = False, cfg: E2EConfig | None = No
     dev = torch.device(device)
     if cfg is None:
         cfg = E2EConfig(dtype="float32" if dev.type == "cpu" else "bfloat16")
-        if dev.type == "cuda" and not quick:
+        if quick and dev.type == "cpu":
+            cfg = E2EConfig(hidden=128, intermediate=352, layers=2, vocab=1024, batch=2, seq=256)
+        elif dev.type == "cuda" and not quick:
             cfg = E2EConfig(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4, vocab=8192, batch=8,
                             seq=1024, dtype="bfloat16")
     base = make_base_model(cfg, device)
@@ -177,7 +179,7 @@ def run_e2e(device: str = "cpu", quick: bool = False, cfg: E2EConfig | None = No
         device=dev,
         warmup=1,
         min_repeats=min_repeats or (5 if quick else 10),
-        budget_s=budget_s or (4.0 if quick else 20.0),
+        budget_s=budget_s or (3.0 if quick else 20.0),
         flush=False,
     )
     rows = []

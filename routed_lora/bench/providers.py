@@ -202,8 +202,8 @@ def _build_routed(backend_name: str):
 
 
 class NaiveTwoAdapter(nn.Module):
-    """Every adapter on every token, then select: deltas (E, M, N) = s * (x A_e^T) B_e^T for all e, and each
-    token keeps the row of its own adapter (zero for route -1)."""
+    """Every adapter on every token, then select: for each adapter e the full delta s * (x A_e^T) B_e^T (M, N) is
+    computed for all tokens, and each token keeps the delta of its own adapter (none for route -1)."""
 
     def __init__(self, linear: nn.Linear, lora_A, lora_B, scaling: float):
         super().__init__()
@@ -213,13 +213,13 @@ class NaiveTwoAdapter(nn.Module):
         self.scaling = scaling
 
     def forward(self, x, routes):
-        E = self.lora_A.shape[0]
+        F = nn.functional
         y = self.linear(x)
-        h = torch.matmul(x.unsqueeze(0), self.lora_A.transpose(1, 2))  # (E, M, r)
-        deltas = torch.matmul(h, self.lora_B.transpose(1, 2)) * self.scaling  # (E, M, N)
-        sel = torch.zeros_like(y)
-        for e in range(E):
-            sel = torch.where((routes == e).unsqueeze(-1), deltas[e], sel)
+        sel = None
+        for e in range(self.lora_A.shape[0]):
+            delta = F.linear(F.linear(x, self.lora_A[e]), self.lora_B[e]) * self.scaling
+            keep = (routes == e).unsqueeze(-1)
+            sel = torch.where(keep, delta, 0.0) if sel is None else torch.where(keep, delta, sel)
         return y + sel
 
 

@@ -171,6 +171,7 @@ def plot(rows: list[dict], path: str | os.PathLike, mode: str = "full") -> Path 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     shapes = sorted({(r["shape"], r["K"], r["N"]) for r in layer}, key=lambda s: (s[1] * s[2], s[0]))
     ncols = min(3, len(shapes))
@@ -185,6 +186,8 @@ def plot(rows: list[dict], path: str | os.PathLike, mode: str = "full") -> Path 
             ax.plot(xs, [q[1] for q in pts], marker="o", label=p)
             ax.fill_between(xs, [q[2] for q in pts], [q[3] for q in pts], alpha=0.15)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.axhline(1.0, color="k", lw=0.6)
         ax.set_title(f"{shape} ({K}x{N}), {mode}", fontsize=9)
         ax.set_xlabel("tokens M")
