@@ -39,6 +39,7 @@ tests can prove the kernels ran.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import statistics
 
@@ -67,6 +68,7 @@ _state = {
     "variant": os.environ.get("ROUTED_LORA_VARIANT", "auto"),
     "deterministic": os.environ.get("ROUTED_LORA_DETERMINISTIC", "1") not in ("0", "", "false", "False"),
     "pinned": None,
+    "interpreter_autotune": False,
 }
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,6 +111,31 @@ INTERPRETER_CONFIGS = {
     "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
     "shrink_db": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
     "grad_a": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
+}
+
+# Tests only (``autotune_in_interpreter(True)``): autotuning among these under the interpreter, timed by the
+# wall clock, exercises the autotuning path (keys, pruning, reset / restore hooks) without a GPU.
+INTERPRETER_AUTOTUNE_CONFIGS = {
+    "linear": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    ],
+    "linear_lora": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    ],
+    "shrink": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    ],
+    "shrink_db": [
+        triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    ],
+    "grad_a": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    ],
 }
 
 _CONFIG_LISTS = {
@@ -178,6 +205,12 @@ def pin_configs(pinned=True) -> None:
         _state["pinned"] = dict(pinned)
 
 
+def autotune_in_interpreter(flag: bool) -> None:
+    """Tests only: under the interpreter, autotune among ``INTERPRETER_AUTOTUNE_CONFIGS`` (wall-clock timer)
+    instead of the fixed 16-wide tiles, unless configs are pinned."""
+    _state["interpreter_autotune"] = bool(flag)
+
+
 if os.environ.get("ROUTED_LORA_PIN_CONFIGS", "0") not in ("0", ""):
     pin_configs(True)
 
@@ -203,6 +236,8 @@ def _config_dict(cfg: "triton.Config") -> dict:
 
 
 def _pinned_meta(name: str, interpret: bool) -> dict | None:
+    if interpret and _state["pinned"] is None and _state["interpreter_autotune"]:
+        return None
     if interpret:
         base = dict(INTERPRETER_CONFIGS[name])
         pinned = _state["pinned"] or {}
@@ -214,27 +249,41 @@ def _pinned_meta(name: str, interpret: bool) -> dict | None:
 
 
 def _prune_linear(configs, named_args, **kwargs):
-    m = named_args["M_BUCKET"]
+    # The launchers pass every argument by keyword, so M_BUCKET arrives in kwargs (named_args holds positionals).
+    m = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 16))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)]
     return kept or configs[-1:]
 
 
-def _runner(name: str, interpret: bool, restore=(), reset=()):
-    key = (name, interpret, tuple(restore), tuple(reset))
+def _wall_clock_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)):
+    """Autotuner timer for the interpreter (no GPU): the wall-clock time of one call, as three quantiles."""
+    import time
+
+    t0 = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms for _ in quantiles]
+
+
+def _runner(name: str, interpret: bool, autotune: bool, restore=(), reset=()):
+    key = (name, interpret, autotune, tuple(restore), tuple(reset))
     if key not in _RUNNERS:
         fn = _KERNELS[name]
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
 
-            raw = getattr(fn, "fn", fn)
-            _RUNNERS[key] = InterpretedFunction(raw)
+            fn = InterpretedFunction(getattr(fn, "fn", fn))
+        if not autotune:
+            _RUNNERS[key] = fn
         else:
+            extra = {"do_bench": _wall_clock_bench} if interpret else {}
             _RUNNERS[key] = triton.autotune(
-                configs=_CONFIG_LISTS[name],
+                configs=INTERPRETER_AUTOTUNE_CONFIGS[name] if interpret else _CONFIG_LISTS[name],
                 key=_KEYS[name],
                 restore_value=list(restore),
                 reset_to_zero=list(reset),
                 prune_configs_by={"early_config_prune": _prune_linear} if name.startswith("linear") else None,
+                **extra,
             )(fn)
     return _RUNNERS[key]
 
@@ -245,10 +294,19 @@ def _launch(name: str, device_tensor: torch.Tensor, grid, args: dict, restore=()
     meta = _pinned_meta(name, interpret)
     CALLS[name] += 1
     if meta is None:
-        _runner(name, False, restore, reset)[grid](**args)
+        _runner(name, interpret, True, restore, reset)[grid](**args)
     else:
-        kernel = _runner(name, True) if interpret else _KERNELS[name]
-        kernel[grid(meta)](**args, **meta)
+        _runner(name, interpret, False)[grid(meta)](**args, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _m_bucket(M: int) -> int:
@@ -332,7 +390,7 @@ def grad_a(G: torch.Tensor, x: torch.Tensor, R: int, E: int, scaling: float) -> 
     BLOCK_R = _block_r(E * R)
     deterministic = _state["deterministic"]
     if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = _sm_count(x.device.index)
         tiles = triton.cdiv(K, 64) * triton.cdiv(E * R, BLOCK_R)
         splits = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, GRAD_A_SPLIT_ROWS)))
         rows = triton.cdiv(triton.cdiv(M, splits), GRAD_A_SPLIT_ROWS) * GRAD_A_SPLIT_ROWS
@@ -480,7 +538,7 @@ def _choose(kind: str, key: tuple, candidates: dict) -> str:
 
 def _shape_key(kind, x, weight, lora_A, *extra):
     E, R, _ = lora_A.shape
-    dev = "cpu" if x.device.type != "cuda" else f"cuda:{x.device.index}:{torch.cuda.get_device_name(x.device)}"
+    dev = "cpu" if x.device.type != "cuda" else f"cuda:{x.device.index}:{_device_name(x.device.index)}"
     return (dev, kind, x.dtype, _m_bucket(x.shape[0]), weight.shape[1], weight.shape[0], R, E, *extra)
 
 

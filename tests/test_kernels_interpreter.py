@@ -40,6 +40,7 @@ def interpreter(monkeypatch):
     launch.set_variant("auto")
     launch.set_deterministic(True)
     launch.pin_configs(False)
+    launch.autotune_in_interpreter(False)
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +92,7 @@ CASES = [
     Case(torch.bfloat16, 17, 37, 23, 16, 3, "random", bias=False),
     Case(torch.bfloat16, 130, 18, 20, 4, 2, "minus1"),
     Case(torch.bfloat16, 1, 20, 33, 8, 3, "all_minus1"),
+    Case(torch.float32, 17, 20, 19, 128, 8, "minus1"),  # largest supported: E*r = 1024 columns
 ]
 
 
@@ -207,6 +209,29 @@ def test_pinned_config_override():
     run_case(Case(torch.float32, 40, 36, 20, 4, 2, "minus1"))
     with pytest.raises(ValueError, match="unknown kernels"):
         launch.pin_configs({"nope": {}})
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_autotuned_path(deterministic):
+    """The autotuning path (keys, pruning, reset_to_zero for atomics, restore_value for the in-place add),
+    timed by the wall clock under the interpreter: results stay exact although every config runs."""
+    launch.autotune_in_interpreter(True)
+    launch.set_deterministic(deterministic)
+    for variant in ("fused", "cublas"):
+        launch.set_variant(variant)
+        run_case(Case(torch.float32, 40, 36, 33, 4, 2, "minus1"), variant=variant)
+    tuned = [r for k, r in launch._RUNNERS.items() if k[1] and k[2]]
+    assert {k[0] for k in launch._RUNNERS if k[1] and k[2]} >= {"linear", "linear_lora", "shrink", "shrink_db",
+                                                               "grad_a"}
+    assert all(getattr(r, "best_config", None) is not None for r in tuned)
+
+
+def test_zero_tokens():
+    x, W, b, A, B, routes, gy = make_inputs(Case(torch.float32, 0, 20, 19, 4, 2, "random"))
+    y, h = launch.forward(x, W, b, A, B, routes, 2.0)
+    assert y.shape == (0, 19) and h.shape == (0, 8)
+    dx, dA, dB = launch.backward(gy, x, W, A, B, routes, h, 2.0, True)
+    assert dx.shape == (0, 20) and torch.all(dA == 0) and torch.all(dB == 0)
 
 
 def test_cpu_tensor_without_interpreter_raises(monkeypatch):
