@@ -5,7 +5,8 @@
 Works from a plain checkout (no installation, no network): the repository root is put on ``sys.path`` and
 ``kernels/`` is registered as ``routed_lora.kernels`` by path when the package is not installed.
 
-Correctness (each a PASS/FAIL line, all in the JSON): the Triton launchers, ``fused`` and ``cublas``
+Correctness (each a PASS/FAIL line, all in the JSON; the benchmark shape autotuned, the odd sizes with one
+pinned config per kernel to keep the JIT compilations few): the Triton launchers, ``fused`` and ``cublas``
 variants, against the float64 reference with the rule ``max|out - ref64| <= 2 max|ref_lowp - ref64| + atol``
 for y, h, dx, dA, dB; bf16 / fp16 / fp32 (ieee); odd sizes (1, 17, 1000 tokens, K and N not multiples of
 the tiles); routes random, all one adapter, with -1, an adapter with no tokens (exact zero gradient);
@@ -203,11 +204,7 @@ def check_layer_compile_autocast(device):
     return problems
 
 
-def run_checks(device, quick):
-    import torch
-
-    results = []
-
+def _recorder(results):
     def record(name, fn, *args):
         t0 = time.perf_counter()
         try:
@@ -215,35 +212,58 @@ def run_checks(device, quick):
         except Exception as exc:  # a crash is a failure with its traceback, the other checks still run
             problems = [f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"]
         status = "PASS" if not problems else "FAIL"
-        print(f"[{status}] {name} ({time.perf_counter() - t0:.1f} s)" + "".join(f"\n    {p}" for p in problems))
+        print(f"[{status}] {name} ({time.perf_counter() - t0:.1f} s)" + "".join(f"\n    {p}" for p in problems),
+              flush=True)
         results.append({"check": name, "ok": not problems, "problems": problems})
 
-    if device == "cuda":
-        shapes = [(1, 256, 384, 8, 2), (17, 1000, 520, 16, 3), (1000, 512, 1000, 4, 2), (333, 256, 256, 128, 8)]
-        big = [(8192, 4096, 4096, 16, 2)]
-        dtypes = [torch.bfloat16, torch.float16, torch.float32]
-    else:
-        shapes = [(17, 40, 37, 8, 3), (1, 24, 20, 4, 2)]
-        big = [(130, 33, 18, 16, 2)]
-        dtypes = [torch.float32, torch.float16]
-    if quick:
-        shapes, dtypes = shapes[:2], dtypes[:1]
-    kinds = ["random", "minus1", "one", "empty"]
+    return record
+
+
+def run_big_checks(device, results):
+    """The benchmark shape, autotuned (this also autotunes the kernels the timings use)."""
+    import torch
+
+    record = _recorder(results)
+    M, K, N, r, E = (8192, 4096, 4096, 16, 2) if device == "cuda" else (130, 33, 18, 16, 2)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
     for variant in ("fused", "cublas"):
-        for i, (M, K, N, r, E) in enumerate(shapes):
-            for dtype in dtypes:
-                kind = kinds[i % len(kinds)]
-                name = f"{variant} {str(dtype)[6:]} M={M} K={K} N={N} r={r} E={E} routes={kind}"
+        for kind in ("random", "one"):
+            name = f"{variant} {str(dt)[6:]} M={M} K={K} N={N} r={r} E={E} routes={kind} (autotuned)"
+            record(name, check_launchers, M, K, N, r, E, dt, kind, variant, device)
+
+
+def run_small_checks(device, quick, results):
+    """Odd sizes, every dtype, every route pattern; one pinned config per kernel (fewer JIT compilations)."""
+    import torch
+
+    from routed_lora.kernels import launch
+
+    record = _recorder(results)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    if device == "cuda":
+        cases = [
+            (bf16, (1, 256, 384, 8, 2), "minus1"),
+            (bf16, (17, 1000, 520, 16, 3), "empty"),
+            (bf16, (1000, 512, 1000, 4, 2), "one"),
+            (bf16, (333, 256, 256, 128, 8), "minus1"),
+            (fp16, (17, 1000, 520, 16, 3), "random"),
+            (fp32, (1000, 1000, 520, 16, 3), "minus1"),
+        ]
+    else:
+        cases = [(fp32, (17, 40, 37, 8, 3), "minus1"), (fp16, (1, 24, 20, 4, 2), "empty")]
+    if quick:
+        cases = cases[:2]
+    launch.pin_configs(True)
+    try:
+        for variant in ("fused", "cublas"):
+            for dtype, (M, K, N, r, E), kind in cases:
+                name = f"{variant} {str(dtype)[6:]} M={M} K={K} N={N} r={r} E={E} routes={kind} (pinned config)"
                 record(name, check_launchers, M, K, N, r, E, dtype, kind, variant, device)
-        for M, K, N, r, E in big:
-            for kind in ("random", "one"):
-                name = f"{variant} bf16 M={M} K={K} N={N} r={r} E={E} routes={kind}"
-                dt = torch.bfloat16 if device == "cuda" else torch.float32
-                record(name, check_launchers, M, K, N, r, E, dt, kind, variant, device)
-    record("gradient isolation bit-for-bit", check_isolation, device, torch.float32 if device == "cpu" else torch.bfloat16)
+    finally:
+        launch.pin_configs(False)
+    record("gradient isolation bit-for-bit", check_isolation, device, fp32 if device == "cpu" else bf16)
     if device == "cuda":
         record("layer under torch.compile + autocast", check_layer_compile_autocast, device)
-    return results
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -418,31 +438,46 @@ def main(argv=None):
         "deterministic": launch.get_deterministic(),
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
-    print(json.dumps(info))
-    checks = [] if args.skip_checks else run_checks(device, args.quick)
+    print(json.dumps(info), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checks, rows, tg = [], [], []
+    t_start = time.perf_counter()
+
+    def write(phase):
+        best = {}
+        for key, runner in launch._RUNNERS.items():
+            cfg = getattr(runner, "best_config", None)
+            if cfg is not None:
+                best[str(key)] = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        payload = {"info": info, "phase_done": phase, "elapsed_s": time.perf_counter() - t_start,
+                   "checks": checks, "timings": rows, "targets": tg, "autotuned": best,
+                   "variant_choice": {str(k): v for k, v in launch.VARIANT_CACHE.items()}}
+        (out / "gpu_check.json").write_text(json.dumps(payload, indent=2, default=str))
+
+    # Order: the benchmark shape first (it autotunes what the timings use), the timings, then the other checks,
+    # writing the JSON after each phase so a run cut short still leaves its results.
+    if not args.skip_checks:
+        run_big_checks(device, checks)
+        write("big checks")
     M, K, N, r, E = (8192, 4096, 4096, 16, 2) if device == "cuda" else (64, 48, 40, 16, 2)
-    print(f"timings: {info['device']}, {'bf16' if device == 'cuda' else 'fp32'}, M={M} K={K} N={N} r={r} E={E}")
-    rows = run_timings(device, M, K, N, r, E, args.reps)
+    print(f"timings: {info['device']}, {'bf16' if device == 'cuda' else 'fp32'}, M={M} K={K} N={N} r={r} E={E}",
+          flush=True)
+    rows += run_timings(device, M, K, N, r, E, args.reps)
     for row in rows:
         row.update({"M": M, "K": K, "N": N, "r": r, "E": E, "dtype": "bf16" if device == "cuda" else "fp32",
                     "device": info["device"], "version": info["routed_lora"]})
-    tg = targets(rows)
+    tg += targets(rows)
     print("targets:")
     for t in tg:
         print(f"  {t['target']:58s} " + ("n/a" if t["ratio"] is None else f"{t['ratio']:.3f}  {'MET' if t['met'] else 'NOT MET'}"))
-    best = {}
-    for key, runner in launch._RUNNERS.items():
-        cfg = getattr(runner, "best_config", None)
-        if cfg is not None:
-            best[str(key)] = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    variant_cache = {str(k): v for k, v in launch.VARIANT_CACHE.items()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"info": info, "checks": checks, "timings": rows, "targets": tg, "autotuned": best,
-               "variant_choice": variant_cache}
-    (out / "gpu_check.json").write_text(json.dumps(payload, indent=2, default=str))
+    write("timings")
+    if not args.skip_checks:
+        run_small_checks(device, args.quick, checks)
+    write("all")
     n_fail = sum(not c["ok"] for c in checks)
-    print(f"checks: {len(checks) - n_fail} passed, {n_fail} failed; wrote {out / 'gpu_check.json'}")
+    print(f"checks: {len(checks) - n_fail} passed, {n_fail} failed; {time.perf_counter() - t_start:.0f} s; "
+          f"wrote {out / 'gpu_check.json'}")
     return 1 if n_fail else 0
 
 
