@@ -316,14 +316,14 @@ def _model_pre_hook(model, args, kwargs):
         if entry is None or entry[0] != past:
             raise RuntimeError(
                 f"routed_lora: the model was called with a KV cache of length {past} but the router has no state "
-                "for it (the cache was not filled by this model's routed calls, or it was modified, e.g. beam "
-                "search reordering). Pass routes=... explicitly for such calls."
+                "for it (the cache was not filled by this model's routed calls, or it was cropped, e.g. by "
+                "assisted generation). Pass routes=... explicitly for such calls."
             )
         stream = entry[1].clone()
         if stream.batch_size != B:
             raise RuntimeError(
                 f"routed_lora: the cache holds {stream.batch_size} sequences but the call has {B} "
-                "(beam search and other batch expansions are not supported with a router)"
+                "(the cache was expanded or reordered in a way the router could not follow)"
             )
     else:
         stream = st.router.stream(B, device=ids.device)
@@ -353,8 +353,49 @@ def _model_post_hook(model, args, kwargs, output):
         try:
             st.streams[cache] = (int(cache.get_seq_length()), stream)
         except TypeError:  # not weak-referenceable
-            pass
+            return None
+        _track_cache(st, cache)
     return None
+
+
+def _track_cache(st: _State, cache) -> None:
+    """Follow in-place batch edits of ``cache`` with the router state: beam search reorders
+    (``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``) move the state along; ``crop``
+    (assisted generation) drops it, so a later call with that cache is an error rather than a misroute."""
+    if cache.__dict__.get("_routed_lora_tracked"):
+        return
+    st_ref, cache_ref = weakref.ref(st), weakref.ref(cache)
+
+    def follow(name, transform):
+        original = getattr(cache, name, None)
+        if original is None:
+            return
+
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            s, c = st_ref(), cache_ref()
+            entry = None if s is None or c is None else s.streams.get(c)
+            if entry is not None:
+                new = transform(entry[1], *args, **kwargs)
+                if new is None:
+                    del s.streams[c]
+                else:
+                    s.streams[c] = (int(c.get_seq_length()), new)
+            return out
+
+        setattr(cache, name, wrapped)  # on this cache object only
+
+    def select(stream, index, *a, **k):
+        return stream.select(index) if hasattr(stream, "select") else None
+
+    def repeat(stream, repeats, *a, **k):
+        return stream.repeat_interleave(repeats) if hasattr(stream, "repeat_interleave") else None
+
+    follow("reorder_cache", select)
+    follow("batch_select_indices", select)
+    follow("batch_repeat_interleave", repeat)
+    follow("crop", lambda stream, n, *a, **k: stream if n == 0 else None)
+    cache._routed_lora_tracked = True
 
 
 def _ckpt_pre_hook(module, args):

@@ -220,6 +220,21 @@ class RouterStream:
         new.state = self.state.clone() if isinstance(self.state, torch.Tensor) else [list(s) for s in self.state]
         return new
 
+    def select(self, index) -> "RouterStream":
+        """A stream holding the states of sequences ``index`` (beam search reordering, batch selection)."""
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        new = RouterStream.__new__(RouterStream)
+        new.router, new.batch_size = self.router, int(idx.numel())
+        if isinstance(self.state, torch.Tensor):
+            new.state = self.state[idx.to(self.state.device)].clone()
+        else:
+            new.state = [list(self.state[i]) for i in idx.tolist()]
+        return new
+
+    def repeat_interleave(self, repeats: int) -> "RouterStream":
+        """Each sequence's state ``repeats`` times in a row (expanding a batch for beams or samples)."""
+        return self.select(torch.arange(self.batch_size).repeat_interleave(int(repeats)))
+
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``input_ids`` ((batch,) one token each, or (batch, n)); return their routes (same shape).
 

@@ -145,3 +145,31 @@ def test_manual_cache_loop_routes_by_itself():
     # positional input_ids, 1-D routes never needed: the router handled every step
     with torch.no_grad(), rl.disable_adapters(model):
         assert (model(ids).logits - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tags", ["single", "multi"])
+def test_beam_search_follows_cache_reordering(tags):
+    """Beam search reorders the KV cache every step; the router state follows it. For each returned sequence,
+    the raw logits of the beam it came from at each step (``beam_indices``) equal teacher-forced logits of the
+    returned sequence with the router's routes."""
+    tok = tiny_tokenizer(words=WORDS) if tags == "single" else tiny_tokenizer(words=WORDS, special=())
+    model = _model(tok)
+    tok.padding_side = "left"
+    prompts = ["a <search> b", "c"] if tags == "single" else ["a < search > b", "c <"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    B, L = enc.input_ids.shape
+    new, beams = 12, 3
+    with torch.no_grad():
+        out = model.generate(**enc, num_beams=beams, num_return_sequences=beams, do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, early_stopping=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    seq = out.sequences
+    ones = torch.ones(B * beams, new, dtype=torch.long)
+    mask = torch.cat([enc.attention_mask.repeat_interleave(beams, 0), ones], 1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        tf = model(seq, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, L - 1 : -1]
+    raw = torch.stack(out.logits, 1)  # (B * beams, new, V): running beams at each step
+    picked = torch.stack([raw[out.beam_indices[:, t], t] for t in range(new)], 1)
+    torch.testing.assert_close(torch.log_softmax(picked, -1), torch.log_softmax(tf, -1), rtol=1e-4, atol=1e-4)
+    assert get_router(model)(seq, mask)[:, L:].eq(1).any()
