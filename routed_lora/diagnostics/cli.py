@@ -236,7 +236,7 @@ def run_eval(args) -> dict:
     variants = []
     for v in args.variant:
         variants += list(VARIANTS) if v == "all" else [v]
-    dart = load_policy(model_dir, args.adapters)
+    dart = load_policy(model_dir, args.adapters, random_b=args.random_b, seed=args.seed)
     model, tok, router = dart
     kw = dict(samples=args.samples, greedy=not args.no_greedy, temperature=args.temperature,
               batch_size=args.batch_size, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
@@ -318,5 +318,8 @@ def register(subparsers) -> None:
     e.add_argument("--samples", type=int, default=4, help="sampled rollouts per question (correctness rate)")
     e.add_argument("--no-greedy", action="store_true", help="skip the greedy rollout per question")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--random-b", type=float, default=0.0,
+                   help="without --adapters: fresh adapters with B ~ N(0, STD^2) (a diagnostic of the pipeline, "
+                        "not a trained model)")
     e.add_argument("--out", required=True, help="folder for eval_<variant>.jsonl and eval_summary.json")
     e.set_defaults(func=lambda a: (run_eval(a), 0)[1])

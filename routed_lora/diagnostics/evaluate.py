@@ -572,8 +572,13 @@ def compare_two_agent(model_dir, adapters, datasets: dict[str, list[dict]], retr
     if dev.type == "cuda":
         cost_dart["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
 
-    reasoner, _, r_router = load_policy(model_dir, adapters, variant="reasoning")
-    tool_agent, _, t_router = load_policy(model_dir, adapters, variant="tool")
+    from routed_lora.grpo.trainer import adapter_state, load_adapter_state
+
+    reasoner, _, _ = load_policy(model_dir, adapters, variant="reasoning")
+    tool_agent, _, _ = load_policy(model_dir, adapters, variant="tool")
+    state = adapter_state(model)  # the very adapters DART ran with (also fresh or random ones)
+    load_adapter_state(reasoner, state)
+    load_adapter_state(tool_agent, state)
     reasoner.to(dev)
     tool_agent.to(dev)
     if dev.type == "cuda":

@@ -16,8 +16,9 @@ in DART mode), or every weight of a small model (``full``). Each g(M) is its own
 Reported (all cosines are cos(u, v) = <u, v> / (|u| |v|), angles arccos in degrees; a pair where one gradient
 is exactly zero has no angle and is counted under ``skipped_zero``):
 
-- ``batch``: g(R) vs g(T) for R, T the reasoning and tool tokens of the whole batch, per parameter tensor and
-  overall (all views concatenated);
+- ``batch``: g(R) vs g(T) for R, T the reasoning and tool tokens of the whole batch, per parameter tensor, per
+  tensor kind across layers (``by_kind``, e.g. all ``q_proj.lora_B[tool]``) and overall (all views
+  concatenated);
 - ``within_rollout``: for each rollout b, g(R_b) vs g(T_b) (different roles, same rollout): the list of
   cosines and angles and their summary, and the mean cosine per parameter tensor;
 - ``across_rollouts``: for each role and each pair of rollouts b < b', g(R_b) vs g(R_b') (same role, different
@@ -184,6 +185,24 @@ def cosine_report(a: torch.Tensor, b: torch.Tensor, views: Sequence[ParamView]) 
             "per_tensor": per}
 
 
+def tensor_kind(name: str) -> str:
+    """The kind of a tensor across layers: its last two name components (``q_proj.lora_B[tool]``,
+    ``mlp.down_proj.weight`` -> ``down_proj.weight``)."""
+    return ".".join(name.split(".")[-2:])
+
+
+def _by_kind(a: torch.Tensor, b: torch.Tensor, views: Sequence[ParamView]) -> dict:
+    """Cosine and angle over all tensors of one kind (all layers concatenated)."""
+    groups: dict = {}
+    for v, (s, e) in zip(views, _offsets(views)):
+        groups.setdefault(tensor_kind(v.name), []).append((s, e))
+    out = {}
+    for kind, sl in groups.items():
+        c = _cos(torch.cat([a[s:e] for s, e in sl]), torch.cat([b[s:e] for s, e in sl]))
+        out[kind] = {"cosine": c, "angle_deg": _angle(c)}
+    return out
+
+
 def _summary(values: list[float]) -> dict:
     if not values:
         return {"n": 0, "mean": None, "median": None, "std": None, "p10": None, "p90": None}
@@ -274,6 +293,7 @@ def gradient_conflict(
             g_role[k] = flat_gradient(L(m), views)
             passes += 1
         report["batch"] = cosine_report(g_role[role_a], g_role[role_b], views)
+        report["batch"]["by_kind"] = _by_kind(g_role[role_a], g_role[role_b], views)
 
         B = per_token_loss.shape[0] if max_rollouts is None else min(per_token_loss.shape[0], int(max_rollouts))
         if within or across:
