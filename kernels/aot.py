@@ -88,8 +88,8 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
               "stride_lm", "stride_ue", "stride_om"]
     fwd_unit = ("stride_ak", "stride_wk", "stride_lc", "stride_ur", "stride_on")
     dx_unit = ("stride_ak", "stride_wn", "stride_lc", "stride_un", "stride_on")
-    fused = {"BACKBONE": True, "HAS_BIAS": True, "ACC_OUT": False}
-    lora_only = {"BACKBONE": False, "HAS_BIAS": False, "ACC_OUT": True}
+    fused = {"BACKBONE": True, "HAS_BIAS": True}
+    lora_only = {"BACKBONE": False, "HAS_BIAS": True}
     fn = fused_lora.routed_linear_kernel
     add("routed_linear_kernel", "fused_forward", fn, ptrs, fwd_unit, common + ["stride_wn", "stride_un"], fused,
         launch.LINEAR_CONFIGS)
@@ -98,7 +98,7 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     add("routed_linear_kernel", "lora_only_forward", fn, ptrs, fwd_unit, common + ["stride_wn", "stride_un"],
         lora_only, launch.LINEAR_LORA_CONFIGS)
     add("routed_linear_kernel", "lora_only_dx", fn, ptrs, dx_unit, common + ["stride_wk", "stride_ur"],
-        lora_only, launch.LINEAR_LORA_CONFIGS)
+        {**lora_only, "HAS_BIAS": False}, launch.LINEAR_LORA_CONFIGS)
 
     fn = fused_lora.routed_shrink_kernel
     ptrs = {"x_ptr": p, "l_ptr": p, "routes_ptr": "*i32", "out_ptr": p, "h_ptr": p, "db_ptr": "*fp32"}

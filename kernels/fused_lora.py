@@ -170,17 +170,16 @@ def routed_linear_kernel(
     GROUP_M: tl.constexpr,
     BACKBONE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ACC_OUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """GEMM with a low-rank epilogue: ``out = [out] + a Wt + b + s * L U``, written once.
+    """GEMM with a low-rank epilogue: ``out = a Wt + b + s * L U``, written once.
 
     Forward: a = x (M, K), Wt[k, n] = W[n, k], L = h_masked (M, E*r), U[c, n] = B[c // r, n, c % r], bias b.
     Backward: a = g (M, N) (so "K" is N and "N" is K), Wt[n, k] = W[n, k], L = G, U[c, k] = A[c // r, c % r, k].
 
-    Variants (constexpr flags): BACKBONE=False skips the GEMM (the cuBLAS variant computes it with torch.mm /
-    addmm first); ACC_OUT=True starts from the values already in ``out`` (read-modify-write, for that variant);
-    HAS_BIAS adds b.
+    Variants (constexpr flags): BACKBONE=False skips the GEMM and writes ``b + s * L U`` only (the cuBLAS
+    variant then accumulates the backbone product into it with ``out.addmm_(a, Wt)``, cuBLAS reading ``out`` in
+    its epilogue with beta = 1, so ``out`` is never read-modify-written by a separate pass); HAS_BIAS adds b.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), program ids grouped by GROUP_M row blocks for L2 reuse of
     Wt. Tiles: a (BLOCK_M, BLOCK_K), Wt (BLOCK_K, BLOCK_N), accumulator (BLOCK_M, BLOCK_N) fp32; epilogue loops
@@ -204,10 +203,7 @@ def routed_linear_kernel(
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = m_in[:, None] & n_in[None, :]
 
-    if ACC_OUT:
-        acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    else:
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if BACKBONE:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)

@@ -10,8 +10,9 @@ h of the other.
 
 Variants (``set_variant``):
   * ``"fused"``: the backbone GEMM runs in Triton with the LoRA expand as its epilogue: y (and dx) written once.
-  * ``"cublas"``: the backbone GEMM stays in cuBLAS (torch.addmm / torch.mm) and one Triton kernel adds
-    s * h_masked B_cat^T (resp. s * G A_cat) in place.
+  * ``"cublas"``: the backbone GEMM stays in cuBLAS: one Triton kernel writes b + s * h_masked B_cat^T (resp.
+    s * G A_cat) and ``out.addmm_(x, W^T)`` (resp. ``dx.addmm_(g, W)``) accumulates the GEMM into it with
+    beta = 1, so the LoRA term is read in cuBLAS's epilogue instead of a separate read-modify-write pass.
   * ``"auto"`` (default): on CUDA, the first call of each shape times ``fused``, ``cublas`` and the PyTorch
     path and caches the fastest per (device, dtype, bucketed M, K, N, r, E, bias, dx) -- so ``auto`` is never
     slower than the PyTorch path by more than the timing noise. Under the Triton interpreter (CPU tensors,
@@ -79,7 +80,7 @@ LINEAR_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
-# The cuBLAS variant's in-place LoRA add (BACKBONE=False, ACC_OUT=True): no K loop, so fewer configs.
+# The cuBLAS variant's LoRA term b + s L U (BACKBONE=False): no K loop, so fewer configs.
 LINEAR_LORA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=2),
@@ -427,13 +428,13 @@ def linear(
     adapter: torch.Tensor,
     adapter_is_B: bool,
     scaling: float,
-    out: torch.Tensor | None = None,
+    backbone: bool = True,
 ) -> torch.Tensor:
-    """out = [out +] a Wt + b + s L U with one write of out.
+    """out = a Wt + b + s L U (``backbone=False``: out = b + s L U), one write of out.
 
     ``transpose_weight``: Wt = W^T (forward, a = x) or W (dx, a = g). ``adapter_is_B``: U[c, n] = B[c//r, n, c%r]
-    (forward) or U[c, k] = A[c//r, c%r, k] (dx). ``out`` given: the cuBLAS variant; the backbone product is
-    already in ``out`` and only ``s L U`` is added (read-modify-write).
+    (forward) or U[c, k] = A[c//r, c%r, k] (dx). ``backbone=False`` is the cuBLAS variant's half: the caller then
+    runs ``out.addmm_(a, Wt)``.
     """
     M = a.shape[0]
     if transpose_weight:  # a (M, K) @ W^T -> (M, N)
@@ -448,9 +449,7 @@ def linear(
     else:
         E, R, _ = adapter.shape
         stride_ue, stride_ur, stride_un = adapter.stride(0), adapter.stride(1), adapter.stride(2)
-    backbone = out is None
-    if backbone:
-        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     args = dict(
         a_ptr=a, w_ptr=weight, bias_ptr=bias if bias is not None else out, l_ptr=L, u_ptr=adapter, out_ptr=out,
         M=M, N=N, K=K, R=R, E=E, M_BUCKET=_m_bucket(M),
@@ -459,10 +458,10 @@ def linear(
         stride_ue=stride_ue, stride_ur=stride_ur, stride_un=stride_un,
         stride_om=out.stride(0), stride_on=out.stride(1),
         scaling=float(scaling), BLOCK_R=_block_r(E * R), BACKBONE=backbone, HAS_BIAS=bias is not None,
-        ACC_OUT=not backbone, DOT_PRECISION=_dot_precision(a.dtype),
+        DOT_PRECISION=_dot_precision(a.dtype),
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _launch("linear" if backbone else "linear_lora", a, grid, args, restore=() if backbone else ("out_ptr",))
+    _launch("linear" if backbone else "linear_lora", a, grid, args)
     return out
 
 
@@ -481,8 +480,8 @@ def _forward_variant(variant, x, weight, bias, lora_A, lora_B, routes, scaling):
     if variant == "fused":
         y = linear(x, weight, True, bias, h, lora_B, True, scaling)
     else:
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        linear(x, weight, True, None, h, lora_B, True, scaling, out=y)
+        y = linear(x, weight, True, bias, h, lora_B, True, scaling, backbone=False)
+        y.addmm_(x, weight.t())  # cuBLAS, beta = 1: the LoRA term is read in the GEMM's epilogue
     return y, h
 
 
@@ -499,8 +498,8 @@ def _backward_variant(variant, grad_y, x, weight, lora_A, lora_B, routes, h_mask
         if variant == "fused":
             dx = linear(grad_y, weight, False, None, G, lora_A, False, scaling)
         else:
-            dx = torch.mm(grad_y, weight)
-            linear(grad_y, weight, False, None, G, lora_A, False, scaling, out=dx)
+            dx = linear(grad_y, weight, False, None, G, lora_A, False, scaling, backbone=False)
+            dx.addmm_(grad_y, weight)
     return dx, dA, dB
 
 

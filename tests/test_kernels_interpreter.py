@@ -213,7 +213,7 @@ def test_pinned_config_override():
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_autotuned_path(deterministic):
-    """The autotuning path (keys, pruning, reset_to_zero for atomics, restore_value for the in-place add),
+    """The autotuning path (keys, pruning, reset_to_zero for the atomic buffers),
     timed by the wall clock under the interpreter: results stay exact although every config runs."""
     launch.autotune_in_interpreter(True)
     launch.set_deterministic(deterministic)
