@@ -452,7 +452,8 @@ def main(argv=None):
                 best[str(key)] = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         payload = {"info": info, "phase_done": phase, "elapsed_s": time.perf_counter() - t_start,
                    "checks": checks, "timings": rows, "targets": tg, "autotuned": best,
-                   "variant_choice": {str(k): v for k, v in launch.VARIANT_CACHE.items()}}
+                   "variant_choice": {str(k): v for k, v in launch.VARIANT_CACHE.items()},
+                   "variant_errors": {str(k): v for k, v in launch.VARIANT_ERRORS.items()}}
         (out / "gpu_check.json").write_text(json.dumps(payload, indent=2, default=str))
 
     # Order: the benchmark shape first (it autotunes what the timings use), the timings, then the other checks,

@@ -15,8 +15,9 @@ Variants (``set_variant``):
     beta = 1, so the LoRA term is read in cuBLAS's epilogue instead of a separate read-modify-write pass.
   * ``"auto"`` (default): on CUDA, the first call of each shape times ``fused``, ``cublas`` and the PyTorch
     path and caches the fastest per (device, dtype, bucketed M, K, N, r, E, bias, dx) -- so ``auto`` is never
-    slower than the PyTorch path by more than the timing noise. Under the Triton interpreter (CPU tensors,
-    ``TRITON_INTERPRET=1``) ``auto`` means ``fused``. Inside CUDA-graph capture an unmeasured shape uses
+    slower than the PyTorch path by more than the timing noise. A variant that raises while being measured is
+    ruled out for that shape (``VARIANT_ERRORS``); the PyTorch path is always a candidate. Under the Triton
+    interpreter (CPU tensors, ``TRITON_INTERPRET=1``) ``auto`` means ``fused``. Inside CUDA-graph capture an unmeasured shape uses
     ``cublas``. The shrink, G/dB and dA kernels are Triton in both Triton variants.
 
 Determinism (``set_deterministic``, env ``ROUTED_LORA_DETERMINISTIC``): **on by default**. The dB and dA
@@ -60,6 +61,7 @@ __all__ = [
     "pin_configs",
     "shipped_configs",
     "VARIANT_CACHE",
+    "VARIANT_ERRORS",
 ]
 
 CALLS: collections.Counter = collections.Counter()
@@ -469,6 +471,7 @@ def linear(
 # The contract: forward / backward with per-shape variant choice.
 
 VARIANT_CACHE: dict = {}
+VARIANT_ERRORS: dict = {}  # (shape key..., variant) -> the error that ruled the variant out while measuring
 
 
 def _forward_variant(variant, x, weight, bias, lora_A, lora_B, routes, scaling):
@@ -528,7 +531,12 @@ def _choose(kind: str, key: tuple, candidates: dict) -> str:
         return VARIANT_CACHE[key]
     if torch.cuda.is_current_stream_capturing():
         return "cublas"
-    timings = {name: _time_ms(fn) for name, fn in candidates.items()}
+    timings = {}
+    for name, fn in candidates.items():
+        try:
+            timings[name] = _time_ms(fn)
+        except Exception as exc:  # e.g. a kernel that does not fit this GPU: never chosen, reported
+            VARIANT_ERRORS[key + (name,)] = f"{type(exc).__name__}: {exc}"
     best = min(timings, key=timings.get)
     VARIANT_CACHE[key] = best
     CALLS[f"measured_{kind}"] += 1

@@ -226,6 +226,33 @@ def test_autotuned_path(deterministic):
     assert all(getattr(r, "best_config", None) is not None for r in tuned)
 
 
+def test_auto_choice_measures_once_caches_and_skips_failing_variants(monkeypatch):
+    """The `auto` logic without a GPU: the timer is replaced, the key is a CUDA-like one."""
+    timings = {"fused": 3.0, "cublas": 2.0, "torch": 2.5}
+    calls = []
+
+    def fake_time(fn, reps=5):
+        name = fn()
+        calls.append(name)
+        return timings[name]
+
+    def broken():
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(launch, "_time_ms", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    key = ("cuda:0:fake", "forward", torch.bfloat16, 64, 32, 32, 4, 2, True)
+    launch.VARIANT_CACHE.pop(key, None)
+    cands = {"fused": broken, "cublas": lambda: "cublas", "torch": lambda: "torch"}
+    assert launch._choose("forward", key, cands) == "cublas"
+    assert launch._choose("forward", key, cands) == "cublas"  # cached: measured once
+    assert calls == ["cublas", "torch"]
+    assert "out of shared memory" in launch.VARIANT_ERRORS[key + ("fused",)]
+    launch.set_variant("torch")
+    assert launch._choose("forward", key, cands) == "torch"  # a forced variant wins over the cache
+    launch.VARIANT_CACHE.pop(key, None)
+
+
 def test_zero_tokens():
     x, W, b, A, B, routes, gy = make_inputs(Case(torch.float32, 0, 20, 19, 4, 2, "random"))
     y, h = launch.forward(x, W, b, A, B, routes, 2.0)
