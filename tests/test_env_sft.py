@@ -23,6 +23,21 @@ def test_sft_smoke(tmp_path):
     model, tok = load_model(tmp_path / "sft")  # an ordinary HF folder
     assert tok.pad_token_id != tok.eos_token_id
     assert json.loads((tmp_path / "sft" / "sft_summary.json").read_text())["steps"] == 6
+    assert summary["eval_sampled_t1"]["n"] == summary["eval"]["n"]
+
+
+def test_model_folder_round_trips_the_word_level_tokenizer(tmp_path):
+    """transformers 5's AutoTokenizer would build Qwen2Tokenizer here and encode words as characters."""
+    from routed_lora.env.tokenizer import build_tiny_model, build_tokenizer, load_tokenizer
+
+    tok = build_tokenizer(["question : where was zalgros gakdru born ?", "doc 1 : a b ."])
+    build_tiny_model(tok, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, out_dir=tmp_path / "m")
+    text = "question : where was zalgros gakdru born ? <think> <search> zalgros born </search>"
+    for loaded in (load_tokenizer(tmp_path / "m"), load_model(tmp_path / "m")[1]):
+        ids = loaded.encode(text, add_special_tokens=False)
+        assert ids == tok.encode(text, add_special_tokens=False)
+        assert loaded.decode(ids) == text
+        assert loaded.padding_side == "left" and loaded.pad_token_id == 0 and loaded.eos_token_id == 1
 
 
 def test_cli_registers_subcommands(tmp_path, capsys):

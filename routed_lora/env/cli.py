@@ -55,7 +55,7 @@ def _sft(args) -> int:
         print(f"no world in {world_dir}; building one")
         build_default_world(world_dir, seed=args.seed)
     summary = run_sft(world_dir, args.out, model_dir=args.model, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, eval_n=args.eval_n, eval_every=args.eval_every, threads=args.threads,
+                      lr=args.lr, two_hop_frac=args.two_hop_frac, eval_n=args.eval_n, eval_every=args.eval_every, threads=args.threads,
                       seed=args.seed, progress=not args.no_progress)
     ev = summary["eval"]
     print(f"SFT: {summary['steps']} steps in {summary['train_seconds']:.1f} s ({summary['steps_per_s']:.1f} steps/s); "
@@ -94,6 +94,8 @@ def register(subparsers) -> None:
     s.add_argument("--steps", type=int, default=400)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--two-hop-frac", type=float, default=1.0,
+                   help="share of the 2-hop training questions used (1-hop all); < 1 leaves 2-hop room for GRPO")
     s.add_argument("--eval-n", type=int, default=200, help="held-out questions evaluated (half 1-hop, half 2-hop)")
     s.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps too (0: only at the end)")
     s.add_argument("--threads", type=int, default=2)

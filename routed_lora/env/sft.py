@@ -105,9 +105,11 @@ def run_sft(
     min_lr_frac: float = 0.1,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
+    two_hop_frac: float = 1.0,
     eval_n: int = 200,
     eval_every: int = 0,
     eval_batch_size: int = 100,
+    sampled_eval: bool = True,
     max_turns: int = 4,
     threads: int = 2,
     seed: int = 0,
@@ -115,7 +117,12 @@ def run_sft(
 ) -> dict:
     """Fine-tune the tiny model of ``world_dir`` (or ``model_dir``) on expert trajectories of the training
     questions; save it to ``out_dir`` (a Hugging Face folder with the tokenizer) with ``sft_metrics.jsonl`` and
-    ``sft_summary.json``. Returns the summary (steps/s, final loss, held-out greedy EM 1-hop / 2-hop)."""
+    ``sft_summary.json``. Returns the summary (steps/s, final loss, held-out greedy EM 1-hop / 2-hop).
+
+    ``two_hop_frac`` keeps that fraction of the 2-hop training questions (all 1-hop ones are kept): a partial
+    warm start that leaves 2-hop questions for GRPO to learn. With the full data, 300-400 steps reach held-out
+    EM 1.0 on both 1-hop and 2-hop, which leaves GRPO nothing to improve. ``sampled_eval`` adds one sampled
+    rollout per held-out question at temperature 1 (``eval_sampled_t1``: the EM GRPO starts from)."""
     from tqdm.auto import tqdm
 
     from .retriever import BM25Retriever
@@ -137,6 +144,12 @@ def run_sft(
     if any("plan" not in r for r in train):
         raise ValueError(f"{world_dir}/train.jsonl has rows without a 'plan': SFT needs a generated world "
                          f"(`routed-lora world build --out DIR`)")
+    if not 0.0 <= two_hop_frac <= 1.0:
+        raise ValueError(f"two_hop_frac must be in [0, 1], got {two_hop_frac}")
+    if two_hop_frac < 1.0:
+        multi = [i for i, r in enumerate(train) if int(r.get("hops", 1)) > 1]
+        keep = set(random.Random(seed + 1).sample(multi, int(round(two_hop_frac * len(multi)))))
+        train = [r for i, r in enumerate(train) if int(r.get("hops", 1)) == 1 or i in keep]
     t0 = time.perf_counter()
     trajs = build_trajectories(tok, train, retriever)
     t_traj = time.perf_counter() - t0
@@ -182,8 +195,9 @@ def run_sft(
             ev = evaluate(model, tok, eval_rows, retriever, batch_size=eval_batch_size, max_turns=max_turns)
             row.update({f"eval_{k}": v for k, v in ev.items()})
             evals.append({"step": step + 1, **ev})
-            bar.write(f"step {step + 1}: held-out EM {ev['em']:.3f} (1-hop {ev.get('em_1hop', float('nan')):.3f}, "
-                      f"2-hop {ev.get('em_2hop', float('nan')):.3f})")
+            bar.write(f"step {step + 1}: loss {loss_ema:.3f}, held-out EM {ev['em']:.3f} "
+                      f"(1-hop {ev.get('em_1hop', float('nan')):.3f}, 2-hop {ev.get('em_2hop', float('nan')):.3f}), "
+                      f"answered {ev['answered']:.2f}, tool calls {ev['tool_calls']:.2f}")
         metrics_f.write(json.dumps(row) + "\n")
         metrics_f.flush()
         bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
@@ -193,13 +207,22 @@ def run_sft(
     ev = evaluate(model, tok, eval_rows, retriever, batch_size=eval_batch_size, max_turns=max_turns)
     t_eval = time.perf_counter() - te
     evals.append({"step": steps, **ev})
-    metrics_f.write(json.dumps({"step": steps, **{f"eval_{k}": v for k, v in ev.items()}}) + "\n")
+    final = {"step": steps, **{f"eval_{k}": v for k, v in ev.items()}}
+    ev_sampled = None
+    if sampled_eval:
+        torch.manual_seed(seed)
+        ev_sampled = evaluate(model, tok, eval_rows, retriever, batch_size=eval_batch_size, max_turns=max_turns,
+                              do_sample=True, temperature=1.0)
+        final.update({f"eval_sampled_{k}": v for k, v in ev_sampled.items()})
+    metrics_f.write(json.dumps(final) + "\n")
     metrics_f.close()
     save_model(model, tok, out_dir)
     summary = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "train_examples": len(trajs),
+        "train_2hop_examples": sum(1 for t in trajs if t["hops"] > 1), "two_hop_frac": two_hop_frac,
         "final_loss_ema": loss_ema, "train_seconds": t_train, "steps_per_s": steps / t_train if t_train else None,
-        "trajectory_build_seconds": t_traj, "eval_seconds": t_eval, "eval": ev, "evals": evals,
+        "trajectory_build_seconds": t_traj, "eval_seconds": t_eval, "eval": ev, "eval_sampled_t1": ev_sampled,
+        "evals": evals,
         "model_dir": str(out_dir), "world_dir": str(world_dir), "threads": torch.get_num_threads(),
     }
     (out_dir / "sft_summary.json").write_text(json.dumps(summary, indent=1))

@@ -3,9 +3,10 @@
 The tokenizer lowercases, splits on whitespace and punctuation (``\\w+|[^\\w\\s]+``), and maps each word to one
 id; the eight tags ``<think> </think> <search> </search> <information> </information> <answer> </answer>`` are
 single, non-special tokens (so they survive ``decode(skip_special_tokens=True)``). ``<pad>`` (id 0), ``</s>``
-(eos, id 1) and ``<unk>`` (id 2) are special; pad and eos are distinct. Both are saved and loaded as ordinary
-Hugging Face folders (``AutoTokenizer.from_pretrained`` / ``AutoModelForCausalLM.from_pretrained``), so
-``--model`` can point at them.
+(eos, id 1) and ``<unk>`` (id 2) are special; pad and eos are distinct. Both are saved as ordinary Hugging Face
+folders, so ``--model`` can point at them. Load the tokenizer with :func:`load_tokenizer` (or
+``PreTrainedTokenizerFast.from_pretrained``), not ``AutoTokenizer``: with transformers 5, ``AutoTokenizer`` on
+a folder whose model type is ``qwen2`` builds ``Qwen2Tokenizer`` (byte-level BPE) and mangles the words.
 """
 
 from __future__ import annotations
@@ -63,8 +64,23 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path | None = None, *, 
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+    """Load a tokenizer folder. A word-level ``tokenizer.json`` (ours) is loaded as ``PreTrainedTokenizerFast``:
+    transformers 5's ``AutoTokenizer`` builds the model family's class (``Qwen2Tokenizer``, byte-level BPE) for a
+    folder whose ``config.json`` says ``qwen2``, whatever ``tokenizer_config.json`` says, and then encodes our
+    words as characters without an error. Other folders go through ``AutoTokenizer``."""
+    import json
 
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    tj = path / "tokenizer.json"
+    if tj.exists():
+        try:
+            kind = json.loads(tj.read_text()).get("model", {}).get("type")
+        except (OSError, ValueError):
+            kind = None
+        if kind == "WordLevel":
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -135,12 +151,12 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
 def load_model(path: str | Path, *, dtype=None):
     """Load a causal LM and its tokenizer from a local folder (no network)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); build one with `routed-lora world "
                                 f"build --out DIR` or `routed-lora sft`")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
     return model, tok
