@@ -1,7 +1,19 @@
-"""``routed-lora demo``: the main job on the built-in default.
+"""``routed-lora demo``: GRPO with two routed LoRA adapters (DART) on the built-in search world, on a CPU.
 
-Until the GRPO demo lands this is a short demonstration of the layer: routed forward and backward against the
-float64 reference, gradient isolation between adapters, and timing against a frozen nn.Linear.
+Steps (each writes under ``--out``, default ``runs/demo``):
+
+1. ``world/``: a generated world (people, cities, countries, companies; one passage per fact), its BM25 corpus,
+   1-hop and 2-hop questions with a held-out split, and a tiny randomly initialised Qwen2 with a word-level
+   tokenizer (:mod:`routed_lora.env`);
+2. ``sft/``: a short warm start on scripted expert trajectories (the model starts at zero reward, and GRPO alone
+   does not cross the "copy from the retrieved text" jump, DESIGN.md §3b);
+3. ``grpo/``: GRPO in DART mode: the backbone frozen, a ``reasoning`` and a ``tool`` LoRA adapter routed per token
+   by the tag router (tool inside ``<search>`` ... ``</search>``), rollouts with the real tool loop;
+4. held-out exact match before and after GRPO, greedy and sampled at the training temperature (mean over G
+   samples), 1-hop and 2-hop apart; adapters saved in PEFT format; ``metrics.jsonl`` and ``metrics.png``.
+
+The whole run is sized for about 5-8 minutes on 2 CPU cores; ``--quick`` is a ~1 minute smoke version. The
+GRPO phase stops early when ``--grpo-budget`` seconds are spent (the summary says so).
 """
 
 from __future__ import annotations
@@ -12,66 +24,231 @@ from pathlib import Path
 
 import torch
 
+FULL = dict(sft_steps=220, grpo_steps=200, prompts=32, G=8, eval_n=200, grpo_budget=330.0, lr=1e-4, people=400,
+            time_limit=560.0)
+QUICK = dict(sft_steps=250, grpo_steps=6, prompts=16, G=4, eval_n=40, grpo_budget=25.0, lr=1e-4, people=400,
+             time_limit=110.0)
 
-def layer_demo(out: Path, tokens: int = 2048, features: int = 512, r: int = 16) -> dict:
+
+def _tokenizer_ok(tok) -> bool:
+    """The word-level tokenizer round-trips a tagged text (guards against a folder loaded with the wrong
+    tokenizer class, see :func:`routed_lora.grpo.trainer.load_model_and_tokenizer`)."""
+    text = "question : <search> born </search>"
+    ids = tok.encode(text, add_special_tokens=False)
+    return len(ids) == 5 and tok.decode(ids).split() == text.split()
+
+
+def warm_start(world_dir: Path, out: Path, *, steps: int, eval_n: int, seed: int = 0, progress: bool = True) -> dict:
+    """The env's SFT warm start (:func:`routed_lora.env.sft.run_sft`), with the tokenizer loaded correctly."""
+    from routed_lora.env import sft as env_sft
+    from routed_lora.grpo.trainer import load_model_and_tokenizer
+
+    original = env_sft.__dict__.get("load_model")
+    try:
+        import routed_lora.env.tokenizer as env_tok
+
+        _, probe = env_tok.load_model(world_dir / "model")
+        needs_fix = not _tokenizer_ok(probe)
+    except Exception:
+        needs_fix = True
+    if not needs_fix:
+        return env_sft.run_sft(world_dir, out, steps=steps, eval_n=eval_n, seed=seed, progress=progress)
+    # AutoTokenizer picks the model family's tokenizer class for this folder: load it as the word-level
+    # tokenizer it is. run_sft imports load_model inside the function, from routed_lora.env.tokenizer.
+    import routed_lora.env.tokenizer as env_tok
+
+    saved = env_tok.load_model
+    env_tok.load_model = lambda path, dtype=None: load_model_and_tokenizer(path, dtype=dtype)
+    try:
+        return env_sft.run_sft(world_dir, out, steps=steps, eval_n=eval_n, seed=seed, progress=progress)
+    finally:
+        env_tok.load_model = saved
+        del original
+
+
+def balanced_rows(rows, n: int, seed: int = 0) -> list[dict]:
+    """Up to ``n`` rows, half 1-hop and half 2-hop, deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    by = {}
+    for r in rows:
+        by.setdefault(int(r.get("hops", 0)), []).append(r)
+    out = []
+    for h in sorted(by):
+        g = by[h][:]
+        rng.shuffle(g)
+        out += g[: max(1, n // len(by))]
+    return out
+
+
+def run_demo(out: Path, *, quick: bool = False, threads: int = 2, progress: bool = True, seed: int = 0,
+             **overrides) -> dict:
+    from routed_lora.env.cli import build_default_world
+    from routed_lora.env.data import load_qa
+    from routed_lora.env.retriever import BM25Retriever
+    from routed_lora.grpo.evaluate import format_eval
+    from routed_lora.grpo.plot import plot_metrics
+    from routed_lora.grpo.trainer import GRPOConfig, Trainer, build_policy, load_model_and_tokenizer
+
     import routed_lora as rl
-    from routed_lora.reference import reference_forward
 
-    torch.manual_seed(0)
-    layer = rl.RoutedLoRALinear(features, features, r=r, lora_alpha=2 * r)
-    torch.nn.init.normal_(layer.lora_B, std=0.02)
-    x = torch.randn(tokens, features, requires_grad=True)
-    routes = torch.randint(-1, 2, (tokens,))
-    y = layer(x, routes)
-    y_ref, _ = reference_forward(
-        x.detach(), layer.weight, layer.bias, layer.lora_A.detach(), layer.lora_B.detach(), routes, layer.scaling,
-        compute_dtype=torch.float64,
-    )
-    err = (y.double() - y_ref).abs().max().item()
-    g = torch.randn_like(y)
-    y.backward(g)
-    dA0 = layer.lora_A.grad[0].clone()
-    layer.lora_A.grad = None
-    g2 = g.clone()
-    g2[routes == 1] = torch.randn_like(g2[routes == 1])
-    layer(x, routes).backward(g2)
-    isolated = torch.equal(dA0, layer.lora_A.grad[0])
-
-    def bench(fn, reps=10):
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
-
-    lin = torch.nn.Linear(features, features).requires_grad_(False)
-    t_lin = bench(lambda: lin(x).backward(g))
-    t_routed = bench(lambda: layer(x, routes).backward(g))
-    summary = {
-        "tokens": tokens, "features": features, "r": r,
-        "max_abs_error_vs_float64": err,
-        "adapter0_grad_unchanged_when_adapter1_tokens_change": isolated,
-        "frozen_linear_fwd_bwd_ms": 1e3 * t_lin,
-        "routed_fwd_bwd_ms": 1e3 * t_routed,
-        "ratio": t_routed / t_lin,
-    }
+    p = dict(QUICK if quick else FULL)
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    torch.set_num_threads(threads)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layer_demo.json").write_text(json.dumps(summary, indent=2))
+    t_all = time.perf_counter()
+    timings = {}
+
+    # 1. the world
+    t = time.perf_counter()
+    world_dir = out / "world"
+    if not (world_dir / "model" / "config.json").exists():
+        build_default_world(world_dir, seed=seed, people=p["people"])
+    timings["world_s"] = time.perf_counter() - t
+    print(f"[1/4] world: {world_dir} ({timings['world_s']:.1f} s)", flush=True)
+
+    # 2. warm start
+    t = time.perf_counter()
+    sft_dir = out / "sft"
+    sft = warm_start(world_dir, sft_dir, steps=p["sft_steps"], eval_n=p["eval_n"], seed=seed, progress=progress)
+    timings["sft_s"] = time.perf_counter() - t
+    ev = sft["eval"]
+    print(f"[2/4] warm start: {p['sft_steps']} SFT steps in {timings['sft_s']:.1f} s; held-out greedy EM "
+          f"{ev['em']:.3f} (1-hop {ev.get('em_1hop', float('nan')):.3f}, 2-hop {ev.get('em_2hop', float('nan')):.3f})"
+          f" -> {sft_dir}", flush=True)
+
+    # 3. GRPO, DART mode
+    t = time.perf_counter()
+    cfg = GRPOConfig(mode="dart", steps=p["grpo_steps"], prompts_per_step=p["prompts"], group_size=p["G"],
+                     lr=p["lr"], max_turns=4, topk=3, max_new_tokens=48, max_total_tokens=400, temperature=1.0,
+                     beta=0.001, mini_batches=2, micro_batch_size=64, save_every=25, seed=seed)
+    torch.manual_seed(seed)
+    model, tok = load_model_and_tokenizer(sft_dir)
+    model, router = build_policy(model, tok, cfg)
+    retriever = BM25Retriever(world_dir / "corpus.jsonl")
+    train_rows = load_qa(world_dir / "train.jsonl")
+    eval_rows = balanced_rows(load_qa(world_dir / "test.jsonl"), p["eval_n"], seed=seed)
+    grpo_dir = out / "grpo"
+    trainer = Trainer(cfg, model, tok, router, retriever, train_rows, out=grpo_dir, eval_rows=eval_rows,
+                      eval_samples=cfg.group_size, progress=progress)
+
+    ev_before = trainer.evaluate()
+    print(f"      held-out before GRPO: {format_eval(ev_before)} ({ev_before['eval_seconds']:.0f} s)", flush=True)
+
+    # stop GRPO early (with a checkpoint and the same final evaluation) when the time runs out: the GRPO budget,
+    # or the whole demo's time limit minus what the final evaluation and saving will take
+    budget = float(p["grpo_budget"])
+    limit = float(p["time_limit"])
+    reserve = 1.3 * ev_before["eval_seconds"] + 15.0
+    t_train0 = time.perf_counter()
+    stopped_early = {"at": None, "why": None}
+
+    class _Stop(Exception):
+        pass
+
+    def on_step(row):
+        now = time.perf_counter()
+        step_s = row["rollout_s"] + row["update_s"]
+        if row["step"] >= cfg.steps:
+            return
+        if now - t_train0 + step_s > budget:
+            stopped_early.update(at=row["step"], why=f"the {budget:.0f} s GRPO budget")
+        elif (now - t_all) + step_s + reserve > limit:
+            stopped_early.update(at=row["step"], why=f"the {limit:.0f} s time limit of the demo")
+        if stopped_early["at"]:
+            raise _Stop
+
+    try:
+        result = trainer.train(callback=on_step, evaluate_before=ev_before)
+    except _Stop:
+        from routed_lora.grpo.trainer import MetricsWriter, save_checkpoint
+
+        save_checkpoint(grpo_dir, model=model, optimizer=trainer.optimizer, step=trainer.step, cfg=cfg)
+        ev_after = trainer.evaluate()
+        MetricsWriter(grpo_dir / "metrics.jsonl", resume_step=10**9).write({"eval": "after", "step": trainer.step,
+                                                                            **ev_after})
+        rows = [json.loads(x) for x in (grpo_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        result = {"steps": trainer.step, "evals": {"before": ev_before, "after": ev_after},
+                  "last": [r for r in rows if "eval" not in r][-1]}
+    timings["grpo_s"] = time.perf_counter() - t
+    steps_done = result["steps"]
+    print(f"[3/4] GRPO (dart): {steps_done} steps x {cfg.prompts_per_step} questions x G={cfg.group_size} in "
+          f"{timings['grpo_s']:.1f} s incl. evaluations"
+          + (f" (stopped early by {stopped_early['why']})" if stopped_early["at"] else ""),
+          flush=True)
+
+    # 4. save, plot, summarise
+    adapters_dir = rl.save_adapters(model, out / "adapters")
+    png = plot_metrics(grpo_dir / "metrics.jsonl", out / "metrics.png",
+                       title=f"routed-lora demo: GRPO, DART mode ({steps_done} steps)")
+    (out / "metrics.jsonl").write_text((grpo_dir / "metrics.jsonl").read_text())
+    before, after = result["evals"]["before"], result["evals"]["after"]
+    train_rows_m = [json.loads(x) for x in (grpo_dir / "metrics.jsonl").read_text().splitlines()
+                    if x.strip() and "eval" not in json.loads(x)]
+    timings["total_s"] = time.perf_counter() - t_all
+    summary = {
+        "quick": quick, "params": p, "timings": timings, "steps": steps_done, "stopped_early_at": stopped_early["at"],
+        "stopped_early_by": stopped_early["why"],
+        "config": cfg.to_dict(), "sft_eval": sft["eval"],
+        "before": {k: v for k, v in before.items() if k.startswith(("em_", "n/", "tool_calls"))},
+        "after": {k: v for k, v in after.items() if k.startswith(("em_", "n/", "tool_calls"))},
+        "train_reward_first": _mean([r["reward_mean"] for r in train_rows_m[:5]]),
+        "train_reward_last": _mean([r["reward_mean"] for r in train_rows_m[-5:]]),
+        "paths": {"world": str(world_dir), "sft_model": str(sft_dir), "adapters": str(adapters_dir),
+                  "metrics": str(out / "metrics.jsonl"), "plot": str(png), "checkpoint": str(grpo_dir / "checkpoint.pt")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"[4/4] adapters (PEFT format, one folder per adapter): {adapters_dir}")
+    print(f"      metrics: {out / 'metrics.jsonl'}   plot: {png}   summary: {out / 'summary.json'}")
+    print()
+    print(_report(summary, before, after, format_eval))
     return summary
 
 
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _report(summary, before, after, format_eval) -> str:
+    lines = ["Summary (held-out questions, exact match):",
+             f"  before GRPO: {format_eval(before)}",
+             f"  after GRPO:  {format_eval(after)}"]
+    for kind in ("greedy", "sampled"):
+        for h in ("1hop", "2hop", "all"):
+            k = f"em_{kind}/{h}"
+            if k in before and k in after:
+                d = after[k] - before[k]
+                n = before.get(f"n/{h}", 0)
+                se = (0.25 / max(n, 1)) ** 0.5  # rough binomial standard error at p = 0.5
+                verdict = "improved" if d > 2 * se else ("got worse" if d < -2 * se else "no clear change")
+                lines.append(f"  {kind:7s} {h}: {before[k]:.3f} -> {after[k]:.3f} ({d:+.3f}, {verdict}; n={n})")
+    lines.append(f"  training reward (sampled, first 5 -> last 5 steps): {summary['train_reward_first']:.3f} -> "
+                 f"{summary['train_reward_last']:.3f}")
+    lines.append(f"  wall time: {summary['timings']['total_s']:.0f} s (world {summary['timings']['world_s']:.0f}, "
+                 f"SFT {summary['timings']['sft_s']:.0f}, GRPO + evals {summary['timings']['grpo_s']:.0f})")
+    return "\n".join(lines)
+
+
 def _run(args) -> int:
-    out = Path(args.out)
-    summary = layer_demo(out)
-    for k, v in summary.items():
-        print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
-    print(f"wrote {out / 'layer_demo.json'}")
+    run_demo(Path(args.out), quick=args.quick, threads=args.threads, progress=not args.no_progress, seed=args.seed,
+             sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, grpo_budget=args.grpo_budget, lr=args.lr,
+             time_limit=args.time_limit)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the built-in demonstration")
+    p = sub.add_parser("demo", help="GRPO with routed LoRA (DART) on the built-in search world, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--grpo-steps", type=int, default=None)
+    p.add_argument("--grpo-budget", type=float, default=None, help="seconds of GRPO training before stopping early")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for the whole demo; GRPO stops early to finish within it (default 560, quick 110)")
+    p.add_argument("--lr", type=float, default=None, help="GRPO learning rate of both adapters")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)

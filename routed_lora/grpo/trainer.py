@@ -678,7 +678,7 @@ class Trainer:
                            prompt_template=self.template, seed=self.cfg.seed + 7919)
 
     # -- the loop ------------------------------------------------------------------------------------------------
-    def train(self, *, resume: str | Path | bool | None = None, evaluate_before: bool = True,
+    def train(self, *, resume: str | Path | bool | None = None, evaluate_before: bool | dict = True,
               evaluate_after: bool = True, callback: Callable[[dict], None] | None = None) -> dict:
         from tqdm.auto import tqdm
 
@@ -701,7 +701,10 @@ class Trainer:
         writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=start if resume else None,
                                enabled=self.rank == 0)
         evals = {}
-        if evaluate_before and not resume and self.eval_rows:
+        if isinstance(evaluate_before, dict):  # computed by the caller
+            evals["before"] = evaluate_before
+            writer.write({"eval": "before", "step": start, **evaluate_before})
+        elif evaluate_before and not resume and self.eval_rows:
             ev = self.evaluate()
             evals["before"] = ev
             writer.write({"eval": "before", "step": 0, **ev})
