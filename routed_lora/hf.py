@@ -115,6 +115,7 @@ def apply_routed_lora(
     adapters: Sequence[str] = ("reasoning", "tool"),
     use_rslora: bool = False,
     router=None,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` modules matching ``target_modules`` with :class:`RoutedLoRALinear` (in place).
 
@@ -123,9 +124,15 @@ def apply_routed_lora(
     Every other parameter is frozen. With ``router`` (e.g. a :class:`~routed_lora.TagRouter`) the model routes
     by itself in ``model(input_ids=...)`` and ``model.generate(...)``; without one, set routes with
     :func:`routed_lora.set_routes` or pass ``routes=`` to the model call. Returns ``model``.
+
+    ``adapter_dtype``: the dtype of ``lora_A``/``lora_B``. ``None`` does what PEFT does by default: float32
+    when the backbone weight is float16/bfloat16 (small updates do not vanish in rounding), else the weight's
+    dtype. The layer casts the adapters to the activation dtype in each call; their gradients stay float32.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise TypeError(f"adapter_dtype: expected a floating torch.dtype or None, got {adapter_dtype!r}")
     if _state(model, required=False) is not None or any(isinstance(m, RoutedLoRALinear) for m in model.modules()):
         raise ValueError("model: already has routed LoRA layers; call routed_lora.remove_routed_lora(model) first")
     names = _check_config(r, lora_alpha, adapters)
@@ -168,6 +175,13 @@ def apply_routed_lora(
     layers = []
     for name, linear in matched:
         new = RoutedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, adapters=names, use_rslora=use_rslora)
+        dtype = adapter_dtype
+        if dtype is None and linear.weight.dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        if dtype is not None and dtype != new.lora_A.dtype:
+            with torch.no_grad():  # initialise in the wider dtype (same init as PEFT's upcast: B = 0 anyway)
+                new.lora_A = nn.Parameter(new.lora_A.detach().to(dtype))
+                new.lora_B = nn.Parameter(new.lora_B.detach().to(dtype))
         new.train(linear.training)
         _set_submodule(model, name, new)
         layers.append((name, new))
@@ -178,6 +192,7 @@ def apply_routed_lora(
         lora_alpha=lora_alpha,
         adapters=list(names),
         use_rslora=bool(use_rslora),
+        adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
     )
     st = _State(model, layers, config, router, requires_grad)
     model.__dict__[_STATE_ATTR] = st  # a plain attribute, not a submodule

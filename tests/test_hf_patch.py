@@ -299,3 +299,29 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no RoutedLoRALinear"):
         with rl.disable_adapters(plain):
             pass
+
+
+def test_bf16_backbone_gets_float32_adapters_like_peft(tmp_path):
+    model = rl.apply_routed_lora(tiny_model("qwen2", vocab_size=VOCAB, dtype=torch.bfloat16))
+    layer = routed_layers(model)[0][1]
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    _randomize_lora(model)
+    model.train()
+    ids = _ids()
+    model(ids, routes=torch.ones_like(ids), labels=ids).loss.backward()
+    assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad[1].abs().sum() > 0
+    assert layer.lora_B.grad[0].abs().sum() == 0  # no token routed to adapter 0
+    # PEFT keeps fp32 adapters on a bf16 base too. Against the float32 model with the same adapters, our bf16
+    # error is within twice PEFT's bf16 error (DESIGN.md §4 rule).
+    peft = pytest.importorskip("peft")
+    rl.save_adapters(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(tiny_model("qwen2", vocab_size=VOCAB, dtype=torch.bfloat16), tmp_path / "tool")
+    f32 = rl.load_adapters(rl.apply_routed_lora(tiny_model("qwen2", vocab_size=VOCAB)), tmp_path)
+    with torch.no_grad():
+        exact = f32(ids, routes=torch.ones_like(ids)).logits
+        peft_err = (pm(ids).logits.float() - exact).abs().max()
+        err = (model.eval()(ids, routes=torch.ones_like(ids)).logits.float() - exact).abs().max()
+    assert err <= 2 * peft_err + 1e-2, (err, peft_err)
+    same = rl.apply_routed_lora(tiny_model("qwen2", vocab_size=VOCAB, dtype=torch.bfloat16),
+                                adapter_dtype=torch.bfloat16)
+    assert routed_layers(same)[0][1].lora_A.dtype == torch.bfloat16
