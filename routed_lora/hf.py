@@ -73,10 +73,7 @@ class _State:
         self.ckpt_modules: list[nn.Module] = []
         self.streams: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> (length, stream)
         self.pending = None  # (cache or None, stream) between the pre-hook and the forward hook
-        try:
-            self.signature = inspect.signature(model.forward)
-        except (TypeError, ValueError):  # pragma: no cover
-            self.signature = None
+        self.depth = 0  # > 0 inside a call of the model itself (its inner base model then does not route again)
 
     @property
     def modules(self) -> list[RoutedLoRALinear]:
@@ -196,8 +193,11 @@ def apply_routed_lora(
     )
     st = _State(model, layers, config, router, requires_grad)
     model.__dict__[_STATE_ATTR] = st  # a plain attribute, not a submodule
-    st.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
-    st.handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True))
+    _install_call_hooks(st, model, outer=True)
+    inner = getattr(model, "base_model", None)
+    if isinstance(inner, nn.Module) and inner is not model and "input_ids" in _parameters(inner):
+        # model.model(...) called directly (hidden states only) routes by itself too
+        _install_call_hooks(st, inner, outer=False)
     for module in model.modules():
         if hasattr(module, "gradient_checkpointing") and module is not model:
             inner = [m for m in module.modules() if isinstance(m, RoutedLoRALinear)]
@@ -286,29 +286,64 @@ def _get_arg(bound, kwargs, args, name, position):
     return args[position] if len(args) > position else None
 
 
-@torch.compiler.disable
-def _model_pre_hook(model, args, kwargs):
-    st = _state(model, required=False)
-    if st is None:
+def _parameters(module: nn.Module) -> dict:
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+
+
+def _install_call_hooks(st: _State, module: nn.Module, *, outer: bool) -> None:
+    """Routing hooks on ``module``: the model itself (``outer``) or its inner base model, which routes only
+    when called directly (not from within a call of the model)."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # pragma: no cover
+        signature = None
+
+    @torch.compiler.disable
+    def pre_hook(mod, args, kwargs):
+        if outer:
+            st.depth += 1
+        elif st.depth > 0:
+            return None
+        return _route_call(st, signature, args, kwargs)
+
+    @torch.compiler.disable
+    def post_hook(mod, args, kwargs, output):
+        if outer:
+            st.depth = max(0, st.depth - 1)
+        elif st.depth > 0:
+            return None
+        _register_cache(st, output)
         return None
+
+    st.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    st.handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+
+
+def _route_call(st: _State, signature, args, kwargs):
     st.pending = None
     explicit = kwargs.pop("routes", None)
     if explicit is not None:
-        if isinstance(explicit, torch.Tensor):
-            from .layer import validate_routes
+        from .layer import validate_routes
 
-            validate_routes(explicit, min(m.num_adapters for m in st.modules))
-        from .layer import set_routes
-
-        set_routes(model, -1 if st.disabled else explicit)
+        E = min(m.num_adapters for m in st.modules)
+        if isinstance(explicit, int) and not isinstance(explicit, bool):
+            if not -1 <= explicit < E:
+                raise ValueError(f"routes: values must be -1 (backbone only) or an adapter index in [0, {E}), "
+                                 f"found {explicit}")
+        else:
+            validate_routes(explicit, E)
+        _assign(st, explicit)
         return args, kwargs
     if st.router is None:
         return args, kwargs
 
     bound = None
-    if args and st.signature is not None:
+    if args and signature is not None:
         try:
-            bound = st.signature.bind_partial(*args, **kwargs).arguments
+            bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = None
     input_ids = _get_arg(bound, kwargs, args, "input_ids", 0)
@@ -353,14 +388,12 @@ def _model_pre_hook(model, args, kwargs):
     return args, kwargs
 
 
-@torch.compiler.disable
-def _model_post_hook(model, args, kwargs, output):
-    st = _state(model, required=False)
-    if st is None or st.pending is None:
-        return None
+def _register_cache(st: _State, output) -> None:
+    if st.pending is None:
+        return
     cache, stream = st.pending
     st.pending = None
-    if cache is None:
+    if cache is None and output is not None:
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         if cache is None and isinstance(output, dict):
             cache = output.get("cache", output.get("past_key_values"))
@@ -368,9 +401,8 @@ def _model_post_hook(model, args, kwargs, output):
         try:
             st.streams[cache] = (int(cache.get_seq_length()), stream)
         except TypeError:  # not weak-referenceable
-            return None
+            return
         _track_cache(st, cache)
-    return None
 
 
 def _track_cache(st: _State, cache) -> None:

@@ -173,3 +173,18 @@ def test_beam_search_follows_cache_reordering(tags):
     picked = torch.stack([raw[out.beam_indices[:, t], t] for t in range(new)], 1)
     torch.testing.assert_close(torch.log_softmax(picked, -1), torch.log_softmax(tf, -1), rtol=1e-4, atol=1e-4)
     assert get_router(model)(seq, mask)[:, L:].eq(1).any()
+
+
+def test_generate_under_disable_adapters_is_the_backbone():
+    tok = tiny_tokenizer(words=WORDS)
+    model = _model(tok)
+    base = tiny_model("qwen2", vocab_size=len(tok))
+    enc = tok(["a <search> b", "< c"], return_tensors="pt", padding=True, padding_side="left")
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        with rl.disable_adapters(model):
+            ours = model.generate(**enc, **kw)
+        ref = base.generate(**enc, **kw)
+        adapted = model.generate(**enc, **kw)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(adapted, ref)

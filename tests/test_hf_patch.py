@@ -325,3 +325,21 @@ def test_bf16_backbone_gets_float32_adapters_like_peft(tmp_path):
     same = rl.apply_routed_lora(tiny_model("qwen2", vocab_size=VOCAB, dtype=torch.bfloat16),
                                 adapter_dtype=torch.bfloat16)
     assert routed_layers(same)[0][1].lora_A.dtype == torch.bfloat16
+
+
+def test_inner_base_model_called_directly_routes_by_itself():
+    tok = tiny_tokenizer()
+    model = rl.apply_routed_lora(tiny_model("qwen2", vocab_size=len(tok)), router=rl.TagRouter(tok))
+    _randomize_lora(model)
+    a = torch.tensor([tok("who <search> paris city </search> is a").input_ids])
+    b = torch.tensor([tok("<search> the capital rome is a city").input_ids])
+    assert a.shape == b.shape
+    with torch.no_grad():
+        ref = model(a).logits
+        model(b)  # leaves b's routes on the layers
+        hidden = model.model(a).last_hidden_state  # hidden states only: must route a, not reuse b's routes
+        torch.testing.assert_close(model.lm_head(hidden), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(routed_layers(model)[0][1]._routes.long(), rl.hf.get_router(model)(a))
+        rl.set_routes(model, 1)
+        hidden = model.model(input_ids=a, routes=torch.zeros_like(a)).last_hidden_state  # explicit routes
+        assert torch.equal(routed_layers(model)[0][1]._routes.long(), torch.zeros_like(a))
