@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         help="run the throughput suite (layer and end to end), or print the kernels' compile report",
         description="Run the throughput suite: JSONL records, a markdown report and a plot in --out.",
     )
-    p.add_argument("--quick", action="store_true", help="the quick CPU set (about two minutes)")
+    p.add_argument("--quick", action="store_true", help="the quick CPU set (within 3 minutes on two idle cores)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--providers", default=None,

@@ -98,7 +98,7 @@ def plan(device: str = "cpu", quick: bool = False) -> list[Entry]:
             out = [Entry(_case(s, m, device, dtype), MODES, "tokens", 10, 1.0) for s in shapes for m in tokens]
             base = ("qwen2.5-3b.hidden", 4096)
         else:
-            out = [Entry(issue2_case(device, dtype), MODES, "tokens", 9, 1.0)]
+            out = [Entry(issue2_case(device, dtype), MODES, "tokens", 7, 1.0)]
             out += [Entry(_case("small-1024", m, device, dtype), ("full",), "tokens", 7, 0.5) for m in (1, 256)]
             out.append(Entry(_case("qwen2.5-3b.hidden", 256, device, dtype), ("full",), "tokens", 7, 0.5))
             base = ("small-1024", 1024)
