@@ -8,7 +8,9 @@
     KV cache (keyword ``cache`` in transformers 5.x, ``past_key_values`` before) the router's per-sequence
     state is looked up by the cache object and its length (``cache.get_seq_length()``), so the prompt step and
     each decoding step of ``generate`` route exactly as the router does on the finished sequences;
-  * a forward hook on the model: stores the router state reached, keyed by the returned cache and its length;
+  * a forward hook on the model: stores the router state reached, keyed by the returned cache and its length,
+    and follows that cache's beam-search reorders;
+  * the same two hooks on the inner base model (``model.model``), active only when it is called directly;
   * a forward pre-hook on each module that has a ``gradient_checkpointing`` flag (transformers'
     ``GradientCheckpointingLayer``) and holds routed layers: it wraps that module's
     ``_gradient_checkpointing_func`` so the routes of the original call are captured with the checkpointed
