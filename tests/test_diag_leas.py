@@ -50,6 +50,7 @@ def test_interaction_reads_as_a_double_difference():
 
 def test_clipping_rule():
     assert clip_eps(n_samples=8) == 1 / 16
+    assert clip_eps(n_samples=1) == 0.25
     assert clip_eps(eps=0.05, n_samples=8) == 0.05
     assert clip_eps() == 0.01
     with pytest.raises(ValueError):
@@ -138,3 +139,15 @@ def test_write_leas(tmp_path):
     assert len(out["csv"].read_text().splitlines()) == 2  # header + the one kept question
     s = json.loads(out["summary"].read_text())
     assert s["dropped_never_solved"] == 1 and s["columns"]["tool*reasoning"]["mean"] == 0.0
+
+
+def test_read_greedy_only_rows(tmp_path):
+    p = tmp_path / "g.jsonl"
+    p.write_text("".join(json.dumps({"variant": v, "id": i, "n": 0, "correct": [], "rate": None,
+                                     "greedy": int(v == "unified" and i == 0)}) + "\n"
+                         for v in VARIANTS for i in range(2)))
+    rates, ids, n = read_rates(p)
+    assert n == 1 and ids == [0, 1] and list(rates["unified"]) == [1.0, 0.0]
+    res = leas(rates, n_samples=n)
+    assert res.dropped == 1 and res.eps == 0.25  # min(1/(2n), 1/4)
+    assert res.column("tool*reasoning")[0] == pytest.approx(2 * np.log(3.0))

@@ -303,7 +303,7 @@ def register(subparsers) -> None:
                     help="CSV/JSONL file(s): wide (a column per variant) or long (variant, id, rate or correct+n), "
                          "e.g. the eval_<variant>.jsonl files of `routed-lora eval`")
     lp.add_argument("--out", required=True, help="folder for leas.csv and leas_summary.json")
-    lp.add_argument("--eps", type=float, default=None, help="clip rates to [eps, 1 - eps] (default 1/(2n))")
+    lp.add_argument("--eps", type=float, default=None, help="clip rates to [eps, 1 - eps] (default min(1/(2n), 1/4))")
     lp.add_argument("--n-samples", type=int, default=None, help="samples per question (default: from the files)")
     lp.set_defaults(func=lambda a: (run_leas(a), 0)[1])
 

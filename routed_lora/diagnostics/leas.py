@@ -28,10 +28,11 @@ share of kept questions with lambda_tool*reasoning < 0 (the abilities interfere 
 Clipping rule (rates of exactly 0 or 1 have infinite logits). Every rate is clipped to [eps, 1 - eps] before the
 logit, with
 
-    eps = the ``eps`` argument if given, else 1 / (2 n) for rates measured from n samples per question
-          (``n_samples``: half a sample, the usual continuity correction), else 0.01.
+    eps = the ``eps`` argument if given, else min(1 / (2 n), 1/4) for rates measured from n samples per
+          question (``n_samples``: half a sample, the usual continuity correction; the cap keeps n = 1, a greedy
+          0/1 score, from collapsing every rate to 1/2), else 0.01.
 
-So with n = 8 samples a rate of 0 becomes 1/16 and a rate of 1 becomes 15/16.
+So with n = 8 samples a rate of 0 becomes 1/16 and a rate of 1 becomes 15/16; with n = 1, 1/4 and 3/4.
 
 Dropping rule: a question that no variant ever solves (all six rates == 0) carries no attribution (all its
 logits sit at the clip floor), so it is dropped and counted in ``result.dropped``. Rates must lie in [0, 1] and
@@ -42,7 +43,8 @@ Input files (:func:`read_rates`): CSV or JSONL, in either
 - wide form: one row per question with a column per variant (and optionally ``id`` / ``question_id`` /
   ``question``, ``dataset``), or
 - long form: one row per (variant, question) with ``variant``, a question key (``id``, ``question_id`` or
-  ``question``, plus ``dataset`` when present) and ``rate`` (or ``correct`` and ``n``): this is what
+  ``question``, plus ``dataset`` when present) and ``rate`` (or ``correct`` and ``n``, or only ``greedy``, a
+  0/1 score counted as one sample): this is what
   ``routed-lora eval --out`` writes per question, so several eval JSONL files can be passed together.
 """
 
@@ -92,7 +94,7 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def clip_eps(*, eps: float | None = None, n_samples: int | None = None) -> float:
-    """The clipping margin of the module doc: ``eps`` if given, else 1/(2 n_samples), else 0.01."""
+    """The clipping margin of the module doc: ``eps`` if given, else min(1/(2 n_samples), 1/4), else 0.01."""
     if eps is not None:
         eps = float(eps)
         if not 0.0 < eps < 0.5:
@@ -102,7 +104,7 @@ def clip_eps(*, eps: float | None = None, n_samples: int | None = None) -> float
         n = int(n_samples)
         if n < 1:
             raise ValueError(f"n_samples: expected an integer >= 1, got {n_samples!r}")
-        return 1.0 / (2.0 * n)
+        return min(1.0 / (2.0 * n), 0.25)
     return DEFAULT_EPS
 
 
@@ -253,10 +255,12 @@ def _records(path: Path) -> list[dict]:
 def _rate_of(row: dict, where: str) -> float:
     if row.get("rate") not in (None, ""):
         return float(row["rate"])
-    if row.get("correct") not in (None, "") and row.get("n") not in (None, ""):
+    if row.get("correct") not in (None, "", []) and row.get("n") not in (None, "", 0, "0"):
         c = row["correct"]
         c = sum(map(float, c)) if isinstance(c, list) else float(c)
         return c / float(row["n"])
+    if row.get("greedy") not in (None, ""):  # an eval run without samples: the greedy score (one sample)
+        return float(row["greedy"])
     raise ValueError(f"{where}: a long-form row needs 'rate', or 'correct' and 'n'; got keys {sorted(row)}")
 
 
@@ -291,7 +295,9 @@ def read_rates(paths: str | Path | Iterable[str | Path]) -> tuple[dict[str, np.n
             if qkey in table[v]:
                 raise ValueError(f"{where}: question {qkey!r} appears twice for variant {v!r}")
             table[v][qkey] = _rate_of(r, where)
-            if r.get("n") not in (None, ""):
+            if r.get("rate") in (None, "") and not r.get("correct"):
+                ns.add(1)  # greedy only
+            elif r.get("n") not in (None, ""):
                 ns.add(int(r["n"]))
         else:
             qkey = (r.get("dataset", ""), qkey) if r.get("dataset") not in (None, "") and key_field else qkey
