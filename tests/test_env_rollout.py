@@ -135,3 +135,27 @@ def test_sampled_logprobs_match_teacher_forcing(env):
     assert err < 1e-4, f"generation log-probs differ from teacher forcing by {err}"
     assert (b["info_mask"] * b["loss_mask"]).sum() == 0
     assert (b["loss_mask"] * (1 - b["attention_mask"])).sum() == 0
+
+
+def test_rollout_through_the_http_server_matches_in_process(env):
+    """The HTTP path end to end: the same rollouts with the BM25 index behind `retriever serve`'s server."""
+    from routed_lora.env.retriever import HTTPRetriever, RetrievalServer
+
+    world, retriever, tok, model = env
+    prompts = [make_prompt(q["question"]) for q in world.train[:4]]
+    scripts = {}
+    for q, p in zip(world.train[:4], prompts):
+        turns = [f"<search> {q['plan'][0]['query']} </search>", f"<answer> {q['plan'][0]['object']} </answer>"]
+        scripts[tuple(tok(p)["input_ids"])] = [tok.encode(t, add_special_tokens=False) for t in turns]
+    kw = dict(max_turns=2, max_new_tokens=16, do_sample=False,
+              generation_kwargs={"logits_processor": LogitsProcessorList([Script(tok, scripts)])})
+    server = RetrievalServer(retriever, "127.0.0.1", 0)
+    server.start()
+    try:
+        via_http = generate_rollouts(model, tok, prompts, HTTPRetriever(server.url, timeout=10), **kw)
+    finally:
+        server.stop()
+    local = generate_rollouts(model, tok, prompts, retriever, **kw)
+    assert [r.completion_ids for r in via_http] == [r.completion_ids for r in local]
+    assert [r.info_mask for r in via_http] == [r.info_mask for r in local]
+    assert all(r.num_tool_calls == 1 and r.finish_reason == "answer" for r in via_http)

@@ -91,14 +91,15 @@ def register(subparsers) -> None:
     s.add_argument("--world-dir", required=True, help="folder from `world build` (built there if missing)")
     s.add_argument("--out", required=True, help="where the fine-tuned model (HF folder) and metrics go")
     s.add_argument("--model", default=None, help="model folder to start from (default: WORLD_DIR/model)")
-    s.add_argument("--steps", type=int, default=400)
+    s.add_argument("--steps", type=int, default=300)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--two-hop-frac", type=float, default=1.0,
+    s.add_argument("--two-hop-frac", type=float, default=0.1,
                    help="share of the 2-hop training questions used (1-hop all); < 1 leaves 2-hop room for GRPO")
     s.add_argument("--eval-n", type=int, default=200, help="held-out questions evaluated (half 1-hop, half 2-hop)")
     s.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps too (0: only at the end)")
-    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: two threads were ~5x slower per step on a busy 2-core machine)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sft)

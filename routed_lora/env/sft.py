@@ -98,20 +98,20 @@ def run_sft(
     out_dir: str | Path,
     *,
     model_dir: str | Path | None = None,
-    steps: int = 400,
+    steps: int = 300,
     batch_size: int = 32,
     lr: float = 3e-3,
     warmup: int = 20,
     min_lr_frac: float = 0.1,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
-    two_hop_frac: float = 1.0,
+    two_hop_frac: float = 0.1,
     eval_n: int = 200,
     eval_every: int = 0,
     eval_batch_size: int = 100,
     sampled_eval: bool = True,
     max_turns: int = 4,
-    threads: int = 2,
+    threads: int = 1,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -120,8 +120,13 @@ def run_sft(
     ``sft_summary.json``. Returns the summary (steps/s, final loss, held-out greedy EM 1-hop / 2-hop).
 
     ``two_hop_frac`` keeps that fraction of the 2-hop training questions (all 1-hop ones are kept): a partial
-    warm start that leaves 2-hop questions for GRPO to learn. With the full data, 300-400 steps reach held-out
-    EM 1.0 on both 1-hop and 2-hop, which leaves GRPO nothing to improve. ``sampled_eval`` adds one sampled
+    warm start that leaves 2-hop questions for GRPO to learn. Measured on the default world (seed 0, 100
+    held-out questions): the defaults (300 steps, 0.1) give greedy EM 1-hop 0.98 / 2-hop 0.56 (sampled at
+    temperature 1: 0.74 / 0.34); with all 2-hop data (1.0), 200 steps give 0.88 / 0.62 and 300-400 steps 1.0 /
+    1.0, which leaves GRPO nothing to improve.
+
+    ``threads`` defaults to 1: on a busy 2-core machine two threads made each step about 5 times slower (the
+    threads wait for each other), while one thread degrades gracefully. ``sampled_eval`` adds one sampled
     rollout per held-out question at temperature 1 (``eval_sampled_t1``: the EM GRPO starts from)."""
     from tqdm.auto import tqdm
 
