@@ -102,8 +102,8 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
 
     fn = fused_lora.routed_shrink_kernel
     ptrs = {"x_ptr": p, "l_ptr": p, "routes_ptr": "*i32", "out_ptr": p, "h_ptr": p, "db_ptr": "*fp32"}
-    common = ["x_ptr", "l_ptr", "routes_ptr", "out_ptr", "h_ptr", "db_ptr", "K", "stride_xm", "stride_le",
-              "stride_om", "stride_hm", "stride_dbp", "stride_dbe", "stride_dbk"]
+    common = ["x_ptr", "l_ptr", "routes_ptr", "out_ptr", "h_ptr", "db_ptr", "K", "K_PER_SPLIT", "stride_xm",
+              "stride_le", "stride_os", "stride_om", "stride_hm", "stride_dbp", "stride_dbe", "stride_dbk"]
     add("routed_shrink_kernel", "shrink", fn, ptrs, ("stride_xk", "stride_lk", "stride_oc"),
         common + ["stride_lr"], {"FUSE_DB": False, "DETERMINISTIC": True}, launch.SHRINK_CONFIGS)
     db_unit = ("stride_xk", "stride_lr", "stride_oc", "stride_hc", "stride_dbr")
@@ -111,6 +111,12 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
         {"FUSE_DB": True, "DETERMINISTIC": True}, launch.SHRINK_DB_CONFIGS)
     add("routed_shrink_kernel", "shrink_db_atomic", fn, ptrs, db_unit, common + ["stride_lk"],
         {"FUSE_DB": True, "DETERMINISTIC": False}, launch.SHRINK_DB_CONFIGS[:1])
+    # Split reduction: fp32 partials instead of the x.dtype result.
+    split = {**ptrs, "out_ptr": "*fp32"}
+    add("routed_shrink_kernel", "shrink_split", fn, split, ("stride_xk", "stride_lk", "stride_oc"),
+        common + ["stride_lr"], {"FUSE_DB": False, "DETERMINISTIC": True}, launch.SHRINK_CONFIGS)
+    add("routed_shrink_kernel", "shrink_db_split", fn, split, db_unit, common + ["stride_lk"],
+        {"FUSE_DB": True, "DETERMINISTIC": True}, launch.SHRINK_DB_CONFIGS)
 
     fn = fused_lora.routed_grad_a_kernel
     ptrs = {"g_ptr": p, "x_ptr": p, "out_ptr": "*fp32"}

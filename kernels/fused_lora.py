@@ -50,6 +50,7 @@ def routed_shrink_kernel(
     K,
     R: tl.constexpr,
     E,
+    K_PER_SPLIT,
     M_BUCKET,
     # strides
     stride_xm,
@@ -57,6 +58,7 @@ def routed_shrink_kernel(
     stride_le,
     stride_lr,
     stride_lk,
+    stride_os,
     stride_om,
     stride_oc,
     stride_hm,
@@ -82,17 +84,24 @@ def routed_shrink_kernel(
     stored at ``db_ptr[pid_m, e, n, j]`` (DETERMINISTIC: a per-row-block fp32 workspace (P, E, N, r) that the
     launcher sums in a fixed order) or added with ``tl.atomic_add`` into an fp32 (E, N, r) buffer.
 
-    Grid: (cdiv(M, BLOCK_M), cdiv(E*r, BLOCK_R)). Tiles: x (BLOCK_M, BLOCK_K), L^T (BLOCK_K, BLOCK_R),
-    accumulator (BLOCK_M, BLOCK_R) fp32; the dB partial is (BLOCK_K, BLOCK_M) @ (BLOCK_M, BLOCK_R), the
-    large side first so Hopper can use wgmma. ``M_BUCKET`` is only an autotuning key.
+    Grid: (cdiv(M, BLOCK_M), cdiv(E*r, BLOCK_R), splits). Split p reduces over [p * K_PER_SPLIT,
+    (p + 1) * K_PER_SPLIT) (a multiple of BLOCK_K) and stores its masked partial at ``out_ptr + p * stride_os``:
+    with one split that is the result in x.dtype, with several an fp32 (splits, M, E*r) buffer the launcher sums
+    in a fixed order (more programs for a pass that is memory-bound; each dB row n still has a single writer).
+    Tiles: x (BLOCK_M, BLOCK_K), L^T (BLOCK_K, BLOCK_R), accumulator (BLOCK_M, BLOCK_R) fp32; the dB partial is
+    (BLOCK_K, BLOCK_M) @ (BLOCK_M, BLOCK_R), the large side first so Hopper can use wgmma. ``M_BUCKET`` is only
+    an autotuning key.
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     ER = E * R
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_in = offs_m < M
     c_in = offs_c < ER
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     owner = offs_c // R
     rank = offs_c % R
     l_col = owner * stride_le + rank * stride_lr
@@ -105,9 +114,9 @@ def routed_shrink_kernel(
         db_col = pid_m.to(tl.int64) * stride_dbp + owner * stride_dbe + rank * stride_dbr
 
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_in = offs_k < K
+        k_in = offs_k < k_end
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=m_in[:, None] & k_in[None, :],
@@ -129,7 +138,7 @@ def routed_shrink_kernel(
                 tl.atomic_add(db_ptrs, part, mask=db_mask)
 
     acc = tl.where(own, acc, 0.0)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
+    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & c_in[None, :])
 
 

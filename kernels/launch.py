@@ -89,7 +89,8 @@ LINEAR_LORA_CONFIGS = [
 ]
 SHRINK_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    # (8 warps here make ptxas use an 8-byte stack frame on sm_80; 4 warps do not)
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
 ]
 # G + dB: BLOCK_M sets the number of dB partials (the workspace), so it is the same in every config.
@@ -104,6 +105,10 @@ GRAD_A_CONFIGS = [
 ]
 # Largest adapter-column tile: E*r above it is looped (linear) or split over the grid (shrink, dA).
 MAX_BLOCK_R = 128
+# The shrink kernels split their reduction (K, or N for G) in chunks of a multiple of this many columns when
+# the row blocks alone would leave SMs idle; under the interpreter in chunks of SHRINK_SPLIT_INTERPRETER.
+SHRINK_SPLIT_MULTIPLE = 256
+SHRINK_SPLIT_INTERPRETER = 32
 # dA splits the token reduction in chunks of a multiple of this many rows.
 GRAD_A_SPLIT_ROWS = 256
 
@@ -330,24 +335,48 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # One launcher per kernel.
 
 
+def _reduction_splits(t: torch.Tensor, M: int, K: int, block_m: int, r_blocks: int) -> tuple[int, int]:
+    """(K_PER_SPLIT, splits) for the shrink kernels: split the reduction when the row blocks alone leave SMs idle.
+
+    Under the interpreter the split is small (32) so that tiny test shapes exercise the fp32 partial sums."""
+    if t.device.type != "cuda":
+        per = SHRINK_SPLIT_INTERPRETER
+    else:
+        programs = triton.cdiv(M, block_m) * r_blocks
+        want = max(1, min(triton.cdiv(2 * _sm_count(t.device.index), programs), triton.cdiv(K, 1024)))
+        per = triton.cdiv(triton.cdiv(K, want), SHRINK_SPLIT_MULTIPLE) * SHRINK_SPLIT_MULTIPLE
+    per = max(per, 1)
+    return per, max(1, triton.cdiv(K, per))
+
+
+def _shrink_out(M: int, ER: int, splits: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, int]:
+    """The shrink kernel's output: the result itself (one split) or fp32 partials (splits, M, E*r)."""
+    if splits == 1:
+        return torch.empty((M, ER), device=device, dtype=dtype), 0
+    buf = torch.empty((splits, M, ER), device=device, dtype=torch.float32)
+    return buf, buf.stride(0)
+
+
 def shrink(x: torch.Tensor, lora_A: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
     """h_masked = (x A_cat^T) * mask, (M, E*r) in x.dtype."""
     M, K = x.shape
     E, R, _ = lora_A.shape
-    out = torch.empty((M, E * R), device=x.device, dtype=x.dtype)
     BLOCK_R = _block_r(E * R)
+    r_blocks = triton.cdiv(E * R, BLOCK_R)
+    per, splits = _reduction_splits(x, M, K, 64, r_blocks)
+    out, stride_os = _shrink_out(M, E * R, splits, x.dtype, x.device)
     args = dict(
         x_ptr=x, l_ptr=lora_A, routes_ptr=routes, out_ptr=out, h_ptr=out, db_ptr=out,
-        M=M, K=K, R=R, E=E, M_BUCKET=_m_bucket(M),
+        M=M, K=K, R=R, E=E, K_PER_SPLIT=per, M_BUCKET=_m_bucket(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_le=lora_A.stride(0), stride_lr=lora_A.stride(1), stride_lk=lora_A.stride(2),
-        stride_om=out.stride(0), stride_oc=out.stride(1),
+        stride_os=stride_os, stride_om=out.stride(-2), stride_oc=out.stride(-1),
         stride_hm=0, stride_hc=0, stride_dbp=0, stride_dbe=0, stride_dbk=0, stride_dbr=0,
         scaling=1.0, BLOCK_R=BLOCK_R, FUSE_DB=False, DETERMINISTIC=True, DOT_PRECISION=_dot_precision(x.dtype),
     )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E * R, BLOCK_R))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_blocks, splits)  # noqa: E731
     _launch("shrink", x, grid, args)
-    return out
+    return out if splits == 1 else out.sum(0).to(x.dtype)
 
 
 def shrink_grad_b(
@@ -356,11 +385,13 @@ def shrink_grad_b(
     """One pass over g: G = (g B_cat) * mask (M, E*r) in g.dtype and dB = s g^T h_masked as (E, N, r)."""
     M, N = grad_y.shape
     E, _, R = lora_B.shape
-    G = torch.empty((M, E * R), device=grad_y.device, dtype=grad_y.dtype)
     BLOCK_R = _block_r(E * R)
+    r_blocks = triton.cdiv(E * R, BLOCK_R)
     interpret = _interpreting(grad_y)
     meta = _pinned_meta("shrink_db", interpret)
     block_m = meta["BLOCK_M"] if meta is not None else SHRINK_DB_BLOCK_M
+    per, splits = _reduction_splits(grad_y, M, N, block_m, r_blocks)
+    G, stride_os = _shrink_out(M, E * R, splits, grad_y.dtype, grad_y.device)
     deterministic = _state["deterministic"]
     if deterministic:
         ws = torch.empty((triton.cdiv(M, block_m), E, N, R), device=grad_y.device, dtype=torch.float32)
@@ -371,19 +402,21 @@ def shrink_grad_b(
     off = 1 if deterministic else 0
     args = dict(
         x_ptr=grad_y, l_ptr=lora_B, routes_ptr=routes, out_ptr=G, h_ptr=h_masked, db_ptr=ws,
-        M=M, K=N, R=R, E=E, M_BUCKET=_m_bucket(M),
+        M=M, K=N, R=R, E=E, K_PER_SPLIT=per, M_BUCKET=_m_bucket(M),
         stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
         stride_le=lora_B.stride(0), stride_lr=lora_B.stride(2), stride_lk=lora_B.stride(1),
-        stride_om=G.stride(0), stride_oc=G.stride(1),
+        stride_os=stride_os, stride_om=G.stride(-2), stride_oc=G.stride(-1),
         stride_hm=h_masked.stride(0), stride_hc=h_masked.stride(1),
         stride_dbp=stride_dbp, stride_dbe=ws.stride(off), stride_dbk=ws.stride(off + 1),
         stride_dbr=ws.stride(off + 2),
         scaling=float(scaling), BLOCK_R=BLOCK_R, FUSE_DB=True, DETERMINISTIC=deterministic,
         DOT_PRECISION=_dot_precision(grad_y.dtype),
     )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E * R, BLOCK_R))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_blocks, splits)  # noqa: E731
     _launch("shrink_db", grad_y, grid, args, reset=() if deterministic else ("db_ptr",))
     dB = ws.sum(0) if deterministic else ws
+    if splits > 1:
+        G = G.sum(0).to(grad_y.dtype)
     return G, dB.to(grad_y.dtype)
 
 

@@ -27,8 +27,8 @@ def test_every_shipped_config_is_covered(report):
     expected = (
         2 * len(launch.LINEAR_CONFIGS)  # fused forward, fused dx
         + 2 * len(launch.LINEAR_LORA_CONFIGS)  # cuBLAS variant: LoRA add for y and for dx
-        + len(launch.SHRINK_CONFIGS)
-        + len(launch.SHRINK_DB_CONFIGS)
+        + 2 * len(launch.SHRINK_CONFIGS)  # result in x.dtype, or fp32 partials of a split reduction
+        + 2 * len(launch.SHRINK_DB_CONFIGS)
         + 1  # shrink_db with atomics
         + len(launch.GRAD_A_CONFIGS)
         + 1  # grad_a with atomics
