@@ -252,3 +252,22 @@ def test_breakdown_lists_ops_relative_to_floor():
     names = {op[0] for op in res["ops"]}
     assert "routed_lora::forward" in names and "routed_lora::backward" in names
     assert "| op |" in format_breakdown(res)
+
+
+def test_a_failing_provider_is_skipped_not_fatal(monkeypatch, tmp_path):
+    from routed_lora.bench import suite
+    from routed_lora.bench.report import markdown
+
+    real_build = suite.build
+
+    def flaky(name, problem):
+        if name == "naive":
+            raise RuntimeError("no kernel for this shape")
+        return real_build(name, problem)
+
+    monkeypatch.setattr(suite, "build", flaky)
+    rows = suite.run_entry(_tiny_entry(), providers=["linear", "routed_torch", "naive"])
+    skipped = [r for r in rows if r["kind"] == "skipped"]
+    assert [r["provider"] for r in skipped] == ["naive"] and "no kernel" in skipped[0]["reason"]
+    assert {r["provider"] for r in rows if r["kind"] == "layer"} == {"linear", "routed_torch"}
+    assert "no kernel for this shape" in markdown(rows)

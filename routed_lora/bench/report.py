@@ -155,6 +155,11 @@ def markdown(rows: list[dict]) -> str:
         "nn.Linear (`linear`, the floor: its forward and input gradient). Modes: forward, backward, full = "
         "forward + backward.\n"
     )
+    notes = sorted({f"- {r['provider']}: {r['reason']}" for r in rows if r.get("kind") == "skipped"})
+    notes += [f"- case {r.get('shape', '')} M={r.get('M')} r={r.get('r')}: {r['error']}" for r in rows
+              if r.get("kind") == "error"]
+    if notes:
+        parts.append("Skipped or failed:\n\n" + "\n".join(notes) + "\n")
     for title, table in (("Layer", layer_table(rows)), ("Memory (layer, forward + backward)", memory_table(rows)),
                          ("End to end (one training step)", e2e_table(rows))):
         if table:

@@ -229,10 +229,22 @@ def run_entry(entry: Entry, providers=None, *, memory: bool = True, flush: bool 
     case = entry.case
     names, skipped = _providers_for(case.device, providers)
     problem = make_problem(case)
-    built = {n: build(n, problem) for n in names}
     gen = torch.Generator().manual_seed(case.seed + 7)
     x = torch.randn(case.M, case.K, generator=gen).to(case.device, case.torch_dtype).requires_grad_(True)
     g = torch.randn(case.M, case.N, generator=gen).to(case.device, case.torch_dtype)
+    built = {}
+    for n in names:  # a provider that fails to build or run on this case is recorded as skipped, not fatal
+        try:
+            b = build(n, problem)
+            _reset(x, b.params)
+            b.forward(x).backward(g)
+            _reset(x, b.params)
+            built[n] = b
+        except Exception as exc:
+            if n == FLOOR:
+                raise
+            skipped[n] = f"failed on this case: {type(exc).__name__}: {str(exc)[:300]}"
+    names = [n for n in names if n in built]
     m_lora = int((problem.routes >= 0).sum())
     base = {"kind": "layer", "sweep": entry.sweep, **case.as_dict(), "m_lora": m_lora}
     rows = []
@@ -337,7 +349,13 @@ def run_suite(
 
         for i, entry in enumerate(entries):
             t0 = time.perf_counter()
-            rows = run_entry(entry, providers)
+            try:
+                rows = run_entry(entry, providers)
+            except Exception as exc:  # keep going: one bad case must not lose the rest of a long run
+                write([{"kind": "error", "sweep": entry.sweep, **entry.case.as_dict(),
+                        "error": f"{type(exc).__name__}: {str(exc)[:500]}"}])
+                log(f"  [{i + 1}/{len(entries)}] {entry.case}: FAILED {type(exc).__name__}: {exc}")
+                continue
             write(rows)
             c = entry.case
             summary = ", ".join(
