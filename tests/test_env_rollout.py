@@ -159,3 +159,64 @@ def test_rollout_through_the_http_server_matches_in_process(env):
     assert [r.completion_ids for r in via_http] == [r.completion_ids for r in local]
     assert [r.info_mask for r in via_http] == [r.info_mask for r in local]
     assert all(r.num_tool_calls == 1 and r.finish_reason == "answer" for r in via_http)
+
+
+class TextScript(LogitsProcessor):
+    """Like Script, for a tokenizer whose tags are several tokens: the turn is found in the decoded text."""
+
+    def __init__(self, tok, scripts):
+        self.tok, self.scripts = tok, scripts
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, -1e9)
+        for b, row in enumerate(input_ids.tolist()):
+            real = [t for t in row if t != self.tok.pad_token_id]
+            (key,) = [k for k in self.scripts if tuple(real[: len(k)]) == k]
+            comp = real[len(key):]
+            turn, start = 0, 0
+            for i in range(len(comp)):
+                if self.tok.decode(comp[: i + 1]).count("</information>") > turn:
+                    turn, start = turn + 1, i + 1
+            ids = self.scripts[key][min(turn, len(self.scripts[key]) - 1)]
+            out[b, ids[min(len(comp) - start, len(ids) - 1)]] = 0.0
+        return out
+
+
+def test_multi_token_tags_use_stop_strings(env):
+    """A byte-level BPE tokenizer (tags are several tokens, as for real models): stop strings, text cuts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    world, retriever, _, _ = env
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(vocab_texts(world), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="</s>", padding_side="left")
+    assert len(tok.encode("</search>", add_special_tokens=False)) > 1
+    model = build_tiny_model(tok, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64).eval()
+    qs = [q for q in world.train if q["hops"] == 2][:2]
+    prompts = [make_prompt(q["question"]) for q in qs]
+    scripts = {}
+    for q, p in zip(qs, prompts):
+        turns = [f"<think>go</think><search> {q['plan'][0]['query']} </search> junk",
+                 f"<search> {q['plan'][1]['query']} </search>", f"<answer> {q['golden_answers'][0]} </answer> after"]
+        scripts[tuple(tok(p)["input_ids"])] = [tok.encode(x, add_special_tokens=False) for x in turns]
+    rolls = generate_rollouts(model, tok, prompts, retriever, max_turns=3, max_new_tokens=120, do_sample=False,
+                              return_logprobs=True,
+                              generation_kwargs={"logits_processor": LogitsProcessorList([TextScript(tok, scripts)])})
+    for q, ro in zip(qs, rolls):
+        assert ro.finish_reason == "answer" and ro.num_tool_calls == 2
+        assert ro.queries == [q["plan"][0]["query"], q["plan"][1]["query"]]
+        assert ro.text.endswith(f"<answer> {q['golden_answers'][0]} </answer>")  # cut at the stop string
+        assert "junk" not in ro.text
+        assert len(ro.logprobs) == len(ro.info_mask) == len(ro.completion_ids)
+        blocks, cur = [], []
+        for tid, m in zip(ro.completion_ids + [None], ro.info_mask + [0]):
+            if m:
+                cur.append(tid)
+            elif cur:
+                blocks.append(cur)
+                cur = []
+        assert blocks == [information_ids(tok, retriever.search([s["query"]], 3)[0]) for s in q["plan"]]
