@@ -89,9 +89,6 @@ def make_inputs(M, K, N, r, E, dtype, device, routes_kind="random", seed=0):
     return x, W, b, A, B, routes.to(torch.int32), gy
 
 
-ATOL = None
-
-
 def _atol(dtype):
     import torch
 
@@ -430,7 +427,8 @@ def main(argv=None):
         print("gpu_check: no CUDA device (use --cpu for the interpreter self-test)", file=sys.stderr)
         return 2
     info = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu (Triton interpreter, {platform.processor()})",
+        "device": (torch.cuda.get_device_name() if device == "cuda"
+                   else f"cpu (Triton interpreter, {platform.processor()})"),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "routed_lora": getattr(routed_lora, "__version__", "?"),
@@ -471,7 +469,8 @@ def main(argv=None):
     tg += targets(rows)
     print("targets:")
     for t in tg:
-        print(f"  {t['target']:58s} " + ("n/a" if t["ratio"] is None else f"{t['ratio']:.3f}  {'MET' if t['met'] else 'NOT MET'}"))
+        verdict = "n/a" if t["ratio"] is None else f"{t['ratio']:.3f}  {'MET' if t['met'] else 'NOT MET'}"
+        print(f"  {t['target']:58s} {verdict}")
     write("timings")
     if not args.skip_checks:
         run_small_checks(device, args.quick, checks)

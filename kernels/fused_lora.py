@@ -17,13 +17,13 @@ with L[c, k] at ``(c // R) * stride_le + (c % R) * stride_lr + k * stride_lk`` (
 A for dx). Adapter tensors are never copied or concatenated.
 
 Rules kept in every kernel: fp32 accumulation (``tl.dot`` with an fp32 accumulator), runtime scalars cast to fp32
-(``tl.cast(scaling, tl.float32)``: the same as ``.to(tl.float32)`` on a GPU, where torch.compile may hand a
-Python float over as fp64, and it also accepts the plain Python float the interpreter passes), int64 row/column offsets before the
-pointer maths, every tail masked, and every ``tl.dot`` dimension >= 16 (the launcher pads E*r with masked
-columns: BLOCK_R >= 16). The rank R is a constexpr: ``c // R`` and ``c % R`` become shifts for the usual
-power-of-two ranks and the compiler sees runs of R contiguous adapter columns, so B (E, N, r), whose
-contiguous axis is r, is read with vector loads instead of 64-bit scalar gathers. Masked-out route entries are produced by masked loads or ``tl.where``, so a token
-that an adapter does not own contributes an exact zero to that adapter.
+(``tl.cast(scaling, tl.float32)``: the same as ``.to(tl.float32)`` on a GPU, where torch.compile may hand a Python
+float over as fp64, and it also accepts the plain Python float the interpreter passes), int64 row/column offsets
+before the pointer maths, every tail masked, and every ``tl.dot`` dimension >= 16 (the launcher pads E*r with
+masked columns: BLOCK_R >= 16). The rank R is a constexpr: ``c // R`` and ``c % R`` become shifts for the usual
+power-of-two ranks and the compiler sees runs of R contiguous adapter columns, so B (E, N, r), whose contiguous
+axis is r, is read with vector loads instead of 64-bit scalar gathers. Masked-out route entries are produced by
+masked loads or ``tl.where``, so a token that an adapter does not own contributes an exact zero to that adapter.
 
 Only builtins of ``triton.language`` are used (``tl.full``, not the ``@jit`` helpers ``tl.zeros`` / ``tl.cdiv``):
 the launchers run these kernels in the interpreter whenever a CPU tensor arrives with TRITON_INTERPRET=1, even
@@ -190,10 +190,11 @@ def routed_linear_kernel(
     variant then accumulates the backbone product into it with ``out.addmm_(a, Wt)``, cuBLAS reading ``out`` in
     its epilogue with beta = 1, so ``out`` is never read-modify-written by a separate pass); HAS_BIAS adds b.
 
-    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), program ids grouped by GROUP_M row blocks for L2 reuse of
-    Wt. Tiles: a (BLOCK_M, BLOCK_K), Wt (BLOCK_K, BLOCK_N), accumulator (BLOCK_M, BLOCK_N) fp32; epilogue loops
-    over E*r in steps of BLOCK_R: L (BLOCK_M, BLOCK_R) @ U (BLOCK_R, BLOCK_N) into the same fp32 accumulator
-    after dividing it by s, then multiplying by s once (no second accumulator; s = 0 skips the LoRA term). ``M_BUCKET`` is only an autotuning key.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), program ids grouped by GROUP_M row blocks for L2 reuse of Wt.
+    Tiles: a (BLOCK_M, BLOCK_K), Wt (BLOCK_K, BLOCK_N), accumulator (BLOCK_M, BLOCK_N) fp32; epilogue loops over
+    E*r in steps of BLOCK_R: L (BLOCK_M, BLOCK_R) @ U (BLOCK_R, BLOCK_N) into the same fp32 accumulator after
+    dividing it by s, then multiplying by s once (no second accumulator; s = 0 skips the LoRA term). ``M_BUCKET``
+    is only an autotuning key.
     """
     pid = tl.program_id(0)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: a jit function the interpreter cannot always call

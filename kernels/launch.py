@@ -13,11 +13,11 @@ Variants (``set_variant``):
   * ``"cublas"``: the backbone GEMM stays in cuBLAS: one Triton kernel writes b + s * h_masked B_cat^T (resp.
     s * G A_cat) and ``out.addmm_(x, W^T)`` (resp. ``dx.addmm_(g, W)``) accumulates the GEMM into it with
     beta = 1, so the LoRA term is read in cuBLAS's epilogue instead of a separate read-modify-write pass.
-  * ``"auto"`` (default): on CUDA, the first call of each shape times ``fused``, ``cublas`` and the PyTorch
-    path and caches the fastest per (device, dtype, bucketed M, K, N, r, E, bias, dx) -- so ``auto`` is never
-    slower than the PyTorch path by more than the timing noise. A variant that raises while being measured is
-    ruled out for that shape (``VARIANT_ERRORS``); the PyTorch path is always a candidate. Under the Triton
-    interpreter (CPU tensors, ``TRITON_INTERPRET=1``) ``auto`` means ``fused``. Inside CUDA-graph capture an unmeasured shape uses
+  * ``"auto"`` (default): on CUDA, the first call of each shape times ``fused``, ``cublas`` and the PyTorch path
+    and caches the fastest per (device, dtype, bucketed M, K, N, r, E, bias, dx) -- so ``auto`` is never slower
+    than the PyTorch path by more than the timing noise. A variant that raises while being measured is ruled out
+    for that shape (``VARIANT_ERRORS``); the PyTorch path is always a candidate. Under the Triton interpreter (CPU
+    tensors, ``TRITON_INTERPRET=1``) ``auto`` means ``fused``. Inside CUDA-graph capture an unmeasured shape uses
     ``cublas``. The shrink, G/dB and dA kernels are Triton in both Triton variants.
 
 Determinism (``set_deterministic``, env ``ROUTED_LORA_DETERMINISTIC``): **on by default**. The dB and dA
