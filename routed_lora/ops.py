@@ -80,10 +80,13 @@ def _setup_context(ctx, inputs, output):
     _, h_masked = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, routes, h_masked)
     ctx.scaling = scaling
+    ctx.set_materialize_grads(False)  # grad_h stays None: no (M, E*r) zero tensor every backward
 
 
 def _backward(ctx, grad_y, grad_h):
     # grad_h is ignored: h is an internal output, kept for the backward only.
+    if grad_y is None:  # y did not reach the loss
+        return (None,) * 7
     x, weight, lora_A, lora_B, routes, h_masked = ctx.saved_tensors
     compute_dx = ctx.needs_input_grad[0]
     dx, dA, dB = routed_lora_backward(

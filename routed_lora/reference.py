@@ -127,6 +127,7 @@ def reference_backward(
     if compute_dx:
         dx = grad_y @ weight
         dx.addmm_(G, A_cat, alpha=s)
-    dB_cat = torch.mm(grad_y.t(), h_masked).mul_(s)
-    dA_cat = torch.mm(G.t(), x).mul_(s)
+    zero = grad_y.new_zeros(())
+    dB_cat = torch.addmm(zero, grad_y.t(), h_masked, beta=0, alpha=s)  # s folded into the GEMM
+    dA_cat = torch.addmm(zero, G.t(), x, beta=0, alpha=s)
     return dx, dA_cat.reshape(E, r, K), split_lora_B_grad(dB_cat, E)
