@@ -119,6 +119,16 @@ def test_scripted_eval_two_agent_matches_dart(env):
     assert a["prefill_tokens"] > d["prefill_tokens"]
     s = summarize(recs)
     assert s["two-agent"]["t"]["em_greedy"] == 1.0 and s["unified"]["t/2hop"]["em_sampled"] == 1.0
+    # alternating one question at a time gives the same records and counts (ids keep the data set's order)
+    recs1, costs1 = compare_two_agent(root / "model", ckpt, {"t": rows}, retriever, samples=1, greedy=True,
+                                      max_new_tokens=48, dart=(model, tok, router), generation_kwargs=gk,
+                                      chunk_questions=1)
+    key = lambda r: (r["variant"], r["id"])  # noqa: E731
+    assert [key(r) for r in recs1] == [("unified", 0), ("unified", 1), ("two-agent", 0), ("two-agent", 1)]
+    assert sorted(recs1, key=key) == sorted(recs, key=key)
+    for system in ("unified", "two-agent"):
+        for k in ("cache_rebuilds", "prefill_tokens", "handovers", "foreign_tokens", "rollouts"):
+            assert costs1[system][k] == costs[system][k], (system, k)
     # the same forced transcripts under a variant that routes the query to the backbone
     recs, _ = evaluate_variant(model, tok, router, {"t": rows[:1]}, retriever, "hybrid_reasoning", samples=1,
                                greedy=False, max_new_tokens=48, generation_kwargs=gk)

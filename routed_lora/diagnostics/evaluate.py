@@ -46,7 +46,10 @@ Cost accounting (the same agent loop and HF ``generate`` for both systems, same 
 - ``model_bytes``: parameter and buffer bytes of the models held (two copies for 2-Agent);
   ``kv_cache_bytes_peak``: the largest KV cache of one ``generate`` call (2 x layers x kv_heads x head_dim x
   rows x tokens x element size) times the caches a persistent implementation holds at once (1 for DART, 2 for
-  2-Agent); on CUDA also ``cuda_peak_bytes`` (``torch.cuda.max_memory_allocated``).
+  2-Agent); on CUDA also ``cuda_peak_bytes`` (model bytes + the largest rise of allocated memory in one chunk).
+
+The two systems alternate over chunks of questions with the same seed per chunk, so the drift of a shared
+machine's speed biases neither wall time.
 """
 
 from __future__ import annotations
@@ -208,6 +211,9 @@ def load_policy(model_dir: str | Path, adapters: str | Path | None = None, *, va
     targets, use_rslora = target_modules, False
     if adapters is not None:
         p = Path(adapters)
+        if not p.exists():
+            raise FileNotFoundError(f"adapters: {p} does not exist (expected a checkpoint.pt, its folder, a "
+                                    "save_adapters folder or a PEFT LoRA folder)")
         if (p / "routed_lora.json").exists():  # save_adapters' folder: the manifest gives the layout
             man = json.loads((p / "routed_lora.json").read_text())
             names = tuple(man.get("model_adapters") or man["adapters"])
@@ -553,64 +559,91 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
 def compare_two_agent(model_dir, adapters, datasets: dict[str, list[dict]], retriever, *, samples: int = 4,
                       greedy: bool = True, temperature: float = 1.0, batch_size: int = 64, max_turns: int = 4,
                       max_new_tokens: int = 64, max_length: int = 1024, topk: int = 3, seed: int = 1234,
-                      prompt_template: str | None = None, dart=None,
+                      prompt_template: str | None = None, dart=None, chunk_questions: int | None = None,
                       generation_kwargs: dict | None = None) -> tuple[list, dict]:
     """Run the 2-Agent baseline and DART (``unified``, one model) on the same questions with the same settings.
 
-    ``dart``: an already loaded ``(model, tokenizer, router)`` to reuse for DART (else loaded here). Returns
-    (records of both systems, {"two-agent": costs, "unified": costs})."""
+    The two systems alternate over chunks of ``chunk_questions`` questions (default: as many as fill one
+    generation batch), each chunk with the same seed for both, so a machine whose speed drifts (a shared CPU)
+    biases neither wall time. ``dart``: an already loaded ``(model, tokenizer, router)`` (else loaded here); the
+    two agents get exactly its adapters. On CUDA, ``cuda_peak_bytes`` = the system's ``model_bytes`` + the
+    largest rise of allocated memory above the level before one of its chunks (activations and KV caches).
+    Returns (records of both systems, {"two-agent": costs, "unified": costs})."""
+    from routed_lora.grpo.trainer import adapter_state, load_adapter_state
+
     if dart is None:
         dart = load_policy(model_dir, adapters)
     model, tok, router = dart
-    kw = dict(samples=samples, greedy=greedy, temperature=temperature, batch_size=batch_size, max_turns=max_turns,
-              max_new_tokens=max_new_tokens, max_length=max_length, topk=topk, seed=seed,
-              prompt_template=prompt_template, generation_kwargs=generation_kwargs)
     dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    rec_dart, cost_dart = evaluate_variant(model, tok, router, datasets, retriever, "unified", **kw)
-    if dev.type == "cuda":
-        cost_dart["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-
-    from routed_lora.grpo.trainer import adapter_state, load_adapter_state
-
     reasoner, _, _ = load_policy(model_dir, adapters, variant="reasoning")
     tool_agent, _, _ = load_policy(model_dir, adapters, variant="tool")
-    state = adapter_state(model)  # the very adapters DART ran with (also fresh or random ones)
+    state = adapter_state(model)  # the very adapters DART runs with (also fresh or random ones)
     load_adapter_state(reasoner, state)
     load_adapter_state(tool_agent, state)
     reasoner.to(dev)
     tool_agent.to(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+
+    kw = dict(samples=samples, greedy=greedy, temperature=temperature, batch_size=batch_size, max_turns=max_turns,
+              max_new_tokens=max_new_tokens, max_length=max_length, topk=topk,
+              prompt_template=prompt_template, generation_kwargs=generation_kwargs)
+    per_q = max(1, samples + int(greedy))
+    chunk = chunk_questions or max(1, batch_size // per_q)
     meters = {"R": _Meter(_kv_bytes_per_token(reasoner)), "T": _Meter(_kv_bytes_per_token(tool_agent))}
     totals = {"handovers": 0, "foreign_tokens": 0}
-    records, t0, n_rollouts = [], time.perf_counter(), 0
-    for name, rows in datasets.items():
-        def run(prompts, do_sample):
-            rolls, st = two_agent_rollouts(reasoner, tool_agent, tok, prompts, retriever, max_turns=max_turns,
-                                           max_new_tokens=max_new_tokens, max_length=max_length, topk=topk,
-                                           do_sample=do_sample, temperature=temperature, meters=meters,
-                                           generation_kwargs=generation_kwargs)
-            for k in totals:
-                totals[k] += st[k]
-            return rolls
+    cost_dart = {"wall_s": 0.0, "rollouts": 0, "generate_calls": 0, "cache_rebuilds": 0, "prefill_tokens": 0,
+                 "kv_cache_bytes_peak": 0, "model_bytes": _model_bytes(model), "handovers": 0, "foreign_tokens": 0}
+    wall_two, n_two = 0.0, 0
+    peak = {"unified": 0, "two-agent": 0}
+    rec_dart, rec_two = [], []
 
-        recs, n = _run_system(run, rows, samples=samples, greedy=greedy, temperature=temperature,
-                              batch_size=batch_size, seed=seed, prompt_template=prompt_template)
-        n_rollouts += n
-        records += _records("two-agent", name, rows, recs, samples)
-    cost = {"wall_s": time.perf_counter() - t0, "rollouts": n_rollouts,
+    def measured(which, fn):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            peak[which] = max(peak[which], torch.cuda.max_memory_allocated(dev) - base)
+        return out
+
+    for name, rows in datasets.items():
+        rows = [{**r, "id": r.get("id", k)} for k, r in enumerate(rows)]
+        for c, start in enumerate(range(0, len(rows), chunk)):
+            part = {name: rows[start: start + chunk]}
+            recs, cd = measured("unified", lambda: evaluate_variant(model, tok, router, part, retriever, "unified",
+                                                                     seed=seed + c, **kw))
+            rec_dart += recs
+            for k in ("wall_s", "rollouts", "generate_calls", "cache_rebuilds", "prefill_tokens"):
+                cost_dart[k] += cd[k]
+            cost_dart["kv_cache_bytes_peak"] = max(cost_dart["kv_cache_bytes_peak"], cd["kv_cache_bytes_peak"])
+
+            def run(prompts, do_sample):
+                rolls, st = two_agent_rollouts(reasoner, tool_agent, tok, prompts, retriever, max_turns=max_turns,
+                                               max_new_tokens=max_new_tokens, max_length=max_length, topk=topk,
+                                               do_sample=do_sample, temperature=temperature, meters=meters,
+                                               generation_kwargs=generation_kwargs)
+                for k in totals:
+                    totals[k] += st[k]
+                return rolls
+
+            t0 = time.perf_counter()
+            recs, n = measured("two-agent", lambda: _run_system(
+                run, part[name], samples=samples, greedy=greedy, temperature=temperature, batch_size=batch_size,
+                seed=seed + c, prompt_template=prompt_template))
+            wall_two += time.perf_counter() - t0
+            n_two += n
+            rec_two += _records("two-agent", name, part[name], recs, samples)
+    cost = {"wall_s": wall_two, "rollouts": n_two,
             "generate_calls": sum(m.calls for m in meters.values()),
-            "cache_rebuilds": sum(m.row_calls for m in meters.values()) - n_rollouts,
+            "cache_rebuilds": sum(m.row_calls for m in meters.values()) - n_two,
             "prefill_tokens": sum(m.prefill_tokens for m in meters.values()),
             "kv_cache_bytes_peak": 2 * max(m.kv_peak for m in meters.values()),
             "model_bytes": _model_bytes(reasoner, tool_agent), **totals}
     if dev.type == "cuda":
-        cost["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-    cost_dart.setdefault("handovers", 0)
-    cost_dart.setdefault("foreign_tokens", 0)
-    return rec_dart + records, {"two-agent": cost, "unified": cost_dart}
+        cost["cuda_peak_bytes"] = cost["model_bytes"] + peak["two-agent"]
+        cost_dart["cuda_peak_bytes"] = cost_dart["model_bytes"] + peak["unified"]
+    return rec_dart + rec_two, {"two-agent": cost, "unified": cost_dart}
 
 
 # ----------------------------------------------------------------------------------------------- summaries
