@@ -24,46 +24,24 @@ from pathlib import Path
 
 import torch
 
-FULL = dict(sft_steps=220, grpo_steps=200, prompts=32, G=8, eval_n=200, grpo_budget=330.0, lr=1e-4, people=400,
+FULL = dict(sft_steps=300, two_hop_frac=0.1, grpo_steps=200, prompts=32, G=8, eval_n=200, grpo_budget=330.0, lr=5e-4, people=400,
             time_limit=560.0)
-QUICK = dict(sft_steps=250, grpo_steps=6, prompts=16, G=4, eval_n=40, grpo_budget=25.0, lr=1e-4, people=400,
+QUICK = dict(sft_steps=250, two_hop_frac=0.1, grpo_steps=6, prompts=16, G=4, eval_n=40, grpo_budget=25.0, lr=5e-4, people=400,
              time_limit=110.0)
 
 
-def _tokenizer_ok(tok) -> bool:
-    """The word-level tokenizer round-trips a tagged text (guards against a folder loaded with the wrong
-    tokenizer class, see :func:`routed_lora.grpo.trainer.load_model_and_tokenizer`)."""
-    text = "question : <search> born </search>"
-    ids = tok.encode(text, add_special_tokens=False)
-    return len(ids) == 5 and tok.decode(ids).split() == text.split()
+def warm_start(world_dir: Path, out: Path, *, steps: int, eval_n: int, two_hop_frac: float = 1.0, seed: int = 0,
+               threads: int = 2, progress: bool = True) -> dict:
+    """The env's SFT warm start (:func:`routed_lora.env.sft.run_sft`) on all 1-hop and ``two_hop_frac`` of the
+    2-hop training questions (a partial warm start leaves 2-hop questions for GRPO)."""
+    import inspect
 
+    from routed_lora.env.sft import run_sft
 
-def warm_start(world_dir: Path, out: Path, *, steps: int, eval_n: int, seed: int = 0, progress: bool = True) -> dict:
-    """The env's SFT warm start (:func:`routed_lora.env.sft.run_sft`), with the tokenizer loaded correctly."""
-    from routed_lora.env import sft as env_sft
-    from routed_lora.grpo.trainer import load_model_and_tokenizer
-
-    original = env_sft.__dict__.get("load_model")
-    try:
-        import routed_lora.env.tokenizer as env_tok
-
-        _, probe = env_tok.load_model(world_dir / "model")
-        needs_fix = not _tokenizer_ok(probe)
-    except Exception:
-        needs_fix = True
-    if not needs_fix:
-        return env_sft.run_sft(world_dir, out, steps=steps, eval_n=eval_n, seed=seed, progress=progress)
-    # AutoTokenizer picks the model family's tokenizer class for this folder: load it as the word-level
-    # tokenizer it is. run_sft imports load_model inside the function, from routed_lora.env.tokenizer.
-    import routed_lora.env.tokenizer as env_tok
-
-    saved = env_tok.load_model
-    env_tok.load_model = lambda path, dtype=None: load_model_and_tokenizer(path, dtype=dtype)
-    try:
-        return env_sft.run_sft(world_dir, out, steps=steps, eval_n=eval_n, seed=seed, progress=progress)
-    finally:
-        env_tok.load_model = saved
-        del original
+    kw = dict(steps=steps, eval_n=eval_n, seed=seed, progress=progress, threads=threads)
+    if "two_hop_frac" in inspect.signature(run_sft).parameters:
+        kw["two_hop_frac"] = two_hop_frac
+    return run_sft(world_dir, out, **kw)
 
 
 def balanced_rows(rows, n: int, seed: int = 0) -> list[dict]:
@@ -112,10 +90,20 @@ def run_demo(out: Path, *, quick: bool = False, threads: int = 2, progress: bool
     # 2. warm start
     t = time.perf_counter()
     sft_dir = out / "sft"
-    sft = warm_start(world_dir, sft_dir, steps=p["sft_steps"], eval_n=p["eval_n"], seed=seed, progress=progress)
+    prev = sft_dir / "sft_summary.json"
+    sft = json.loads(prev.read_text()) if prev.exists() else None
+    if sft is not None and (sft.get("steps"), sft.get("two_hop_frac", 1.0)) == (p["sft_steps"], p["two_hop_frac"]) \
+            and (sft_dir / "config.json").exists():
+        print(f"      (reusing the warm start in {sft_dir}; delete it to redo)")
+        timings["sft_reused"] = True
+    else:
+        sft = warm_start(world_dir, sft_dir, steps=p["sft_steps"], eval_n=p["eval_n"], two_hop_frac=p["two_hop_frac"],
+                         seed=seed, threads=threads, progress=progress)
     timings["sft_s"] = time.perf_counter() - t
     ev = sft["eval"]
-    print(f"[2/4] warm start: {p['sft_steps']} SFT steps in {timings['sft_s']:.1f} s; held-out greedy EM "
+    took = f"reused, trained in {sft.get('train_seconds', float('nan')):.1f} s" if timings.get("sft_reused") \
+        else f"in {timings['sft_s']:.1f} s"
+    print(f"[2/4] warm start: {p['sft_steps']} SFT steps ({took}); held-out greedy EM "
           f"{ev['em']:.3f} (1-hop {ev.get('em_1hop', float('nan')):.3f}, 2-hop {ev.get('em_2hop', float('nan')):.3f})"
           f" -> {sft_dir}", flush=True)
 
@@ -233,7 +221,7 @@ def _report(summary, before, after, format_eval) -> str:
 
 def _run(args) -> int:
     run_demo(Path(args.out), quick=args.quick, threads=args.threads, progress=not args.no_progress, seed=args.seed,
-             sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, grpo_budget=args.grpo_budget, lr=args.lr,
+             sft_steps=args.sft_steps, two_hop_frac=args.two_hop_frac, grpo_steps=args.grpo_steps, grpo_budget=args.grpo_budget, lr=args.lr,
              time_limit=args.time_limit)
     return 0
 
@@ -245,6 +233,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--two-hop-frac", type=float, default=None,
+                   help="fraction of the 2-hop training questions in the warm start (default 0.1)")
     p.add_argument("--grpo-steps", type=int, default=None)
     p.add_argument("--grpo-budget", type=float, default=None, help="seconds of GRPO training before stopping early")
     p.add_argument("--time-limit", type=float, default=None,

@@ -162,3 +162,23 @@ def test_ddp_gloo_two_ranks_identical_adapters(tiny_world, tmp_path):
     assert res["same"], "adapters differ between ranks after a DDP step"
     assert res["moved"], "the step did not change the adapters"
     assert res["rollouts"] == 2 * 4  # metrics summed over both ranks: one question x G=4 each
+
+
+def test_cli_train_runs_and_resumes(tiny_world, tmp_path):
+    from routed_lora.cli import main
+
+    out = tmp_path / "run"
+    common = ["train", "--mode", "dart", "--model", str(tiny_world / "model"),
+              "--data", str(tiny_world / "train.jsonl"), "--eval-data", str(tiny_world / "test.jsonl"),
+              "--eval-n", "2", "--eval-samples", "1", "--retriever", f"bm25:{tiny_world / 'corpus.jsonl'}",
+              "--out", str(out), "--prompts-per-step", "2", "-G", "2", "--max-turns", "1", "--max-new-tokens", "6",
+              "--max-total-tokens", "40", "--lr", "1e-3", "--target-modules", "q_proj", "v_proj", "--no-progress"]
+    assert main(common + ["--steps", "1"]) == 0
+    for f in ("metrics.jsonl", "checkpoint.pt", "config.json", "metrics.png", "adapters/reasoning/adapter_config.json",
+              "adapters/tool/adapter_model.safetensors"):
+        assert (out / f).exists(), f
+    assert main(common + ["--steps", "2", "--resume", "--no-eval-before"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" not in r] == [1, 2]
+    with pytest.raises(SystemExit):
+        main(common + ["--steps", "2", "--resume", "--mode", "joint"])

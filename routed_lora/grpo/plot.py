@@ -83,7 +83,8 @@ def plot_metrics(metrics: str | Path | list[dict], out_png: str | Path, title: s
         ax.plot(steps, [r.get(key, float("nan")) for r in train], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm (before clipping)")
-    ax.set_yscale("log")
+    if any(r.get(k, 0) > 0 for r in train for k in keys):
+        ax.set_yscale("log")
     if keys:
         ax.legend(fontsize=7)
     ax.set_title("per-adapter gradient norm")

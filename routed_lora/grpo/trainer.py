@@ -366,7 +366,7 @@ def grpo_update(
                 if first_ratio_max_dev is None:
                     m = p.mask.bool()
                     first_ratio_max_dev = float((logp.detach() - p.old)[m].abs().max()) if m.any() else 0.0
-                sums["loss"] += float(out.loss.detach()) * world
+                sums["loss"] += float(out.loss.detach()) / world  # summed over ranks below: the step's loss
                 sums["tokens"] += out.tokens
                 sums["kl"] += out.kl_sum
                 sums["clip"] += out.clip_sum
@@ -398,19 +398,20 @@ def grpo_update(
         "reward_std": math.sqrt(max(r2sum / nroll - rmean * rmean, 0.0)),
         "em": emsum / nroll,
         "zero_std_frac": zgroups / max(ngroups, 1.0),
-        "kl": kl / max(tokens, 1.0),
         "clip_frac": clip / max(tokens, 1.0),
         "ratio_mean": ratio / max(tokens, 1.0),
         "ratio_max": ratio_max,
         "first_update_max_abs_logratio": first_ratio_max_dev,
         "entropy": entropy / max(tokens, 1.0),
-        "loss": loss_sum / upd / world,
+        "loss": loss_sum / upd,  # mean over the optimiser steps of this batch
         "response_len": rls / nroll,
         "tool_calls": tcs / nroll,
         "rollouts": nroll,
         "updates": upd,
         "grad_norm": sum(pre_clip) / len(pre_clip),
     }
+    if cfg.beta > 0:  # the reference pass is skipped when beta = 0: no KL to report
+        metrics["kl"] = kl / max(tokens, 1.0)
     if gen_diff is not None:
         metrics["rollout_vs_teacher_forced_max_abs_logprob_diff"] = gen_diff
     for key, v in zip(rc.keys(), tot[14:]):
@@ -560,7 +561,7 @@ def build_policy(model, tokenizer, cfg: GRPOConfig):
     """Patch ``model`` in place for ``cfg.mode`` and attach the router (so ``generate`` routes by itself).
 
     dart: adapters (reasoning, tool), rank r, the tag router (tool inside ``<search>`` ... ``</search>``);
-    joint and base... joint: one adapter ``joint`` of rank 2r and alpha 2 * lora_alpha (same scaling) on every
+    joint: one adapter ``joint`` of rank 2r and alpha 2 * lora_alpha (same scaling) on every
     token; base: the dart layout with its zero-initialised B (identical to the backbone), never trained.
     Returns ``(model, router)``."""
     import routed_lora as rl
@@ -733,7 +734,7 @@ class Trainer:
             last = row
             if callback is not None:
                 callback(row)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', float('nan')):.4f}",
                             clip=f"{metrics['clip_frac']:.3f}", refresh=False)
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == steps:
                 save_checkpoint(self.out, model=self.model, optimizer=self.optimizer, step=self.step, cfg=cfg)
