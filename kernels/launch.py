@@ -47,6 +47,7 @@ import statistics
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from . import fused_lora
 
@@ -296,15 +297,54 @@ def _runner(name: str, interpret: bool, autotune: bool, restore=(), reset=()):
     return _RUNNERS[key]
 
 
+# (kernel, dtype, BLOCK_R) -> the config used because the chosen / autotuned ones need more shared memory than
+# the GPU has (fp32 operands with a 128-wide adapter tile): found once, then reused.
+_FALLBACK_META: dict = {}
+
+
+def _fallback_metas(name: str, first: dict | None) -> list[dict]:
+    """Configs to try in order when ``first`` does not fit: the shipped ones, each with fewer pipeline stages.
+
+    Shared memory grows with num_stages (the K loop's staged tiles) and halves with 16-bit operands, so fp32 at
+    BLOCK_R = 128 needs fewer stages than the bf16 configs were tuned with. Fewer stages change neither the tile
+    shapes nor the register budget the compile test checks."""
+    out = []
+    for cfg in ([first] if first else []) + [_config_dict(c) for c in _CONFIG_LISTS[name]]:
+        for stages in range(cfg["num_stages"], 0, -1):
+            meta = {**cfg, "num_stages": stages}
+            if meta not in out:
+                out.append(meta)
+    return out
+
+
 def _launch(name: str, device_tensor: torch.Tensor, grid, args: dict, restore=(), reset=()) -> None:
-    """Run kernel ``name`` with keyword ``args``; ``grid(meta)`` gives the launch grid."""
+    """Run kernel ``name`` with keyword ``args``; ``grid(meta)`` gives the launch grid.
+
+    A launch that the GPU refuses for lack of shared memory (raised before the kernel runs, so nothing has been
+    written) is retried with the configs of :func:`_fallback_metas`; the first that fits is cached."""
     interpret = _interpreting(device_tensor)
     meta = _pinned_meta(name, interpret)
     CALLS[name] += 1
-    if meta is None:
-        _runner(name, interpret, True, restore, reset)[grid](**args)
-    else:
-        _runner(name, interpret, False)[grid(meta)](**args, **meta)
+    fkey = (name, device_tensor.dtype, args.get("BLOCK_R"))
+    if not interpret and fkey in _FALLBACK_META:
+        meta = _FALLBACK_META[fkey]
+    try:
+        if meta is None:
+            _runner(name, interpret, True, restore, reset)[grid](**args)
+        else:
+            _runner(name, interpret, False)[grid(meta)](**args, **meta)
+        return
+    except OutOfResources as exc:
+        error = exc
+    for alt in _fallback_metas(name, meta):
+        try:
+            _runner(name, interpret, False)[grid(alt)](**args, **alt)
+        except OutOfResources:
+            continue
+        _FALLBACK_META[fkey] = alt
+        CALLS["shared_memory_fallback"] += 1
+        return
+    raise error
 
 
 @functools.lru_cache(maxsize=None)
@@ -539,17 +579,23 @@ def _backward_variant(variant, grad_y, x, weight, lora_A, lora_B, routes, h_mask
     return dx, dA, dB
 
 
-def _time_ms(fn, reps: int = 5) -> float:
+def _time_ms(fn, calls: int = 8, rounds: int = 3) -> float:
+    """Steady-state GPU time of one call: median over ``rounds`` of ``calls`` back-to-back calls between two events.
+
+    Back-to-back, as in training, where the host runs ahead of the GPU: timing single calls between events would
+    count the host's launch latency before the first kernel, which penalises the variants with more (Triton)
+    launches by tens of microseconds although a training step hides it."""
     fn()  # warm-up (and autotuning)
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .ops import routed_lora_forward
+from .ops import routed_lora_apply
 
 __all__ = ["RoutedLoRALinear", "routed_lora_linear", "set_routes", "clear_routes", "validate_routes"]
 
@@ -67,8 +67,9 @@ def routed_lora_linear(
     """Functional routed LoRA linear: ``x`` (..., K), ``weight`` (N, K), ``lora_A`` (E, r, K), ``lora_B``
     (E, N, r), ``routes`` of shape ``x.shape[:-1]``. Returns (..., N).
 
-    Route values are checked on CPU tensors; on CUDA tensors they are checked without a host synchronisation
-    (``torch._assert_async``) unless ``check_route_values`` says otherwise.
+    ``check_route_values``: None (default) checks route values on CPU tensors here and on CUDA tensors with an
+    asynchronous device assert (no host synchronisation); True checks them here on any device (a host sync on a
+    GPU); False skips the value check (the caller has done it, as :func:`set_routes` does once for all layers).
     """
     if x.dim() < 1:
         raise ValueError(f"x: expected at least 1 dimension (..., in_features), got a {x.dim()}-d tensor")
@@ -93,11 +94,12 @@ def routed_lora_linear(
     # the activation dtype and autograd casts the gradients back.
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
 
+    # None: CPU tensors are checked here (cheap), CUDA tensors by an asynchronous device assert (no host sync).
+    # False: the caller checked them already (set_routes checks once for every layer), so nothing is launched.
+    compiling = _is_compiling()
     check = (not x.is_cuda) if check_route_values is None else check_route_values
-    if _is_compiling():
-        check = False
-    validate_routes(routes, E, x.shape[:-1], check_values=check)
-    if x.is_cuda and not check and not _is_compiling() and routes.numel() > 0:
+    validate_routes(routes, E, x.shape[:-1], check_values=check and not compiling)
+    if check_route_values is None and x.is_cuda and not compiling and routes.numel() > 0:
         torch._assert_async(((routes >= -1) & (routes < E)).all(), "routes: value outside [-1, E)")
 
     lead = x.shape[:-1]
@@ -105,7 +107,7 @@ def routed_lora_linear(
     routes1 = routes.reshape(-1)
     if routes1.dtype != torch.int32:
         routes1 = routes1.to(torch.int32)
-    y, _ = routed_lora_forward(x2, weight, bias, lora_A, lora_B, routes1, float(scaling))
+    y, _ = routed_lora_apply(x2, weight, bias, lora_A, lora_B, routes1, float(scaling))
     return y.reshape(*lead, N)
 
 

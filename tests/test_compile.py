@@ -35,6 +35,24 @@ def test_opcheck_backward(compute_dx):
     torch.library.opcheck(routed_lora_backward, (g, x.detach(), W, A.detach(), B.detach(), routes, h, 2.0, compute_dx))
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_eager_function_equals_custom_op(x_grad):
+    """The eager autograd.Function and the custom op (used under torch.compile) give bit-identical results."""
+    from routed_lora.ops import routed_lora_apply
+
+    results = []
+    for use_op in (True, False):
+        x, W, b, A, B, routes = _args(M=13)
+        x.requires_grad_(x_grad)
+        y, h = routed_lora_apply(x, W, b, A, B, routes, 2.0, use_custom_op=use_op)
+        assert use_op or not h.requires_grad  # the Function marks h non-differentiable
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        results.append((y.detach(), h.detach(), x.grad, A.grad, B.grad))
+    for a, b_ in zip(*results):
+        assert (a is None and b_ is None) or torch.equal(a, b_)
+    assert (results[0][2] is None) == (not x_grad)
+
+
 class TwoLayer(nn.Module):
     def __init__(self):
         super().__init__()

@@ -301,3 +301,35 @@ def test_public_layer_with_triton_backend(dtype):
         err = (got.double() - want.double()).abs().max().item()
         assert err <= tol * scale, f"{name}: triton vs torch backend max |err| {err:.3g} (scale {scale:.3g})"
     assert torch.all(dAt[2] == 0) and torch.all(dBt[2] == 0)
+
+
+def test_shared_memory_fallback_retries_smaller_configs(monkeypatch):
+    """A launch the GPU refuses for shared memory (fp32 at BLOCK_R = 128 on an H200, seen there) is retried with
+    fewer pipeline stages / the other shipped configs, and the one that fits is cached; if none fits the
+    original error is raised. The kernel is a fake that refuses every config with more than one stage."""
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(**kw):
+                if kw.get("BLOCK_M", 0) == 16 or kw.get("num_stages", 9) > limit["stages"]:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                launched.append(dict(kw))
+
+            return run
+
+    limit = {"stages": 1}
+    monkeypatch.setattr(launch, "_runner", lambda *a, **k: FakeKernel())
+    monkeypatch.setattr(launch, "_FALLBACK_META", {})
+    x = torch.empty(4, dtype=torch.float32)
+    before = launch.CALLS["shared_memory_fallback"]
+    launch._launch("linear", x, lambda meta: (1,), {"BLOCK_R": 128})
+    assert launched[-1]["num_stages"] == 1 and launched[-1]["BLOCK_M"] == launch.LINEAR_CONFIGS[0].kwargs["BLOCK_M"]
+    assert launch.CALLS["shared_memory_fallback"] == before + 1
+    assert launch._FALLBACK_META[("linear", torch.float32, 128)]["num_stages"] == 1
+    limit["stages"] = 0  # nothing fits: the original error surfaces
+    launch._FALLBACK_META.clear()
+    with pytest.raises(OutOfResources):
+        launch._launch("linear", x, lambda meta: (1,), {"BLOCK_R": 128})
