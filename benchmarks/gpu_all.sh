@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_all.sh [OUT_DIR]
 # 1. versions; 2. install this checkout (editable, so kernels/ maps to routed_lora.kernels) without dependencies (the image carries torch, triton, transformers,
 # peft); 3. benchmarks/gpu_check.py (correctness at real shapes + the issue-3 timing table, gpu_check.json);
-# 4. per-kernel profile (gpu_profile.txt); 5. the GPU pytest file; 6. `routed-lora bench --quick` on cuda (results.jsonl, report.md, plot).
+# 4. per-kernel profile (gpu_profile.txt), host overhead and steady-state times (gpu_overhead.*); 5. the GPU pytest file; 6. `routed-lora bench --quick` on cuda (results.jsonl, report.md, plot).
 # Each step has its own time limit so one slow step cannot eat the others; logs go to OUT_DIR.
 set -u
 OUT_DIR="${1:-${OUT:-runs/gpu}}"
@@ -20,6 +20,8 @@ echo "== gpu_check" | tee -a "$OUT_DIR/gpu_log.txt"
 timeout "${T_CHECK:-230}" "$PY" benchmarks/gpu_check.py --out "$OUT_DIR" --reps "${REPS:-150}" 2>&1 | tee -a "$OUT_DIR/gpu_log.txt"
 echo "== gpu_profile (per-kernel time)" | tee -a "$OUT_DIR/gpu_log.txt"
 timeout "${T_PROFILE:-60}" "$PY" benchmarks/gpu_profile.py --out "$OUT_DIR" > /dev/null 2>&1 || echo "gpu_profile failed" | tee -a "$OUT_DIR/gpu_log.txt"
+echo "== gpu_overhead (host overhead, steady-state time)" | tee -a "$OUT_DIR/gpu_log.txt"
+timeout "${T_OVERHEAD:-90}" "$PY" benchmarks/gpu_overhead.py --out "$OUT_DIR" 2>&1 | head -14 | tee -a "$OUT_DIR/gpu_log.txt"
 echo "== pytest tests/test_kernels_gpu.py" | tee -a "$OUT_DIR/gpu_log.txt"
 timeout "${T_PYTEST:-100}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tail -25 | tee -a "$OUT_DIR/gpu_log.txt"
 echo "== routed-lora bench --quick --device cuda" | tee -a "$OUT_DIR/gpu_log.txt"
