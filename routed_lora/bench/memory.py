@@ -12,6 +12,9 @@ callable runs. On CUDA from the caching allocator's statistics; on CPU from the 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -139,6 +142,34 @@ def extra_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        with _native_stderr_silenced():  # torch >= 2.13's kineto prints "USDT: ... profiler_start" per run
+            prof.start()
+        try:
             fn()
+        finally:
+            with _native_stderr_silenced():
+                prof.stop()
     return int(_cpu_peak_from_profiler(prof))
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the duration (C++ code writes there directly, past sys.stderr).
+
+    Only the profiler's start and stop run inside it, never the measured function, so no error is hidden."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
