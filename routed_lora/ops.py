@@ -82,23 +82,26 @@ def _(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx):
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, routes, scaling = inputs
-    _, h_masked = output
+def _save(ctx, x, weight, lora_A, lora_B, routes, h_masked, scaling):
     ctx.save_for_backward(x, weight, lora_A, lora_B, routes, h_masked)
     ctx.scaling = scaling
     ctx.set_materialize_grads(False)  # grad_h stays None: no (M, E*r) zero tensor every backward
 
 
-def _backward(ctx, grad_y, grad_h):
-    # grad_h is ignored: h is an internal output, kept for the backward only.
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, routes, scaling = inputs
+    _save(ctx, x, weight, lora_A, lora_B, routes, output[1], scaling)
+
+
+def _grads(ctx, grad_y, backward_fn):
+    """The 7 input gradients from ``backward_fn(grad_y, x, W, A, B, routes, h, s, compute_dx) -> (dx, dA, dB)``.
+
+    The gradient of h is ignored: h is an internal output, kept for the backward only."""
     if grad_y is None:  # y did not reach the loss
         return (None,) * 7
     x, weight, lora_A, lora_B, routes, h_masked = ctx.saved_tensors
     compute_dx = ctx.needs_input_grad[0]
-    dx, dA, dB = routed_lora_backward(
-        grad_y.contiguous(), x, weight, lora_A, lora_B, routes, h_masked, ctx.scaling, compute_dx
-    )
+    dx, dA, dB = backward_fn(grad_y.contiguous(), x, weight, lora_A, lora_B, routes, h_masked, ctx.scaling, compute_dx)
     return (
         dx if compute_dx else None,
         None,  # weight: frozen
@@ -108,6 +111,10 @@ def _backward(ctx, grad_y, grad_h):
         None,
         None,
     )
+
+
+def _backward(ctx, grad_y, grad_h):
+    return _grads(ctx, grad_y, routed_lora_backward)
 
 
 routed_lora_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -121,28 +128,13 @@ class _RoutedLoRAFunction(torch.autograd.Function):
         fwd, _ = _impl(x.device)
         y, h_masked = fwd(x, weight, bias, lora_A, lora_B, routes, scaling)
         ctx.mark_non_differentiable(h_masked)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, routes, h_masked)
-        ctx.scaling = scaling
-        ctx.set_materialize_grads(False)
+        _save(ctx, x, weight, lora_A, lora_B, routes, h_masked, scaling)
         return y, h_masked
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):
-        if grad_y is None:
-            return (None,) * 7
-        x, weight, lora_A, lora_B, routes, h_masked = ctx.saved_tensors
-        compute_dx = ctx.needs_input_grad[0]
-        _, bwd = _impl(x.device)
-        dx, dA, dB = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, routes, h_masked, ctx.scaling, compute_dx)
-        return (
-            dx if compute_dx else None,
-            None,
-            None,
-            dA if ctx.needs_input_grad[3] else None,
-            dB if ctx.needs_input_grad[4] else None,
-            None,
-            None,
-        )
+        x = ctx.saved_tensors[0]
+        return _grads(ctx, grad_y, _impl(x.device)[1])
 
 
 def _tracing() -> bool:

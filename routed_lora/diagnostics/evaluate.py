@@ -457,7 +457,7 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
     """The 2-Agent loop (module doc): ``reasoner`` writes until ``<search>``, ``tool_agent`` writes the query up to
     ``</search>``, passages are spliced in as ids, and the turn returns. Returns (rollouts, stats) with the
     :class:`routed_lora.env.rollout.Rollout` fields the scorer needs and ``handovers`` / ``foreign_tokens``."""
-    from routed_lora.env.rollout import Rollout, _encode_prompts, information_ids
+    from routed_lora.env.rollout import Rollout, _encode_prompts, append_search_results
 
     s_open, s_close = _single(tokenizer, "<search>"), _single(tokenizer, "</search>")
     a_close = _single(tokenizer, "</answer>")
@@ -539,17 +539,11 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
                     done[i], ro.finish_reason = True, why
                 else:
                     done[i], ro.finish_reason = True, "length"
-            if searches:
-                results = retriever.search([q for _, q in searches], topk=topk)
-                for (i, _q), docs in zip(searches, results):
-                    ro = rolls[i]
-                    info = information_ids(tokenizer, docs)[: max(0, max_length - len(ro.ids))]
-                    ro.completion_ids += info
-                    ro.info_mask += [1] * len(info)
-                    wrote[i] += ["P"] * len(info)
-                    ro.num_tool_calls += 1
-                    owner[i] = "R"
-                    stats["handovers"] += 1
+            added = append_search_results(rolls, searches, retriever, tokenizer, topk=topk, max_length=max_length)
+            for (i, _q), n in zip(searches, added):
+                wrote[i] += ["P"] * n
+                owner[i] = "R"
+                stats["handovers"] += 1
     for ro in rolls:
         ro.finish_reason = ro.finish_reason or "max_turns"
         ro.text = tokenizer.decode(ro.completion_ids, skip_special_tokens=True)

@@ -76,6 +76,26 @@ def information_ids(tokenizer, docs: Sequence[dict], template: str = INFO_TEMPLA
     return tokenizer.encode(template.format(format_passages(docs)), add_special_tokens=False)
 
 
+def append_search_results(
+    rolls, searches, retriever, tokenizer, *, topk: int, max_length: int, info_template: str = INFO_TEMPLATE
+) -> list[int]:
+    """Run ``searches`` ([(rollout index, query)]) as one retriever batch and append each result, as token ids of
+    an ``<information>`` block, to its rollout's completion: masked out of the loss (``info_mask`` 1), cut so the
+    sequence stays within ``max_length``, and counted as a tool call. Returns the tokens appended per search."""
+    if not searches:
+        return []
+    results = retriever.search([q for _, q in searches], topk=topk)
+    added = []
+    for (i, _q), docs in zip(searches, results):
+        ro = rolls[i]
+        info = information_ids(tokenizer, docs, info_template)[: max(0, max_length - len(ro.ids))]
+        ro.completion_ids += info
+        ro.info_mask += [1] * len(info)
+        ro.num_tool_calls += 1
+        added.append(len(info))
+    return added
+
+
 def _single_id(tokenizer, text: str) -> int | None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None
@@ -234,20 +254,15 @@ def generate_rollouts(
             else:
                 done[i], ro.finish_reason = True, "length"
 
-        if searches:
-            results = retriever.search([q for _, q in searches], topk=topk)
-            for (i, _q), docs in zip(searches, results):
-                ro = rolls[i]
-                info = information_ids(tokenizer, docs, info_template)
-                room = max_length - len(ro.ids)
-                info = info[:room]
-                ro.completion_ids += info
-                ro.info_mask += [1] * len(info)
-                if return_logprobs:
-                    ro.logprobs += [0.0] * len(info)
-                ro.num_tool_calls += 1
-                if len(ro.ids) >= max_length:
-                    done[i], ro.finish_reason = True, "length"
+        added = append_search_results(
+            rolls, searches, retriever, tokenizer, topk=topk, max_length=max_length, info_template=info_template
+        )
+        for (i, _q), n in zip(searches, added):
+            ro = rolls[i]
+            if return_logprobs:
+                ro.logprobs += [0.0] * n
+            if len(ro.ids) >= max_length:
+                done[i], ro.finish_reason = True, "length"
 
     for i, ro in enumerate(rolls):
         if not done[i]:  # asked for another search after the last allowed turn's generation
