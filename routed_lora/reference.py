@@ -20,8 +20,8 @@ backbone GEMM, and it is made of a handful of large GEMMs (no loop over tokens o
 product is accumulated in place into ``y`` or ``dx``; the only extra activation kept for the backward is the
 masked shrink h (M, E*r).
 
-Masking multiplies in place by a one-hot (M, E, 1) route matrix, so a token that an adapter does not own
-contributes an exact (signed) zero to that adapter's gradient: an adapter with no tokens gets exact zeros, and
+Masking zeroes in place (``masked_fill_``) the entries of adapters a token does not own, so such a token
+contributes an exact zero to that adapter's gradient: an adapter with no tokens gets exact zeros, and
 changing the upstream gradient at tokens of another adapter leaves its gradient bit-for-bit unchanged (adding a
 zero product to a partial sum is exact). In-place masking also avoids fresh (M, E*r) allocations, which on the
 CPU cost more than the masking itself.
@@ -49,9 +49,14 @@ def route_mask(routes: torch.Tensor, num_adapters: int, dtype: torch.dtype) -> t
 
 
 def apply_route_mask_(t: torch.Tensor, routes: torch.Tensor, num_adapters: int) -> torch.Tensor:
-    """Zero, in place, the columns of (M, E*r) ``t`` that belong to adapters other than each row's route."""
+    """Zero, in place, the columns of (M, E*r) ``t`` that belong to adapters other than each row's route.
+
+    Two kernels (a comparison and ``masked_fill_``) instead of building a one-hot in ``t``'s dtype and
+    multiplying: on a GPU every op costs host time, and this runs twice per layer call."""
     M = t.shape[0]
-    t.view(M, num_adapters, t.shape[1] // num_adapters).mul_(route_mask(routes, num_adapters, t.dtype))
+    owner = torch.arange(num_adapters, device=routes.device, dtype=routes.dtype)
+    foreign = (routes.reshape(-1, 1) != owner).unsqueeze(-1)
+    t.view(M, num_adapters, t.shape[1] // num_adapters).masked_fill_(foreign, 0)
     return t
 
 
