@@ -190,6 +190,10 @@ def run_grad_angle(args) -> dict:
     print(line)
     for a, ct in report.get("cross_talk", {}).items():
         print(f"  cross-talk {a}: {_fmt(ct['cross_talk'], 3)} (share {_fmt(ct['cross_talk_share'], 3)})")
+    if objective == "grpo" and info.get("zero_std_group_fraction") == 1.0:
+        print(f"  warning: every group got the same reward (mean {_fmt(info.get('reward_mean'), 3)}), so every "
+              "advantage and every GRPO gradient is zero and no angle exists; use a warmer-started model, a "
+              "larger --group-size, or --objective logp / --source expert", file=sys.stderr)
     if not report["roles"].get("tool"):
         print("  warning: the batch has no tool tokens (the model never searched); no reasoning-vs-tool angle",
               file=sys.stderr)
