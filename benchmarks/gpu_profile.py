@@ -65,13 +65,15 @@ def main(argv=None) -> int:
             sync()
         avg = prof.key_averages()
         table = None
-        for key in ("self_device_time_total", "self_cuda_time_total") if dev == "cuda" else ("self_cpu_time_total",):
+        keys = ("self_device_time_total", "self_cuda_time_total") if dev == "cuda" else ("self_cpu_time_total",)
+        for key in keys:
             try:
                 table = avg.table(sort_by=key, row_limit=14, max_name_column_width=60)
                 break
             except Exception:  # noqa: BLE001 (older / newer profiler key names)
                 continue
-        head = f"== variant {variant}: M={args.M} K={args.K} N={args.N} r={args.r} E={args.E} {str(dt)[6:]}, {args.iters} iters"
+        shape = f"M={args.M} K={args.K} N={args.N} r={args.r} E={args.E}"
+        head = f"== variant {variant}: {shape} {str(dt)[6:]}, {args.iters} iters"
         lines += [head, table or "(no table)"]
         print(head, flush=True)
         print(table, flush=True)

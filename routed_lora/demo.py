@@ -129,6 +129,7 @@ def run_demo(out: Path, *, quick: bool = False, threads: int = 2, progress: bool
     # or the whole demo's time limit minus what the final evaluation and saving will take
     budget = float(p["grpo_budget"])
     limit = float(p["time_limit"])
+    trainer.progress_desc = f"grpo {cfg.mode} (up to {cfg.steps} steps or {budget:.0f} s)"
     reserve = 1.3 * ev_before["eval_seconds"] + 15.0
     t_train0 = time.perf_counter()
     stopped_early = {"at": None, "why": None}

@@ -617,6 +617,7 @@ class Trainer:
         self.template = prompt_template or TINY_PROMPT
         self.out = Path(out)
         self.progress = progress
+        self.progress_desc: str | None = None  # the progress bar's label (default "grpo MODE")
         self.rank, self.world = world_info()
         if cfg.prompts_per_step % self.world:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the {self.world} ranks")
@@ -710,7 +711,7 @@ class Trainer:
             evals["before"] = ev
             writer.write({"eval": "before", "step": 0, **ev})
         steps = cfg.steps if cfg.mode != "base" else 0
-        bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"grpo {cfg.mode}",
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=self.progress_desc or f"grpo {cfg.mode}",
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         t_start = time.perf_counter()
         last = {}
