@@ -93,14 +93,17 @@ def _setup_context(ctx, inputs, output):
     _save(ctx, x, weight, lora_A, lora_B, routes, output[1], scaling)
 
 
-def _grads(ctx, grad_y, backward_fn):
-    """The 7 input gradients from ``backward_fn(grad_y, x, W, A, B, routes, h, s, compute_dx) -> (dx, dA, dB)``.
+def _grads(ctx, grad_y, backward_for):
+    """The 7 input gradients, with ``backward_for(device)`` giving the backward to run,
+    ``(grad_y, x, W, A, B, routes, h, s, compute_dx) -> (dx, dA, dB)``.
 
-    The gradient of h is ignored: h is an internal output, kept for the backward only."""
+    The gradient of h is ignored: h is an internal output, kept for the backward only. ``ctx.saved_tensors`` is
+    read exactly once: under activation checkpointing a second read raises."""
     if grad_y is None:  # y did not reach the loss
         return (None,) * 7
     x, weight, lora_A, lora_B, routes, h_masked = ctx.saved_tensors
     compute_dx = ctx.needs_input_grad[0]
+    backward_fn = backward_for(x.device)
     dx, dA, dB = backward_fn(grad_y.contiguous(), x, weight, lora_A, lora_B, routes, h_masked, ctx.scaling, compute_dx)
     return (
         dx if compute_dx else None,
@@ -114,7 +117,7 @@ def _grads(ctx, grad_y, backward_fn):
 
 
 def _backward(ctx, grad_y, grad_h):
-    return _grads(ctx, grad_y, routed_lora_backward)
+    return _grads(ctx, grad_y, lambda device: routed_lora_backward)
 
 
 routed_lora_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -133,8 +136,7 @@ class _RoutedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):
-        x = ctx.saved_tensors[0]
-        return _grads(ctx, grad_y, _impl(x.device)[1])
+        return _grads(ctx, grad_y, lambda device: _impl(device)[1])
 
 
 def _tracing() -> bool:
