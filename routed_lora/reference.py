@@ -48,13 +48,38 @@ def route_mask(routes: torch.Tensor, num_adapters: int, dtype: torch.dtype) -> t
     return (routes.reshape(-1, 1) == owner).to(dtype).unsqueeze(-1)
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(kind: str, device: torch.device, dtype: torch.dtype, n: int = 0) -> torch.Tensor:
+    """A small constant tensor ("owner" = arange(n), "zero" = a 0-d zero), made once per device and dtype.
+
+    Every layer call needs them twice; on a GPU each fresh one is a kernel launch and host time. Not cached while
+    torch.compile traces (it makes its own constants) and made outside inference mode, so a cached tensor is an
+    ordinary one whatever mode first asked for it."""
+    if torch.compiler.is_compiling():
+        return _make_constant(kind, device, dtype, n)
+    key = (kind, device, dtype, n)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False), torch.no_grad():
+            t = _CONSTANTS[key] = _make_constant(kind, device, dtype, n)
+    return t
+
+
+def _make_constant(kind, device, dtype, n):
+    if kind == "owner":
+        return torch.arange(n, device=device, dtype=dtype)
+    return torch.zeros((), device=device, dtype=dtype)
+
+
 def apply_route_mask_(t: torch.Tensor, routes: torch.Tensor, num_adapters: int) -> torch.Tensor:
     """Zero, in place, the columns of (M, E*r) ``t`` that belong to adapters other than each row's route.
 
     Two kernels (a comparison and ``masked_fill_``) instead of building a one-hot in ``t``'s dtype and
     multiplying: on a GPU every op costs host time, and this runs twice per layer call."""
     M = t.shape[0]
-    owner = torch.arange(num_adapters, device=routes.device, dtype=routes.dtype)
+    owner = _constant("owner", routes.device, routes.dtype, num_adapters)
     foreign = (routes.reshape(-1, 1) != owner).unsqueeze(-1)
     t.view(M, num_adapters, t.shape[1] // num_adapters).masked_fill_(foreign, 0)
     return t
@@ -132,7 +157,7 @@ def reference_backward(
     if compute_dx:
         dx = grad_y @ weight
         dx.addmm_(G, A_cat, alpha=s)
-    zero = grad_y.new_zeros(())
+    zero = _constant("zero", grad_y.device, grad_y.dtype)  # ignored by addmm with beta = 0, but must exist
     dB_cat = torch.addmm(zero, grad_y.t(), h_masked, beta=0, alpha=s)  # s folded into the GEMM
     dA_cat = torch.addmm(zero, G.t(), x, beta=0, alpha=s)
     return dx, dA_cat.reshape(E, r, K), split_lora_B_grad(dB_cat, E)

@@ -306,3 +306,24 @@ def test_zero_tokens():
     assert y.shape == (0, 4)
     y.sum().backward()
     assert torch.count_nonzero(layer.lora_A.grad) == 0
+
+
+def test_cached_constants_made_under_inference_mode_serve_training():
+    """The route-mask constants are cached per device and dtype; one first made under inference_mode must still
+    work in a training step (an inference tensor would raise there)."""
+    from routed_lora import reference
+
+    reference._CONSTANTS.clear()
+    torch.manual_seed(0)
+    layer = rl.RoutedLoRALinear(8, 6, r=2)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8)
+    routes = torch.tensor([0, 1, -1, 1, 0])
+    with torch.inference_mode():
+        y_inf = layer(x, routes)
+    assert reference._CONSTANTS and not any(t.is_inference() for t in reference._CONSTANTS.values())
+    x.requires_grad_(True)
+    y = layer(x, routes)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf)
+    assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
