@@ -457,9 +457,10 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
     """The 2-Agent loop (module doc): ``reasoner`` writes until ``<search>``, ``tool_agent`` writes the query up to
     ``</search>``, passages are spliced in as ids, and the turn returns. Returns (rollouts, stats) with the
     :class:`routed_lora.env.rollout.Rollout` fields the scorer needs and ``handovers`` / ``foreign_tokens``."""
-    from routed_lora.env.rollout import Rollout, _encode_prompts, append_search_results
+    from routed_lora.env.rollout import Rollout, _encode_prompts, _Tags, append_search_results
 
     s_open, s_close = _single(tokenizer, "<search>"), _single(tokenizer, "</search>")
+    tags = _Tags(tokenizer)  # the query between the last <search> and </search>, as in the one-model rollout
     a_close = _single(tokenizer, "</answer>")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -530,9 +531,7 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
                         owner[i] = "T"
                         stats["handovers"] += 1
                 elif why == "search":
-                    q_start = max(k for k, t in enumerate(ro.completion_ids) if t == s_open) + 1 \
-                        if s_open in ro.completion_ids else 0
-                    q = tokenizer.decode(ro.completion_ids[q_start:-1], skip_special_tokens=True).strip()
+                    q = tags.query(ro.completion_ids)
                     ro.queries.append(q)
                     searches.append((i, q))
                 elif why in ("answer", "eos"):

@@ -39,7 +39,10 @@ def _rows_from_parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
 
 
-def _rows_from_jsonl(path: Path) -> list[dict]:
+def read_jsonl_objects(path: Path, *, error: type[Exception] | None = None, what: str = "") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object raises
+    ``error`` (default :class:`DataError`) naming ``what`` (e.g. "corpus "), the file and the line."""
+    error = error or DataError
     rows = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -48,11 +51,15 @@ def _rows_from_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {exc}") from exc
+                raise error(f"{what}{path}:{lineno}: invalid JSON: {exc}") from exc
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+                raise error(f"{what}{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((lineno, row))
     return rows
+
+
+def _rows_from_jsonl(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl_objects(path)]
 
 
 def _golds(row: dict) -> list[str] | None:

@@ -30,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
 
+from .data import read_jsonl_objects
+
 
 class RetrieverError(RuntimeError):
     """Retrieval failed."""
@@ -73,17 +75,10 @@ def load_corpus(path: str | Path) -> list[dict]:
     if not path.exists():
         raise RetrieverError(f"corpus {path}: no such file")
     docs = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RetrieverError(f"corpus {path}:{lineno}: invalid JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("contents"), str):
-                raise RetrieverError(f"corpus {path}:{lineno}: expected an object with a 'contents' string")
-            docs.append({"id": str(row.get("id", len(docs))), "contents": row["contents"]})
+    for lineno, row in read_jsonl_objects(path, error=RetrieverError, what="corpus "):
+        if not isinstance(row.get("contents"), str):
+            raise RetrieverError(f"corpus {path}:{lineno}: expected an object with a 'contents' string")
+        docs.append({"id": str(row.get("id", len(docs))), "contents": row["contents"]})
     if not docs:
         raise RetrieverError(f"corpus {path}: empty")
     return docs
