@@ -18,12 +18,7 @@ from routed_lora.testing import tiny_model, tiny_tokenizer  # noqa: E402
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _patched(family="qwen2", seed=0, lora_seed=1, **kw):

@@ -15,13 +15,7 @@ from routed_lora.testing import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E4
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: on 2 shared cores intra-op threads mostly spin (30x slower under load); one thread is faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomize_lora(model, seed=0, scale=0.3):
