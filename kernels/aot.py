@@ -29,6 +29,10 @@ from . import fused_lora, launch
 __all__ = ["compiled_kernels", "compile_one", "compile_report", "cuobjdump_path", "parse_resource_usage"]
 
 _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+# Split counts compiled for the memory-bound kernels (1: no split; the others as the plans pick them at the
+# benchmark shape and at decode sizes).
+SHRINK_SPLITS = {"": (1, 3), "_small_m": (1, 8)}
+GRAD_AB_SPLITS = (1, 3)
 
 
 def cuobjdump_path() -> str:
@@ -79,7 +83,9 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     def add(name, variant, fn, ptrs, unit, hints, flags, cfgs):
         fn = _jit(fn)
         for cfg in cfgs:
-            ce = {**cfg.kwargs, **flags, "BLOCK_R": block_r, "R": R, "DOT_PRECISION": prec, **{u: 1 for u in unit}}
+            ce = {**cfg.kwargs, **flags, "R": R, "DOT_PRECISION": prec, **{u: 1 for u in unit}}
+            if "BLOCK_R" in fn.arg_names:
+                ce["BLOCK_R"] = block_r
             sig = _signature(fn, dtype, ptrs, (), ("scaling",), ce)
             out.append((name, variant, fn, sig, ce, _divisibility(fn, hints), cfg))
 
@@ -100,32 +106,37 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     add("routed_linear_kernel", "lora_only_dx", fn, ptrs, dx_unit, common + ["stride_wk", "stride_ur"],
         {**lora_only, "HAS_BIAS": False}, launch.LINEAR_LORA_CONFIGS)
 
+    # The memory-bound kernels: each plan tile family, with and without a split reduction (SPLITS is a
+    # constexpr: its in-kernel fixed-order sum is unrolled), for the forward (x, A) and backward (g, B) strides.
     fn = fused_lora.routed_shrink_kernel
-    ptrs = {"x_ptr": p, "l_ptr": p, "routes_ptr": "*i32", "out_ptr": p, "h_ptr": p, "db_ptr": "*fp32"}
-    common = ["x_ptr", "l_ptr", "routes_ptr", "out_ptr", "h_ptr", "db_ptr", "K", "K_PER_SPLIT", "stride_xm",
-              "stride_le", "stride_os", "stride_om", "stride_hm", "stride_dbp", "stride_dbe", "stride_dbk"]
-    add("routed_shrink_kernel", "shrink", fn, ptrs, ("stride_xk", "stride_lk", "stride_oc"),
-        common + ["stride_lr"], {"FUSE_DB": False, "DETERMINISTIC": True}, launch.SHRINK_CONFIGS)
-    db_unit = ("stride_xk", "stride_lr", "stride_oc", "stride_hc", "stride_dbr")
-    add("routed_shrink_kernel", "shrink_db", fn, ptrs, db_unit, common + ["stride_lk"],
-        {"FUSE_DB": True, "DETERMINISTIC": True}, launch.SHRINK_DB_CONFIGS)
-    add("routed_shrink_kernel", "shrink_db_atomic", fn, ptrs, db_unit, common + ["stride_lk"],
-        {"FUSE_DB": True, "DETERMINISTIC": False}, launch.SHRINK_DB_CONFIGS[:1])
-    # Split reduction: fp32 partials instead of the x.dtype result.
-    split = {**ptrs, "out_ptr": "*fp32"}
-    add("routed_shrink_kernel", "shrink_split", fn, split, ("stride_xk", "stride_lk", "stride_oc"),
-        common + ["stride_lr"], {"FUSE_DB": False, "DETERMINISTIC": True}, launch.SHRINK_CONFIGS)
-    add("routed_shrink_kernel", "shrink_db_split", fn, split, db_unit, common + ["stride_lk"],
-        {"FUSE_DB": True, "DETERMINISTIC": True}, launch.SHRINK_DB_CONFIGS)
+    ptrs = {"x_ptr": p, "l_ptr": p, "routes_ptr": "*i32", "out_ptr": p, "part_ptr": "*fp32", "lock_ptr": "*i32"}
+    common = ["x_ptr", "l_ptr", "routes_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "K_PER_SPLIT", "stride_xm",
+              "stride_le", "stride_om"]
+    for fam_name, fam in (("", launch.SHRINK_TILES), ("_small_m", launch.SHRINK_TILES_SMALL_M)):
+        cfg = triton.Config({"BLOCK_M": fam["BLOCK_M"], "BLOCK_K": fam["BLOCK_K"]}, num_warps=fam["num_warps"],
+                            num_stages=fam["num_stages"])
+        for splits in SHRINK_SPLITS[fam_name]:
+            tag = f"shrink{fam_name}" + ("" if splits == 1 else f"_split{splits}")
+            add("routed_shrink_kernel", tag + "_x", fn, ptrs, ("stride_xk", "stride_lk", "stride_oc"),
+                common + ["stride_lr"], {"SPLITS": splits}, [cfg])
+            add("routed_shrink_kernel", tag + "_g", fn, ptrs, ("stride_xk", "stride_lr", "stride_oc"),
+                common + ["stride_lk"], {"SPLITS": splits}, [cfg])
 
-    fn = fused_lora.routed_grad_a_kernel
-    ptrs = {"g_ptr": p, "x_ptr": p, "out_ptr": "*fp32"}
-    common = ["g_ptr", "x_ptr", "out_ptr", "K", "M_PER_SPLIT", "stride_gm", "stride_xm", "stride_op", "stride_oe",
-              "stride_or"]
-    unit = ("stride_gc", "stride_xk", "stride_ok")
-    add("routed_grad_a_kernel", "grad_a", fn, ptrs, unit, common, {"DETERMINISTIC": True}, launch.GRAD_A_CONFIGS)
-    add("routed_grad_a_kernel", "grad_a_atomic", fn, ptrs, unit, common, {"DETERMINISTIC": False},
-        launch.GRAD_A_CONFIGS[:1])
+    fn = fused_lora.routed_grad_ab_kernel
+    ptrs = {"x_ptr": p, "g_ptr": p, "gp_ptr": p, "h_ptr": p, "routes_ptr": "*i32", "da_ptr": p, "db_ptr": p,
+            "part_ptr": "*fp32", "lock_ptr": "*i32"}
+    common = ["x_ptr", "g_ptr", "gp_ptr", "h_ptr", "routes_ptr", "da_ptr", "db_ptr", "part_ptr", "lock_ptr", "K",
+              "N", "M_PER_SPLIT", "stride_xm", "stride_gm", "stride_gpm", "stride_hm", "stride_dae", "stride_dar",
+              "stride_dbe", "stride_dbn"]
+    unit = ("stride_xk", "stride_gn", "stride_gpc", "stride_hc", "stride_dak", "stride_dbr")
+    fam = launch.GRAD_AB_TILES
+    cfg = triton.Config({"BLOCK_M": fam["BLOCK_M"], "BLOCK_K": fam["BLOCK_K"]}, num_warps=fam["num_warps"],
+                        num_stages=fam["num_stages"])
+    rp = max(16, triton.next_power_of_2(R))
+    apt = 2 if (E >= 2 and 2 * rp <= launch.MAX_BLOCK_R) else 1
+    for splits in GRAD_AB_SPLITS:
+        add("routed_grad_ab_kernel", "grad_ab" + ("" if splits == 1 else f"_split{splits}"), fn, ptrs, unit,
+            common, {"SPLITS": splits, "RP": rp, "APT": apt}, [cfg])
     return out
 
 
@@ -163,6 +174,7 @@ def _record(item, arch: int, dtype: str) -> dict:
     opcode = "HGMMA" if arch >= 90 else "HMMA"
     n_tc = len(re.findall(rf"\b{opcode}\b", sass))
     n_any_tc = len(re.findall(r"\bH[G]?MMA\b", sass))
+    n_tma = len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass))
     return {
         "kernel": name,
         "variant": variant,
@@ -176,6 +188,7 @@ def _record(item, arch: int, dtype: str) -> dict:
         "tensor_core_opcode": opcode,
         "tensor_core_instructions": n_tc,
         "any_mma_instructions": n_any_tc,
+        "tma_instructions": n_tma,
     }
 
 

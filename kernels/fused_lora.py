@@ -4,26 +4,41 @@ Notation (DESIGN.md §1): x (M, K), W (N, K), b (N,), A (E, r, K), B (E, N, r), 
 in {-1, 0..E-1}. A_cat = A.reshape(E*r, K), B_cat[n, e*r + j] = B[e, n, j], h = x A_cat^T (M, E*r), and
 mask[m, c] = (rho_m == c // r).
 
-    forward   h_masked = (x A_cat^T) * mask                                  routed_shrink_kernel
-              y        = x W^T + b + s * h_masked B_cat^T                    routed_linear_kernel
-    backward  G        = (g B_cat) * mask,  dB = s * g^T h_masked (one pass)  routed_shrink_kernel, FUSE_DB
-              dx       = g W + s * G A_cat                                    routed_linear_kernel
-              dA       = s * G^T x                                            routed_grad_a_kernel
+    forward   h_masked = (x A_cat^T) * mask                         routed_shrink_kernel      launch 1
+              y        = x W^T + b + s * h_masked B_cat^T           routed_linear_kernel      launch 2
+    backward  G        = (g B_cat) * mask                           routed_shrink_kernel      launch 1
+              dx       = g W + s * G A_cat                          routed_linear_kernel      launch 2
+              dA       = s * G^T x,  dB = s * g^T h_masked          routed_grad_ab_kernel     launch 3
 
-Three kernels cover the five products because the forward and the backward have the same shapes with other
+Three kernels cover the six products because the forward and the backward have the same shapes with other
 strides: the "shrink" reduces a (rows, reduction) operand against an adapter tensor L read as (E*r, reduction)
-with L[c, k] at ``(c // R) * stride_le + (c % R) * stride_lr + k * stride_lk`` (A for h, B for G), and the
-"linear" kernel is a GEMM with a low-rank epilogue whose right factor U[c, j] is read the same way (B for y,
-A for dx). Adapter tensors are never copied or concatenated.
+with L[c, k] at ``(c // R) * stride_le + (c % R) * stride_lr + k * stride_lk`` (A for h, B for G); the "linear"
+kernel is a GEMM with a low-rank epilogue whose right factor U[c, j] is read the same way (B for y, A for dx);
+the "grad_ab" kernel computes both token reductions of the backward in one launch (its first TILES_A column
+tiles are dA's, the others dB's). Adapter tensors are never copied or concatenated.
+
+Split reductions without extra launches. When the row blocks alone would leave SMs idle, the shrink splits its
+reduction (K, or N for G) and grad_ab splits its token range. Each split stores an fp32 partial of its tile in
+a scratch buffer, then takes a ticket from the tile's int32 counter (``tl.atomic_add``, acq_rel, after a CTA
+barrier); the program that draws the last ticket adds the partials in split order 0, 1, ..., S-1, casts, stores
+the result and resets the counter to 0 for the next call. The sum has the same order whichever program arrives
+last, so results are deterministic (repeated calls bit-identical) and no second kernel (torch.sum, a cast) runs.
+
+Isolation under non-finite values. A token that adapter e does not own must contribute nothing to e's
+gradient, even when its x or g holds a NaN or an Inf: 0 * NaN is NaN, so masking by multiplication is not
+enough. Every masked quantity is produced by ``tl.where`` or a masked load (a selection), never by a product
+with a 0/1 mask: h and G keep ``where(own, acc, 0)``; in grad_ab the token operand is selected per adapter
+(``where(rho == e, x, 0)``), multiplied only with that adapter's columns, and the adapter's columns are
+selected from the product, so a non-finite value at a token of adapter b or of route -1 reaches only b's
+gradient (or none). An adapter without tokens gets exact zeros.
 
 Rules kept in every kernel: fp32 accumulation (``tl.dot`` with an fp32 accumulator), runtime scalars cast to fp32
 (``tl.cast(scaling, tl.float32)``: the same as ``.to(tl.float32)`` on a GPU, where torch.compile may hand a Python
 float over as fp64, and it also accepts the plain Python float the interpreter passes), int64 row/column offsets
 before the pointer maths, every tail masked, and every ``tl.dot`` dimension >= 16 (the launcher pads E*r with
-masked columns: BLOCK_R >= 16). The rank R is a constexpr: ``c // R`` and ``c % R`` become shifts for the usual
-power-of-two ranks and the compiler sees runs of R contiguous adapter columns, so B (E, N, r), whose contiguous
-axis is r, is read with vector loads instead of 64-bit scalar gathers. Masked-out route entries are produced by
-masked loads or ``tl.where``, so a token that an adapter does not own contributes an exact zero to that adapter.
+masked columns: BLOCK_R >= 16, RP >= 16). The rank R is a constexpr: ``c // R`` and ``c % R`` become shifts for
+the usual power-of-two ranks and the compiler sees runs of R contiguous adapter columns, so B (E, N, r), whose
+contiguous axis is r, is read with vector loads instead of 64-bit scalar gathers.
 
 Only builtins of ``triton.language`` are used (``tl.full``, not the ``@jit`` helpers ``tl.zeros`` / ``tl.cdiv``):
 the launchers run these kernels in the interpreter whenever a CPU tensor arrives with TRITON_INTERPRET=1, even
@@ -43,54 +58,39 @@ def routed_shrink_kernel(
     l_ptr,
     routes_ptr,
     out_ptr,
-    h_ptr,
-    db_ptr,
+    part_ptr,
+    lock_ptr,
     # sizes
     M,
     K,
-    R: tl.constexpr,
     E,
     K_PER_SPLIT,
-    M_BUCKET,
     # strides
     stride_xm,
     stride_xk,
     stride_le,
     stride_lr,
     stride_lk,
-    stride_os,
     stride_om,
     stride_oc,
-    stride_hm,
-    stride_hc,
-    stride_dbp,
-    stride_dbe,
-    stride_dbk,
-    stride_dbr,
     # meta-parameters
-    scaling,
+    R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    FUSE_DB: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Routed shrink: ``out = (x L^T) * mask`` and, with FUSE_DB, ``dB = s * x^T (h * mask)`` in the same pass.
+    """Routed shrink ``out = where(mask, x L^T, 0)``, (M, E*r) in out's dtype.
 
-    Forward: x = tokens (M, K), L = A read as (E*r, K)  -> out = h_masked (M, E*r).
-    Backward (FUSE_DB): x = g (M, N) (so "K" is N), L = B read as (E*r, N) -> out = G (M, E*r); the same g
-    tile also gives the dB partial ``s * g_tile^T (h_masked tile)`` (BLOCK_K, BLOCK_R) for this block of rows,
-    stored at ``db_ptr[pid_m, e, n, j]`` (DETERMINISTIC: a per-row-block fp32 workspace (P, E, N, r) that the
-    launcher sums in a fixed order) or added with ``tl.atomic_add`` into an fp32 (E, N, r) buffer.
+    Forward: x = tokens (M, K), L = A read as (E*r, K) -> out = h_masked. Backward: x = g (M, N) (so "K" is N),
+    L = B read as (E*r, N) -> out = G.
 
-    Grid: (cdiv(M, BLOCK_M), cdiv(E*r, BLOCK_R), splits). Split p reduces over [p * K_PER_SPLIT,
-    (p + 1) * K_PER_SPLIT) (a multiple of BLOCK_K) and stores its masked partial at ``out_ptr + p * stride_os``:
-    with one split that is the result in x.dtype, with several an fp32 (splits, M, E*r) buffer the launcher sums
-    in a fixed order (more programs for a pass that is memory-bound; each dB row n still has a single writer).
-    Tiles: x (BLOCK_M, BLOCK_K), L^T (BLOCK_K, BLOCK_R), accumulator (BLOCK_M, BLOCK_R) fp32; the dB partial is
-    (BLOCK_K, BLOCK_M) @ (BLOCK_M, BLOCK_R), the large side first so Hopper can use wgmma. ``M_BUCKET`` is only
-    an autotuning key.
+    Grid: (cdiv(M, BLOCK_M), cdiv(E*r, BLOCK_R), SPLITS). Split p reduces over [p * K_PER_SPLIT,
+    (p + 1) * K_PER_SPLIT) (a multiple of BLOCK_K). SPLITS = 1 stores the result directly; otherwise each split
+    stores its fp32 (BLOCK_M, BLOCK_R) partial at ``part_ptr[tile, p]`` and the last of the tile's programs to
+    take a ticket from ``lock_ptr[tile]`` sums the partials in split order and stores (module docstring).
+    Tiles: x (BLOCK_M, BLOCK_K), L^T (BLOCK_K, BLOCK_R), accumulator (BLOCK_M, BLOCK_R) fp32.
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -103,15 +103,9 @@ def routed_shrink_kernel(
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     owner = offs_c // R
-    rank = offs_c % R
-    l_col = owner * stride_le + rank * stride_lr
+    l_col = owner * stride_le + (offs_c % R) * stride_lr
     rho = tl.load(routes_ptr + offs_m, mask=m_in, other=-1).to(tl.int64)
     own = (rho[:, None] == owner[None, :]) & m_in[:, None] & c_in[None, :]
-
-    if FUSE_DB:
-        s = tl.cast(scaling, tl.float32)
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_c[None, :] * stride_hc, mask=own, other=0.0)
-        db_col = pid_m.to(tl.int64) * stride_dbp + owner * stride_dbe + rank * stride_dbr
 
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -128,18 +122,24 @@ def routed_shrink_kernel(
             other=0.0,
         )
         acc = tl.dot(x, lt, acc, input_precision=DOT_PRECISION)
-        if FUSE_DB:
-            part = tl.dot(tl.trans(x), h, input_precision=DOT_PRECISION) * s
-            db_ptrs = db_ptr + offs_k[:, None] * stride_dbk + db_col[None, :]
-            db_mask = k_in[:, None] & c_in[None, :]
-            if DETERMINISTIC:
-                tl.store(db_ptrs, part, mask=db_mask)
-            else:
-                tl.atomic_add(db_ptrs, part, mask=db_mask)
 
-    acc = tl.where(own, acc, 0.0)
-    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & c_in[None, :])
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
+    out_mask = m_in[:, None] & c_in[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptrs, tl.where(own, acc, 0.0).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tile = pid_m * tl.num_programs(1) + pid_r
+        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        tile_part = part_ptr + tile.to(tl.int64) * (SPLITS * BLOCK_M * BLOCK_R) + offs_t
+        tl.store(tile_part + pid_s * (BLOCK_M * BLOCK_R), acc)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release)
+        ticket = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLITS - 1:  # the last split of this tile: sum in split order, store, reset the counter
+            total = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+            for p in tl.static_range(SPLITS):
+                total += tl.load(tile_part + p * (BLOCK_M * BLOCK_R), cache_modifier=".cg")
+            tl.store(out_ptrs, tl.where(own, total, 0.0).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 @triton.jit
@@ -155,7 +155,6 @@ def routed_linear_kernel(
     M,
     N,
     K,
-    R: tl.constexpr,
     E,
     M_BUCKET,
     # strides
@@ -172,6 +171,7 @@ def routed_linear_kernel(
     stride_on,
     # meta-parameters
     scaling,
+    R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -258,76 +258,135 @@ def routed_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+
 @triton.jit
-def routed_grad_a_kernel(
+def routed_grad_ab_kernel(
     # pointers
-    g_ptr,
     x_ptr,
-    out_ptr,
+    g_ptr,
+    gp_ptr,
+    h_ptr,
+    routes_ptr,
+    da_ptr,
+    db_ptr,
+    part_ptr,
+    lock_ptr,
     # sizes
     M,
     K,
-    R: tl.constexpr,
+    N,
     E,
     M_PER_SPLIT,
-    M_BUCKET,
+    TILES_A,
     # strides
-    stride_gm,
-    stride_gc,
     stride_xm,
     stride_xk,
-    stride_op,
-    stride_oe,
-    stride_or,
-    stride_ok,
+    stride_gm,
+    stride_gn,
+    stride_gpm,
+    stride_gpc,
+    stride_hm,
+    stride_hc,
+    stride_dae,
+    stride_dar,
+    stride_dak,
+    stride_dbe,
+    stride_dbn,
+    stride_dbr,
     # meta-parameters
     scaling,
+    R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    RP: tl.constexpr,
+    APT: tl.constexpr,
+    SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """``dA[e, j, k] = s * sum_m G[m, e*r + j] x[m, k]`` (dA_cat = s G^T x), G already masked by route.
+    """Both token reductions of the backward in one launch, each adapter fed only by its own tokens:
 
-    Computed transposed, ``dA_cat^T tile (BLOCK_K, BLOCK_R) = x^T (BLOCK_K, BLOCK_M) @ G (BLOCK_M, BLOCK_R)``,
-    so the large side (K) is the wgmma M side. Grid: (cdiv(K, BLOCK_K), cdiv(E*r, BLOCK_R), splits); split p
-    reduces rows [p * M_PER_SPLIT, (p + 1) * M_PER_SPLIT) (M_PER_SPLIT a multiple of BLOCK_M) and stores its
-    fp32 partial at ``out_ptr[p, e, j, k]`` (DETERMINISTIC: a (splits, E, r, K) workspace summed in a fixed
-    order by the launcher) or adds it with ``tl.atomic_add`` (stride_op = 0). ``M_BUCKET``: autotuning key.
+        dA[e, j, k] = s * sum_{m: rho_m = e} G[m, e*r + j] x[m, k]       (dA_cat = s G^T x)
+        dB[e, n, j] = s * sum_{m: rho_m = e} g[m, n] h[m, e*r + j]       (dB_cat = s g^T h_masked)
+
+    One problem "out^T (BLOCK_K, r) = s * T^T L" with T the token operand (x for dA, g for dB) and L the masked
+    (M, E*r) operand (G for dA, h for dB): program ids below TILES_A along axis 0 take dA's K tiles, the others
+    dB's N tiles. Axis 1 takes APT adapters at a time: the adapter-column tile is (APT * RP) wide, RP the rank
+    padded to a power of two >= 16, so a tile holds whole adapters (column c: adapter pid_r * APT + c // RP,
+    rank index c % RP, used when < R). For each of its adapters e the program multiplies
+    ``where(rho == e, T, 0)^T`` with L (loaded with the route mask) and keeps only e's columns of the product
+    (``tl.where``): a non-finite T or L value at a token of another adapter never meets e's columns.
+    Axis 2 splits the tokens into SPLITS ranges of M_PER_SPLIT rows (a multiple of BLOCK_M), reduced in split
+    order by the last program of the tile (module docstring). Tiles: T^T (BLOCK_K, BLOCK_M), L (BLOCK_M,
+    APT * RP), accumulator (BLOCK_K, APT * RP) fp32: the large side first so Hopper can use wgmma.
     """
-    pid_k = tl.program_id(0)
+    pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    ER = E * R
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_c = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k_in = offs_k < K
-    c_in = offs_c < ER
+    BLOCK_C: tl.constexpr = APT * RP
+    is_a = pid_t < TILES_A
+    # The two problems differ only in pointers, sizes and strides (selected as scalars, one code path).
+    t_ptr = tl.where(is_a, x_ptr, g_ptr)
+    l_ptr = tl.where(is_a, gp_ptr, h_ptr)
+    o_ptr = tl.where(is_a, da_ptr, db_ptr)
+    size_k = tl.where(is_a, K, N)
+    stride_tm = tl.where(is_a, stride_xm, stride_gm)
+    stride_tk = tl.where(is_a, stride_xk, stride_gn)
+    stride_lm = tl.where(is_a, stride_gpm, stride_hm)
+    stride_lc = tl.where(is_a, stride_gpc, stride_hc)
+    stride_oe = tl.where(is_a, stride_dae, stride_dbe)
+    stride_or = tl.where(is_a, stride_dar, stride_dbr)
+    stride_ok = tl.where(is_a, stride_dak, stride_dbn)
+    tile_k = tl.where(is_a, pid_t, pid_t - TILES_A)
+
+    offs_k = tile_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_in = offs_k < size_k
+    offs_c = tl.arange(0, BLOCK_C)
+    local = offs_c // RP  # adapter of column c within the tile
+    rank = offs_c % RP
+    adapter = pid_r * APT + local
+    c_in = (rank < R) & (adapter < E)
+    l_col = (adapter * R + rank).to(tl.int64) * stride_lc
     m_start = pid_s * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
 
-    acc = tl.full((BLOCK_K, BLOCK_R), 0.0, tl.float32)
+    acc = tl.full((BLOCK_K, BLOCK_C), 0.0, tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_in = offs_m < m_end
-        xt = tl.load(
-            x_ptr + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-            mask=k_in[:, None] & m_in[None, :],
+        rho = tl.load(routes_ptr + offs_m, mask=m_in, other=-1)
+        t = tl.load(
+            t_ptr + offs_m[:, None] * stride_tm + offs_k[None, :] * stride_tk,
+            mask=m_in[:, None] & k_in[None, :],
             other=0.0,
         )
-        g = tl.load(
-            g_ptr + offs_m[:, None] * stride_gm + offs_c[None, :] * stride_gc,
-            mask=m_in[:, None] & c_in[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(xt, g, acc, input_precision=DOT_PRECISION)
+        own = (rho[:, None] == adapter[None, :]) & c_in[None, :]
+        lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + l_col[None, :], mask=own, other=0.0)
+        if APT == 1:
+            # One adapter per tile: L has no other adapter's columns, selecting T's rows is enough.
+            t_e = tl.where((rho == pid_r)[:, None], t, 0.0)
+            acc = tl.dot(tl.trans(t_e), lt, acc, input_precision=DOT_PRECISION)
+        else:
+            for a in tl.static_range(APT):
+                t_e = tl.where((rho == pid_r * APT + a)[:, None], t, 0.0)
+                part = tl.dot(tl.trans(t_e), lt, input_precision=DOT_PRECISION)
+                acc += tl.where((local == a)[None, :], part, 0.0)
     acc = acc * tl.cast(scaling, tl.float32)
 
-    out_col = pid_s.to(tl.int64) * stride_op + (offs_c // R) * stride_oe + (offs_c % R) * stride_or
-    out_ptrs = out_ptr + offs_k[:, None] * stride_ok + out_col[None, :]
+    out_col = adapter.to(tl.int64) * stride_oe + rank * stride_or
+    out_ptrs = o_ptr + offs_k[:, None] * stride_ok + out_col[None, :]
     out_mask = k_in[:, None] & c_in[None, :]
-    if DETERMINISTIC:
-        tl.store(out_ptrs, acc, mask=out_mask)
+    if SPLITS == 1:
+        tl.store(out_ptrs, acc.to(o_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        tile = pid_t * tl.num_programs(1) + pid_r
+        offs_t = tl.arange(0, BLOCK_K)[:, None] * BLOCK_C + offs_c[None, :]
+        tile_part = part_ptr + tile.to(tl.int64) * (SPLITS * BLOCK_K * BLOCK_C) + offs_t
+        tl.store(tile_part + pid_s * (BLOCK_K * BLOCK_C), acc)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release)
+        ticket = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLITS - 1:  # the last split of this tile: sum in split order, store, reset the counter
+            total = tl.full((BLOCK_K, BLOCK_C), 0.0, tl.float32)
+            for p in tl.static_range(SPLITS):
+                total += tl.load(tile_part + p * (BLOCK_K * BLOCK_C), cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(o_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)

@@ -8,39 +8,54 @@ The contract with :mod:`routed_lora.ops` (same semantics as :mod:`routed_lora.re
 ``h_masked`` (M, E*r) in x.dtype has exactly the reference's format, so a backward on one backend accepts the
 h of the other.
 
+Launch floor. The fused forward is 2 kernel launches (shrink; GEMM with the LoRA epilogue) and the fused
+backward 3 (G; dx GEMM with the LoRA epilogue; dA and dB together), and nothing else runs on the device: split
+reductions are summed inside the kernels in a fixed order (see :mod:`.fused_lora`), results are cast when
+stored. Allocations per call are the outputs only (y, h; dx, dA, dB); G and the split partials live in one
+scratch arena per device, sized by the plan and reused (``scratch_bytes``).
+
+The plan (:func:`make_plan`) is a pure function of (M, K, N, r, E, dtype size, SM count, tile family): tiles,
+split counts and scratch sizes. Under the interpreter the plan uses 16-wide tiles and a pretend 8-SM device
+(so tiny test shapes exercise split reductions) unless ``set_interpreter_plan(sm_count=132, gpu_tiles=True)``
+asks for a GPU's plan.
+
+Host cost. The first call of each exact key (shapes, strides, dtypes, pointer alignment, switches) validates,
+plans, chooses the variant and the GEMM config (autotuning) and launches through ``triton.jit``; the compiled
+kernels are kept, and later calls with the key launch them directly (``CompiledKernel.run`` with the argument
+tuple the JIT would build), without the JIT's binder or the autotuner. The key covers everything the JIT
+specialises on (integer values, 16-byte alignment of pointers, dtypes), so a direct launch runs exactly the
+binary the JIT would have picked.
+
 Variants (``set_variant``):
   * ``"fused"``: the backbone GEMM runs in Triton with the LoRA expand as its epilogue: y (and dx) written once.
   * ``"cublas"``: the backbone GEMM stays in cuBLAS: one Triton kernel writes b + s * h_masked B_cat^T (resp.
     s * G A_cat) and ``out.addmm_(x, W^T)`` (resp. ``dx.addmm_(g, W)``) accumulates the GEMM into it with
-    beta = 1, so the LoRA term is read in cuBLAS's epilogue instead of a separate read-modify-write pass.
-  * ``"auto"`` (default): on CUDA, the first call of each shape times ``fused``, ``cublas`` and the PyTorch path
-    and caches the fastest per (device, dtype, bucketed M, K, N, r, E, bias, dx) -- so ``auto`` is never slower
-    than the PyTorch path by more than the timing noise. A variant that raises while being measured is ruled out
-    for that shape (``VARIANT_ERRORS``); the PyTorch path is always a candidate. Under the Triton interpreter (CPU
-    tensors, ``TRITON_INTERPRET=1``) ``auto`` means ``fused``. Inside CUDA-graph capture an unmeasured shape uses
-    ``cublas``. The shrink, G/dB and dA kernels are Triton in both Triton variants.
+    beta = 1 (one launch more per GEMM).
+  * ``"auto"`` (default): on CUDA, the first call of each shape bucket times ``fused``, ``cublas`` and the
+    PyTorch path by device time (CUDA-graph replay of many calls, :func:`device_time_ms`) and caches the
+    fastest per (device, dtype, bucketed M, K, N, r, E, bias, dx). A variant that raises while being measured is
+    ruled out for that shape (``VARIANT_ERRORS``). Under the Triton interpreter ``auto`` means ``fused``. Inside
+    CUDA-graph capture an unmeasured shape uses ``fused``.
 
-Determinism (``set_deterministic``, env ``ROUTED_LORA_DETERMINISTIC``): **on by default**. The dB and dA
-reductions over tokens are written as fp32 partials per block of tokens and summed by ``torch.sum`` in a
-fixed order, so two identical backward calls give bit-identical gradients (needed for reproducible RL runs
-and for the "adapter 0's gradient is bit-for-bit unchanged when adapter 1's tokens change" property). The cost
-is one extra memory pass over a (blocks, E, N, r) / (splits, E, r, K) fp32 workspace, a few percent of the
-backward at most. ``set_deterministic(False)`` uses ``tl.atomic_add`` into an fp32 buffer instead.
+Determinism: always. The reductions over tokens (dA, dB) and split reductions are summed in a fixed order, so
+repeated calls give bit-identical results and adapter 0's gradient is bit-for-bit unchanged when only adapter
+1's tokens change. ``set_deterministic`` is kept for compatibility: since the fixed order costs no extra launch,
+there is no atomic mode any more.
 
 fp32 inputs: ``tl.dot`` runs as tf32 when ``torch.backends.cuda.matmul.allow_tf32`` is True (PyTorch's own
 switch for its fp32 matmuls) and as exact ``ieee`` fp32 otherwise (PyTorch's default). fp16 / bf16 always
 accumulate in fp32.
 
-Autotuning: each kernel is autotuned on its sizes (K, N, r, E) and the token count bucketed to a power of
-two (``M_BUCKET``). ``pin_configs(True)`` (env ``ROUTED_LORA_PIN_CONFIGS=1``) turns autotuning off and uses
-one fixed config per kernel (small 16-wide tiles under the interpreter, the first shipped config on a GPU);
-``pin_configs({"linear": {...}})`` pins given ones. ``CALLS`` counts every launcher and kernel launch, so
-tests can prove the kernels ran.
+Autotuning: only the GEMM (``linear``, ``linear_lora``) is autotuned, on (bucketed M, N, K, E) with R a
+constexpr; the memory-bound shrink and grad_ab kernels take the plan's tiles. ``pin_configs(True)`` (env
+``ROUTED_LORA_PIN_CONFIGS=1``) turns autotuning off (first shipped config; 16-wide tiles under the interpreter);
+``pin_configs({"linear": {...}})`` pins given ones. ``CALLS`` counts launcher calls and kernel launches.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import statistics
@@ -55,12 +70,17 @@ __all__ = [
     "CALLS",
     "forward",
     "backward",
+    "make_plan",
+    "Plan",
+    "scratch_bytes",
     "set_variant",
     "get_variant",
     "set_deterministic",
     "get_deterministic",
     "pin_configs",
     "shipped_configs",
+    "set_interpreter_plan",
+    "device_time_ms",
     "VARIANT_CACHE",
     "VARIANT_ERRORS",
 ]
@@ -70,10 +90,19 @@ CALLS: collections.Counter = collections.Counter()
 _VARIANTS = ("auto", "fused", "cublas", "torch")
 _state = {
     "variant": os.environ.get("ROUTED_LORA_VARIANT", "auto"),
-    "deterministic": os.environ.get("ROUTED_LORA_DETERMINISTIC", "1") not in ("0", "", "false", "False"),
     "pinned": None,
     "interpreter_autotune": False,
+    "interpreter_sms": 8,
+    "interpreter_gpu_tiles": False,
+    "gen": 0,  # bumped by every switch: part of each call's cache key
 }
+
+
+def _bump():
+    _state["gen"] += 1
+    if "make_plan" in globals():  # module constants (tile widths) may have changed too
+        make_plan.cache_clear()
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Shipped configurations (every one is compiled for sm_80 and sm_90 by the compile test: no spills, tensor cores).
@@ -88,42 +117,30 @@ LINEAR_LORA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=2),
 ]
-SHRINK_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    # (8 warps here make ptxas use an 8-byte stack frame on sm_80; 4 warps do not)
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-]
-# G + dB: BLOCK_M sets the number of dB partials (the workspace), so it is the same in every config.
-SHRINK_DB_BLOCK_M = 128
-SHRINK_DB_CONFIGS = [
-    triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-]
-GRAD_A_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-]
-# Largest adapter-column tile: E*r above it is looped (linear) or split over the grid (shrink, dA).
-MAX_BLOCK_R = 128
-# The shrink kernels split their reduction (K, or N for G) in chunks of a multiple of this many columns when
-# the row blocks alone would leave SMs idle; under the interpreter in chunks of SHRINK_SPLIT_INTERPRETER.
-SHRINK_SPLIT_MULTIPLE = 256
-SHRINK_SPLIT_INTERPRETER = 32
-# dA splits the token reduction in chunks of a multiple of this many rows.
-GRAD_A_SPLIT_ROWS = 256
+# The memory-bound kernels take their tiles from the plan; these are the GPU families (the compile test covers
+# each with and without a split reduction).
+SHRINK_TILES = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+SHRINK_TILES_SMALL_M = {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}  # M <= 16 (decode)
+GRAD_AB_TILES = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
 
-# Pinned configs under the interpreter: 16-wide tiles, so tiny test shapes cover several tiles and tails.
+# Largest adapter-column tile: E*r above it is looped (linear) or split over the grid (shrink, grad_ab).
+MAX_BLOCK_R = 128
+# Split reductions: chunks of a multiple of this many reduction columns (shrink) / token rows (grad_ab), at most
+# MAX_SPLITS splits, aiming at TARGET_WAVES programs per SM, and partials within PARTIAL_BUDGET bytes.
+SPLIT_MULTIPLE = 256
+SPLIT_MULTIPLE_INTERPRETER = 32
+MAX_SPLITS = 8
+TARGET_WAVES = 2
+PARTIAL_BUDGET = 3 << 20
+
+# Pinned GEMM configs under the interpreter: 16-wide tiles, so tiny test shapes cover several tiles and tails.
 INTERPRETER_CONFIGS = {
     "linear": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
     "linear_lora": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
-    "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
-    "shrink_db": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
-    "grad_a": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
 }
-
 # Tests only (``autotune_in_interpreter(True)``): autotuning among these under the interpreter, timed by the
-# wall clock, exercises the autotuning path (keys, pruning, reset / restore hooks) without a GPU.
+# wall clock, exercises the autotuning path (keys, pruning) without a GPU.
 INTERPRETER_AUTOTUNE_CONFIGS = {
     "linear": [
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
@@ -133,45 +150,21 @@ INTERPRETER_AUTOTUNE_CONFIGS = {
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
     ],
-    "shrink": [
-        triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-    ],
-    "shrink_db": [
-        triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 16}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": SHRINK_DB_BLOCK_M, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-    ],
-    "grad_a": [
-        triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-    ],
 }
 
-_CONFIG_LISTS = {
-    "linear": LINEAR_CONFIGS,
-    "linear_lora": LINEAR_LORA_CONFIGS,
-    "shrink": SHRINK_CONFIGS,
-    "shrink_db": SHRINK_DB_CONFIGS,
-    "grad_a": GRAD_A_CONFIGS,
-}
+_CONFIG_LISTS = {"linear": LINEAR_CONFIGS, "linear_lora": LINEAR_LORA_CONFIGS}
 _KERNELS = {
     "linear": fused_lora.routed_linear_kernel,
     "linear_lora": fused_lora.routed_linear_kernel,
     "shrink": fused_lora.routed_shrink_kernel,
-    "shrink_db": fused_lora.routed_shrink_kernel,
-    "grad_a": fused_lora.routed_grad_a_kernel,
+    "grad_ab": fused_lora.routed_grad_ab_kernel,
 }
-_KEYS = {
-    "linear": ["M_BUCKET", "N", "K", "R", "E"],
-    "linear_lora": ["M_BUCKET", "N", "K", "R", "E"],
-    "shrink": ["M_BUCKET", "K", "R", "E"],
-    "shrink_db": ["M_BUCKET", "K", "R", "E"],
-    "grad_a": ["M_BUCKET", "K", "R", "E"],
-}
+_LINEAR_KEY = ["M_BUCKET", "N", "K", "E"]
+_LINEAR_TUNED = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
 def shipped_configs() -> dict[str, list]:
-    """Every shipped autotuning config per kernel name (what the compile test and report cover)."""
+    """Every shipped GEMM autotuning config per kernel name (what the compile test and report cover)."""
     return {name: list(cfgs) for name, cfgs in _CONFIG_LISTS.items()}
 
 
@@ -184,6 +177,7 @@ def set_variant(name: str) -> None:
     if name not in _VARIANTS:
         raise ValueError(f"set_variant: expected one of {_VARIANTS}, got {name!r}")
     _state["variant"] = name
+    _bump()
 
 
 def get_variant() -> str:
@@ -191,33 +185,44 @@ def get_variant() -> str:
 
 
 def set_deterministic(flag: bool) -> None:
-    """True (default): fixed-order fp32 reductions for dA / dB. False: ``tl.atomic_add``."""
-    _state["deterministic"] = bool(flag)
+    """Compatibility only: the reductions are always in a fixed order (no extra cost, no atomic mode)."""
+    if not flag:
+        CALLS["set_deterministic_false_ignored"] += 1
 
 
 def get_deterministic() -> bool:
-    return _state["deterministic"]
+    return True
 
 
 def pin_configs(pinned=True) -> None:
-    """Turn autotuning off. ``True``: one default config per kernel; a dict ``{kernel: {meta...}}`` pins those
-    (kernels: linear, linear_lora, shrink, shrink_db, grad_a; keys as in the configs plus num_warps / num_stages);
+    """Turn GEMM autotuning off. ``True``: one default config per GEMM kernel; a dict ``{kernel: {meta...}}``
+    pins those (kernels: linear, linear_lora; keys as in the configs plus num_warps / num_stages);
     ``False`` / ``None``: autotune again."""
     if pinned is True:
         _state["pinned"] = {}
     elif not pinned:
         _state["pinned"] = None
     else:
-        unknown = set(pinned) - set(_KERNELS)
+        unknown = set(pinned) - set(_CONFIG_LISTS)
         if unknown:
-            raise ValueError(f"pin_configs: unknown kernels {sorted(unknown)}; expected some of {sorted(_KERNELS)}")
+            raise ValueError(
+                f"pin_configs: unknown kernels {sorted(unknown)}; expected some of {sorted(_CONFIG_LISTS)}"
+            )
         _state["pinned"] = dict(pinned)
+    _bump()
 
 
 def autotune_in_interpreter(flag: bool) -> None:
-    """Tests only: under the interpreter, autotune among ``INTERPRETER_AUTOTUNE_CONFIGS`` (wall-clock timer)
-    instead of the fixed 16-wide tiles, unless configs are pinned."""
+    """Tests only: under the interpreter, autotune the GEMM among ``INTERPRETER_AUTOTUNE_CONFIGS``."""
     _state["interpreter_autotune"] = bool(flag)
+    _bump()
+
+
+def set_interpreter_plan(sm_count: int = 8, gpu_tiles: bool = False) -> None:
+    """Tests only: plan interpreter calls as for a GPU with ``sm_count`` SMs, with its tiles if ``gpu_tiles``."""
+    _state["interpreter_sms"] = int(sm_count)
+    _state["interpreter_gpu_tiles"] = bool(gpu_tiles)
+    _bump()
 
 
 if os.environ.get("ROUTED_LORA_PIN_CONFIGS", "0") not in ("0", ""):
@@ -232,119 +237,6 @@ def _interpreting(t: torch.Tensor) -> bool:
             f"routed_lora.kernels: {t.device.type} tensors need the Triton interpreter (TRITON_INTERPRET=1) or CUDA"
         )
     return True
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Kernel runners: interpreter, pinned config, or autotuned.
-
-_RUNNERS: dict = {}
-
-
-def _config_dict(cfg: "triton.Config") -> dict:
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
-
-def _pinned_meta(name: str, interpret: bool) -> dict | None:
-    if interpret and _state["pinned"] is None and _state["interpreter_autotune"]:
-        return None
-    if interpret:
-        base = dict(INTERPRETER_CONFIGS[name])
-        pinned = _state["pinned"] or {}
-        base.update(pinned.get(name, {}))
-        return base
-    if _state["pinned"] is None:
-        return None
-    return {**_config_dict(_CONFIG_LISTS[name][0]), **_state["pinned"].get(name, {})}
-
-
-def _prune_linear(configs, named_args, **kwargs):
-    # The launchers pass every argument by keyword, so M_BUCKET arrives in kwargs (named_args holds positionals).
-    m = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)]
-    return kept or configs[-1:]
-
-
-def _wall_clock_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)):
-    """Autotuner timer for the interpreter (no GPU): the wall-clock time of one call, as three quantiles."""
-    import time
-
-    t0 = time.perf_counter()
-    kernel_call()
-    ms = (time.perf_counter() - t0) * 1e3
-    return [ms for _ in quantiles]
-
-
-def _runner(name: str, interpret: bool, autotune: bool, restore=(), reset=()):
-    key = (name, interpret, autotune, tuple(restore), tuple(reset))
-    if key not in _RUNNERS:
-        fn = _KERNELS[name]
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            fn = InterpretedFunction(getattr(fn, "fn", fn))
-        if not autotune:
-            _RUNNERS[key] = fn
-        else:
-            extra = {"do_bench": _wall_clock_bench} if interpret else {}
-            _RUNNERS[key] = triton.autotune(
-                configs=INTERPRETER_AUTOTUNE_CONFIGS[name] if interpret else _CONFIG_LISTS[name],
-                key=_KEYS[name],
-                restore_value=list(restore),
-                reset_to_zero=list(reset),
-                prune_configs_by={"early_config_prune": _prune_linear} if name.startswith("linear") else None,
-                **extra,
-            )(fn)
-    return _RUNNERS[key]
-
-
-# (kernel, dtype, BLOCK_R) -> the config used because the chosen / autotuned ones need more shared memory than
-# the GPU has (fp32 operands with a 128-wide adapter tile): found once, then reused.
-_FALLBACK_META: dict = {}
-
-
-def _fallback_metas(name: str, first: dict | None) -> list[dict]:
-    """Configs to try in order when ``first`` does not fit: the shipped ones, each with fewer pipeline stages.
-
-    Shared memory grows with num_stages (the K loop's staged tiles) and halves with 16-bit operands, so fp32 at
-    BLOCK_R = 128 needs fewer stages than the bf16 configs were tuned with. Fewer stages change neither the tile
-    shapes nor the register budget the compile test checks."""
-    out = []
-    for cfg in ([first] if first else []) + [_config_dict(c) for c in _CONFIG_LISTS[name]]:
-        for stages in range(cfg["num_stages"], 0, -1):
-            meta = {**cfg, "num_stages": stages}
-            if meta not in out:
-                out.append(meta)
-    return out
-
-
-def _launch(name: str, device_tensor: torch.Tensor, grid, args: dict, restore=(), reset=()) -> None:
-    """Run kernel ``name`` with keyword ``args``; ``grid(meta)`` gives the launch grid.
-
-    A launch that the GPU refuses for lack of shared memory (raised before the kernel runs, so nothing has been
-    written) is retried with the configs of :func:`_fallback_metas`; the first that fits is cached."""
-    interpret = _interpreting(device_tensor)
-    meta = _pinned_meta(name, interpret)
-    CALLS[name] += 1
-    fkey = (name, device_tensor.dtype, args.get("BLOCK_R"))
-    if not interpret and fkey in _FALLBACK_META:
-        meta = _FALLBACK_META[fkey]
-    try:
-        if meta is None:
-            _runner(name, interpret, True, restore, reset)[grid](**args)
-        else:
-            _runner(name, interpret, False)[grid(meta)](**args, **meta)
-        return
-    except OutOfResources as exc:
-        error = exc
-    for alt in _fallback_metas(name, meta):
-        try:
-            _runner(name, interpret, False)[grid(alt)](**args, **alt)
-        except OutOfResources:
-            continue
-        _FALLBACK_META[fkey] = alt
-        CALLS["shared_memory_fallback"] += 1
-        return
-    raise error
 
 
 @functools.lru_cache(maxsize=None)
@@ -365,238 +257,533 @@ def _block_r(ER: int) -> int:
     return min(max(16, triton.next_power_of_2(ER)), MAX_BLOCK_R)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan: a pure function of the shape, the dtype size and the device's SM count.
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrinkPlan:
+    """Tiles and split of one shrink launch (h in the forward, G in the backward)."""
+
+    block_m: int
+    block_k: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+    row_blocks: int
+    r_blocks: int
+    splits: int
+    per_split: int
+
+    @property
+    def tiles(self) -> int:
+        return self.row_blocks * self.r_blocks
+
+    @property
+    def part_bytes(self) -> int:
+        return 0 if self.splits == 1 else self.tiles * self.splits * self.block_m * self.block_r * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class GradABPlan:
+    """Tiles and split of the dA + dB launch."""
+
+    block_m: int
+    block_k: int
+    rp: int
+    apt: int
+    num_warps: int
+    num_stages: int
+    tiles_a: int
+    tiles_b: int
+    r_tiles: int
+    splits: int
+    rows_per_split: int
+
+    @property
+    def tiles(self) -> int:
+        return (self.tiles_a + self.tiles_b) * self.r_tiles
+
+    @property
+    def part_bytes(self) -> int:
+        return 0 if self.splits == 1 else self.tiles * self.splits * self.block_k * self.apt * self.rp * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a forward + backward launches, and the scratch it needs (bytes)."""
+
+    shrink_x: ShrinkPlan
+    shrink_g: ShrinkPlan
+    grad_ab: GradABPlan
+    g_bytes: int  # G (M, E*r) in the input dtype, between the dx GEMM and grad_ab
+    part_bytes: int  # the largest partials buffer of any launch (launches run one after the other)
+    locks: int  # tile counters (int32), reset to 0 by the kernels themselves
+
+    @property
+    def scratch_bytes(self) -> int:
+        return _align(self.part_bytes) + _align(self.g_bytes) + 4 * self.locks
+
+
+def _align(n: int, to: int = 256) -> int:
+    return _cdiv(n, to) * to
+
+
+def _splits(programs: int, reduction: int, multiple: int, sms: int, part_bytes_per_split: int, step: int):
+    """(per_split, splits): split a reduction of ``reduction`` so ``programs * splits`` approaches
+    TARGET_WAVES * sms, in chunks of a multiple of ``multiple`` (itself a multiple of the loop step), at most
+    MAX_SPLITS, with the partials within PARTIAL_BUDGET."""
+    want = _cdiv(TARGET_WAVES * sms, max(programs, 1))
+    want = max(1, min(want, MAX_SPLITS, _cdiv(reduction, multiple), PARTIAL_BUDGET // max(part_bytes_per_split, 1)))
+    if want == 1:
+        return max(reduction, 1), 1
+    per = _cdiv(_cdiv(reduction, want), multiple) * multiple
+    per = _cdiv(per, step) * step
+    return per, _cdiv(reduction, per)
+
+
+def _shrink_plan(M: int, Kred: int, ER: int, sms: int, small: bool) -> ShrinkPlan:
+    tiles = INTERPRETER_TILES if small else (SHRINK_TILES_SMALL_M if M <= 16 else SHRINK_TILES)
+    bm, bk = tiles["BLOCK_M"], tiles["BLOCK_K"]
+    br = _block_r(ER)
+    rows, rb = _cdiv(M, bm), _cdiv(ER, br)
+    multiple = SPLIT_MULTIPLE_INTERPRETER if small else SPLIT_MULTIPLE
+    per, splits = _splits(rows * rb, Kred, max(multiple, bk), sms, rows * rb * bm * br * 4, bk)
+    return ShrinkPlan(bm, bk, br, tiles["num_warps"], tiles["num_stages"], rows, rb, splits, per)
+
+
+def _grad_ab_plan(M: int, K: int, N: int, R: int, E: int, sms: int, small: bool) -> GradABPlan:
+    tiles = INTERPRETER_TILES if small else GRAD_AB_TILES
+    bm, bk = tiles["BLOCK_M"], tiles["BLOCK_K"]
+    rp = max(16, triton.next_power_of_2(R))
+    apt = 2 if (E >= 2 and 2 * rp <= MAX_BLOCK_R) else 1
+    ta, tb, rt = _cdiv(K, bk), _cdiv(N, bk), _cdiv(E, apt)
+    programs = (ta + tb) * rt
+    multiple = SPLIT_MULTIPLE_INTERPRETER if small else SPLIT_MULTIPLE
+    per, splits = _splits(programs, M, max(multiple, bm), sms, programs * bk * apt * rp * 4, bm)
+    return GradABPlan(bm, bk, rp, apt, tiles["num_warps"], tiles["num_stages"], ta, tb, rt, splits, per)
+
+
+@functools.lru_cache(maxsize=4096)
+def make_plan(M: int, K: int, N: int, R: int, E: int, itemsize: int, sm_count: int, small_tiles: bool = False) -> Plan:
+    """The launch plan for x (M, K), W (N, K), r = R, E adapters, a dtype of ``itemsize`` bytes, on a device
+    with ``sm_count`` SMs (``small_tiles``: the interpreter's 16-wide tiles). Pure: the same arguments give the
+    same plan on any machine, so a CPU test can run a 132-SM plan."""
+    ER = E * R
+    sx = _shrink_plan(M, K, ER, sm_count, small_tiles)
+    sg = _shrink_plan(M, N, ER, sm_count, small_tiles)
+    ab = _grad_ab_plan(M, K, N, R, E, sm_count, small_tiles)
+    part = max(sx.part_bytes, sg.part_bytes, ab.part_bytes)
+    locks = max(p.tiles for p in (sx, sg, ab))
+    return Plan(sx, sg, ab, M * ER * itemsize, part, locks)
+
+
+def scratch_bytes(M: int, K: int, N: int, R: int, E: int, dtype=torch.bfloat16, sm_count: int = 132) -> int:
+    """Bytes of scratch a forward + backward at this shape uses on a GPU with ``sm_count`` SMs."""
+    return make_plan(M, K, N, R, E, torch.empty((), dtype=dtype).element_size(), sm_count).scratch_bytes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The scratch arena: one per device, grown when a plan needs more, never shrunk. Old arenas are kept alive, so
+# a CUDA graph captured with one never sees its memory freed.
+
+_ARENAS: dict = {}
+_OLD_ARENAS: list = []
+
+
+class _Arena:
+    def __init__(self, device, part_bytes: int, g_bytes: int, locks: int):
+        self.part_bytes, self.g_bytes, self.n_locks = _align(part_bytes), _align(g_bytes), max(locks, 1)
+        self.buf = torch.empty(self.part_bytes + self.g_bytes + 256, dtype=torch.uint8, device=device)
+        self.locks = torch.zeros(self.n_locks, dtype=torch.int32, device=device)
+        self.part = self.buf[: self.part_bytes].view(torch.float32) if self.part_bytes else self.buf.view(torch.float32)[:1]
+        self.nbytes = self.buf.numel() + 4 * self.n_locks
+
+    def fits(self, part_bytes, g_bytes, locks) -> bool:
+        return part_bytes <= self.part_bytes and g_bytes <= self.g_bytes and locks <= self.n_locks
+
+    def g_view(self, M: int, ER: int, dtype) -> torch.Tensor:
+        start = self.part_bytes
+        return self.buf[start : start + M * ER * torch.empty((), dtype=dtype).element_size()].view(dtype).view(M, ER)
+
+
+def _arena(device, plan: Plan) -> _Arena:
+    key = str(device)
+    a = _ARENAS.get(key)
+    if a is None or not a.fits(plan.part_bytes, plan.g_bytes, plan.locks):
+        part = max(plan.part_bytes, a.part_bytes if a else 0)
+        g = max(plan.g_bytes, a.g_bytes if a else 0)
+        locks = max(plan.locks, a.n_locks if a else 0)
+        if a is not None:
+            _OLD_ARENAS.append(a)
+        with torch.inference_mode(False), torch.no_grad():
+            a = _ARENAS[key] = _Arena(device, part, g, locks)
+        CALLS["arena_allocations"] += 1
+    return a
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launch objects: the first call goes through triton.jit (compiling, autotuning), later ones straight to the
+# compiled kernel's launcher with the argument tuple the JIT would build.
+
+
+def _wall_clock_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)):
+    """Autotuner timer for the interpreter (no GPU): the wall-clock time of one call, as three quantiles."""
+    import time
+
+    t0 = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms for _ in quantiles]
+
+
+def _prune_linear(configs, named_args, **kwargs):
+    m = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)]
+    return kept or configs[-1:]
+
+
+_AUTOTUNERS: dict = {}
+
+
+def _autotuner(name: str, interpret: bool):
+    key = (name, interpret)
+    if key not in _AUTOTUNERS:
+        fn = _jit_or_interpreted(name, interpret)
+        extra = {"do_bench": _wall_clock_bench} if interpret else {}
+        _AUTOTUNERS[key] = triton.autotune(
+            configs=INTERPRETER_AUTOTUNE_CONFIGS[name] if interpret else _CONFIG_LISTS[name],
+            key=_LINEAR_KEY,
+            prune_configs_by={"early_config_prune": _prune_linear},
+            **extra,
+        )(fn)
+    return _AUTOTUNERS[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_or_interpreted(name: str, interpret: bool):
+    fn = _KERNELS[name]
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(getattr(fn, "fn", fn))
+    return fn
+
+
+class _Interpreted:
+    """The interpreter's stand-in for a CompiledKernel: the same ``run`` signature."""
+
+    function = None
+    packed_metadata = None
+
+    def __init__(self, fn, num_warps, num_stages):
+        self.fn, self.num_warps, self.num_stages = fn, num_warps, num_stages
+
+    def run(self, g0, g1, g2, stream, function, packed, launch_metadata, enter_hook, exit_hook, *args):
+        self.fn[(g0, g1, g2)](*args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+class _Launch:
+    """One kernel launch of a cached call: ``L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None,
+    None, *head, *L.tail)`` launches it; before the first call ``run`` is :meth:`_first_run`."""
+
+    __slots__ = ("name", "interpret", "grid_fn", "tail", "tail_names", "meta", "g0", "g1", "g2", "run",
+                 "function", "packed", "tuned")
+
+    def __init__(self, name: str, interpret: bool, tail: dict, meta: dict | None, grid_fn):
+        # tail: the constexpr arguments (in kernel order) known now; meta: tiles / warps / stages, or None to
+        # autotune (GEMM only); grid_fn(meta) -> grid.
+        self.name, self.interpret, self.grid_fn, self.meta = name, interpret, grid_fn, meta
+        self.tail_names = tuple(tail)
+        self.tail = tuple(tail.values())
+        self.tuned = meta is None
+        self.g0 = self.g1 = self.g2 = 1
+        self.function = self.packed = None
+        self.run = self._first_run
+
+    def _first_run(self, g0, g1, g2, stream, function, packed, lm, eh, xh, *args):
+        head = args[: len(args) - len(self.tail_names)]
+        if self.meta is None:  # autotune the GEMM now, then keep the chosen config
+            tuner = _autotuner(self.name, self.interpret)
+            fixed = {k: v for k, v in zip(self.tail_names, self.tail) if k not in _LINEAR_TUNED}
+            compiled = tuner[self.grid_fn](*head, **fixed)
+            cfg = tuner.best_config
+            CALLS[f"autotuned_{self.name}"] += 1
+            self._set_meta({**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            self._finish(compiled)
+            return
+        try:
+            self._launch_jit(head)
+        except OutOfResources as exc:  # e.g. fp32 at BLOCK_R = 128 on a GPU with less shared memory
+            first = self.meta
+            for alt in _fallback_metas(self.name, first):
+                try:
+                    self._set_meta(alt)
+                    self._launch_jit(head)
+                except OutOfResources:
+                    continue
+                CALLS["shared_memory_fallback"] += 1
+                return
+            self._set_meta(first)
+            raise exc
+
+    def _set_meta(self, meta: dict):
+        self.meta = dict(meta)
+        tail = dict(zip(self.tail_names, self.tail))
+        for k, v in meta.items():
+            if k in tail:
+                tail[k] = v
+        self.tail = tuple(tail.values())
+        grid = tuple(self.grid_fn(meta)) + (1, 1)
+        self.g0, self.g1, self.g2 = grid[0], grid[1], grid[2]
+
+    def _launch_jit(self, head):
+        fn = _jit_or_interpreted(self.name, self.interpret)
+        grid = (self.g0, self.g1, self.g2)
+        kw = {"num_warps": self.meta["num_warps"], "num_stages": self.meta["num_stages"]}
+        compiled = fn[grid](*head, *self.tail, **kw)
+        self._finish(compiled)
+
+    def _finish(self, compiled):
+        if self.interpret or compiled is None:
+            fn = _jit_or_interpreted(self.name, True) if self.interpret else None
+            if fn is None:
+                return  # keep launching through the JIT (should not happen)
+            k = _Interpreted(fn, self.meta["num_warps"], self.meta["num_stages"])
+            self.run, self.function, self.packed = k.run, None, None
+            return
+        if hasattr(compiled, "result"):  # triton 3.6 may hand back a future
+            compiled = compiled.result()
+        self.run, self.function, self.packed = compiled.run, compiled.function, compiled.packed_metadata
+
+
+def _jit_fn(fn):
+    from triton.runtime.jit import JITFunction
+
+    return fn if isinstance(fn, JITFunction) else getattr(fn, "fn", fn)
+
+
+def _fallback_metas(name: str, first: dict) -> list[dict]:
+    """Configs to try in order when ``first`` needs more shared memory than the GPU has: the same tiles with
+    fewer pipeline stages, then (GEMM) the other shipped configs likewise."""
+    out = []
+    cands = [first] + ([{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                        for c in _CONFIG_LISTS.get(name, [])])
+    for cfg in cands:
+        for stages in range(cfg["num_stages"], 0, -1):
+            meta = {**cfg, "num_stages": stages}
+            if meta not in out and meta != first:
+                out.append(meta)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cached calls.
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
 
-# --------------------------------------------------------------------------------------------------------------
-# One launcher per kernel.
+def _gemm_meta(name: str, interpret: bool) -> dict | None:
+    if interpret and _state["pinned"] is None and _state["interpreter_autotune"]:
+        return None
+    if interpret and not _state["interpreter_gpu_tiles"]:
+        base = dict(INTERPRETER_CONFIGS[name])
+        base.update((_state["pinned"] or {}).get(name, {}))
+        return base
+    if _state["pinned"] is None and not interpret:
+        return None
+    cfg = _CONFIG_LISTS[name][0]
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+            **(_state["pinned"] or {}).get(name, {})}
 
 
-def _reduction_splits(t: torch.Tensor, M: int, K: int, block_m: int, r_blocks: int) -> tuple[int, int]:
-    """(K_PER_SPLIT, splits) for the shrink kernels: split the reduction when the row blocks alone leave SMs idle.
-
-    Under the interpreter the split is small (32) so that tiny test shapes exercise the fp32 partial sums."""
-    if t.device.type != "cuda":
-        per = SHRINK_SPLIT_INTERPRETER
-    else:
-        programs = triton.cdiv(M, block_m) * r_blocks
-        want = max(1, min(triton.cdiv(2 * _sm_count(t.device.index), programs), triton.cdiv(K, 1024)))
-        per = triton.cdiv(triton.cdiv(K, want), SHRINK_SPLIT_MULTIPLE) * SHRINK_SPLIT_MULTIPLE
-    per = max(per, 1)
-    return per, max(1, triton.cdiv(K, per))
+def _linear_launch(name, interpret, M, N, R, E, backbone, has_bias, prec) -> _Launch:
+    meta = _gemm_meta(name, interpret)
+    tail = {"R": R, "BLOCK_M": 0, "BLOCK_N": 0, "BLOCK_K": 0, "BLOCK_R": _block_r(E * R), "GROUP_M": 0,
+            "BACKBONE": backbone, "HAS_BIAS": has_bias, "DOT_PRECISION": prec}
+    grid = lambda m: (_cdiv(M, m["BLOCK_M"]) * _cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+    L = _Launch(name, interpret, tail, meta, grid)
+    if meta is not None:
+        L._set_meta(meta)
+    return L
 
 
-def _shrink_out(M: int, ER: int, splits: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, int]:
-    """The shrink kernel's output: the result itself (one split) or fp32 partials (splits, M, E*r)."""
-    if splits == 1:
-        return torch.empty((M, ER), device=device, dtype=dtype), 0
-    buf = torch.empty((splits, M, ER), device=device, dtype=torch.float32)
-    return buf, buf.stride(0)
+def _shrink_launch(interpret, p: ShrinkPlan, R, prec) -> _Launch:
+    meta = {"BLOCK_M": p.block_m, "BLOCK_K": p.block_k, "num_warps": p.num_warps, "num_stages": p.num_stages}
+    tail = {"R": R, "BLOCK_M": p.block_m, "BLOCK_K": p.block_k, "BLOCK_R": p.block_r, "SPLITS": p.splits,
+            "DOT_PRECISION": prec}
+    L = _Launch("shrink", interpret, tail, meta, lambda m: (p.row_blocks, p.r_blocks, p.splits))
+    L._set_meta(meta)
+    return L
 
 
-def shrink(x: torch.Tensor, lora_A: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
-    """h_masked = (x A_cat^T) * mask, (M, E*r) in x.dtype."""
-    M, K = x.shape
-    E, R, _ = lora_A.shape
-    BLOCK_R = _block_r(E * R)
-    r_blocks = triton.cdiv(E * R, BLOCK_R)
-    per, splits = _reduction_splits(x, M, K, 64, r_blocks)
-    out, stride_os = _shrink_out(M, E * R, splits, x.dtype, x.device)
-    args = dict(
-        x_ptr=x, l_ptr=lora_A, routes_ptr=routes, out_ptr=out, h_ptr=out, db_ptr=out,
-        M=M, K=K, R=R, E=E, K_PER_SPLIT=per, M_BUCKET=_m_bucket(M),
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_le=lora_A.stride(0), stride_lr=lora_A.stride(1), stride_lk=lora_A.stride(2),
-        stride_os=stride_os, stride_om=out.stride(-2), stride_oc=out.stride(-1),
-        stride_hm=0, stride_hc=0, stride_dbp=0, stride_dbe=0, stride_dbk=0, stride_dbr=0,
-        scaling=1.0, BLOCK_R=BLOCK_R, FUSE_DB=False, DETERMINISTIC=True, DOT_PRECISION=_dot_precision(x.dtype),
-    )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_blocks, splits)  # noqa: E731
-    _launch("shrink", x, grid, args)
-    return out if splits == 1 else out.sum(0).to(x.dtype)
+def _grad_ab_launch(interpret, p: GradABPlan, R, prec) -> _Launch:
+    meta = {"BLOCK_M": p.block_m, "BLOCK_K": p.block_k, "num_warps": p.num_warps, "num_stages": p.num_stages}
+    tail = {"R": R, "BLOCK_M": p.block_m, "BLOCK_K": p.block_k, "RP": p.rp, "APT": p.apt, "SPLITS": p.splits,
+            "DOT_PRECISION": prec}
+    L = _Launch("grad_ab", interpret, tail, meta, lambda m: (p.tiles_a + p.tiles_b, p.r_tiles, p.splits))
+    L._set_meta(meta)
+    return L
 
 
-def shrink_grad_b(
-    grad_y: torch.Tensor, lora_B: torch.Tensor, routes: torch.Tensor, h_masked: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over g: G = (g B_cat) * mask (M, E*r) in g.dtype and dB = s g^T h_masked as (E, N, r)."""
-    M, N = grad_y.shape
-    E, _, R = lora_B.shape
-    BLOCK_R = _block_r(E * R)
-    r_blocks = triton.cdiv(E * R, BLOCK_R)
-    interpret = _interpreting(grad_y)
-    meta = _pinned_meta("shrink_db", interpret)
-    block_m = meta["BLOCK_M"] if meta is not None else SHRINK_DB_BLOCK_M
-    per, splits = _reduction_splits(grad_y, M, N, block_m, r_blocks)
-    G, stride_os = _shrink_out(M, E * R, splits, grad_y.dtype, grad_y.device)
-    deterministic = _state["deterministic"]
-    if deterministic:
-        ws = torch.empty((triton.cdiv(M, block_m), E, N, R), device=grad_y.device, dtype=torch.float32)
-        stride_dbp = ws.stride(0)
-    else:
-        ws = torch.zeros((E, N, R), device=grad_y.device, dtype=torch.float32)
-        stride_dbp = 0
-    off = 1 if deterministic else 0
-    args = dict(
-        x_ptr=grad_y, l_ptr=lora_B, routes_ptr=routes, out_ptr=G, h_ptr=h_masked, db_ptr=ws,
-        M=M, K=N, R=R, E=E, K_PER_SPLIT=per, M_BUCKET=_m_bucket(M),
-        stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
-        stride_le=lora_B.stride(0), stride_lr=lora_B.stride(2), stride_lk=lora_B.stride(1),
-        stride_os=stride_os, stride_om=G.stride(-2), stride_oc=G.stride(-1),
-        stride_hm=h_masked.stride(0), stride_hc=h_masked.stride(1),
-        stride_dbp=stride_dbp, stride_dbe=ws.stride(off), stride_dbk=ws.stride(off + 1),
-        stride_dbr=ws.stride(off + 2),
-        scaling=float(scaling), BLOCK_R=BLOCK_R, FUSE_DB=True, DETERMINISTIC=deterministic,
-        DOT_PRECISION=_dot_precision(grad_y.dtype),
-    )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_blocks, splits)  # noqa: E731
-    _launch("shrink_db", grad_y, grid, args, reset=() if deterministic else ("db_ptr",))
-    dB = ws.sum(0) if deterministic else ws
-    if splits > 1:
-        G = G.sum(0).to(grad_y.dtype)
-    return G, dB.to(grad_y.dtype)
+class _Call:
+    """Everything one exact key needs: plan, variant, launches, scratch views; ``forward`` / ``backward``."""
+
+    def __init__(self, kind, variant, x, weight, lora_A, interpret, bias=None, compute_dx=False):
+        M, K = x.shape
+        N = weight.shape[0]
+        E, R, _ = lora_A.shape
+        self.M, self.K, self.N, self.R, self.E, self.ER = M, K, N, R, E, E * R
+        self.variant, self.interpret = variant, interpret
+        self.dev = x.device
+        self.dev_index = x.device.index if x.device.type == "cuda" else None
+        if interpret:
+            sms, small = _state["interpreter_sms"], not _state["interpreter_gpu_tiles"]
+        else:
+            sms, small = _sm_count(x.device.index), False
+        self.plan = plan = make_plan(M, K, N, R, E, x.element_size(), sms, small)
+        prec = _dot_precision(x.dtype)
+        arena = _arena(x.device, plan)
+        self.part, self.locks = arena.part, arena.locks
+        if kind == "forward":
+            self.shrink = _shrink_launch(interpret, plan.shrink_x, R, prec)
+            name = "linear" if variant == "fused" else "linear_lora"
+            self.linear = _linear_launch(name, interpret, M, N, R, E, variant == "fused", bias is not None, prec)
+        else:
+            self.G = arena.g_view(M, E * R, x.dtype)
+            self.shrink = _shrink_launch(interpret, plan.shrink_g, R, prec)
+            self.grad_ab = _grad_ab_launch(interpret, plan.grad_ab, R, prec)
+            if compute_dx:
+                name = "linear" if variant == "fused" else "linear_lora"
+                self.linear = _linear_launch(name, interpret, M, K, R, E, variant == "fused", False, prec)
+
+    def forward(self, x, weight, bias, lora_A, lora_B, routes, scaling):
+        M, K, N, ER, E = self.M, self.K, self.N, self.ER, self.E
+        stream = None if self.dev_index is None else torch._C._cuda_getCurrentRawStream(self.dev_index)
+        y = torch.empty((M, N), device=self.dev, dtype=x.dtype)
+        h = torch.empty((M, ER), device=self.dev, dtype=x.dtype)
+        S = self.shrink
+        S.run(S.g0, S.g1, S.g2, stream, S.function, S.packed, None, None, None,
+              x, lora_A, routes, h, self.part, self.locks, M, K, E, self.plan.shrink_x.per_split,
+              x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), h.stride(0), 1,
+              *S.tail)  # fmt: skip
+        L = self.linear
+        L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
+              x, weight, y if bias is None else bias, h, lora_B, y, M, N, K, E, _m_bucket_fast(M),
+              x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), h.stride(0), 1,
+              lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), y.stride(0), 1, scaling,
+              *L.tail)  # fmt: skip
+        CALLS["shrink"] += 1
+        if self.variant == "fused":
+            CALLS["linear"] += 1
+        else:
+            CALLS["linear_lora"] += 1
+            y.addmm_(x, weight.t())  # cuBLAS, beta = 1: the LoRA term is read in the GEMM's epilogue
+        return y, h
+
+    def backward(self, grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute_dx):
+        M, K, N, ER, E = self.M, self.K, self.N, self.ER, self.E
+        stream = None if self.dev_index is None else torch._C._cuda_getCurrentRawStream(self.dev_index)
+        G = self.G
+        S = self.shrink
+        S.run(S.g0, S.g1, S.g2, stream, S.function, S.packed, None, None, None,
+              grad_y, lora_B, routes, G, self.part, self.locks, M, N, E, self.plan.shrink_g.per_split,
+              grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), ER, 1,
+              *S.tail)  # fmt: skip
+        dx = None
+        if compute_dx:
+            dx = torch.empty((M, K), device=self.dev, dtype=x.dtype)
+            L = self.linear
+            L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
+                  grad_y, weight, dx, G, lora_A, dx, M, K, N, E, _m_bucket_fast(M),
+                  grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), ER, 1,
+                  lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx.stride(0), 1, scaling,
+                  *L.tail)  # fmt: skip
+        dA = torch.empty((E, self.R, K), device=self.dev, dtype=x.dtype)
+        dB = torch.empty((E, N, self.R), device=self.dev, dtype=x.dtype)
+        A_ = self.grad_ab
+        A_.run(A_.g0, A_.g1, A_.g2, stream, A_.function, A_.packed, None, None, None,
+               x, grad_y, G, h, routes, dA, dB, self.part, self.locks,
+               M, K, N, E, self.plan.grad_ab.rows_per_split, self.plan.grad_ab.tiles_a,
+               x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), ER, 1, h.stride(0), h.stride(1),
+               dA.stride(0), dA.stride(1), 1, dB.stride(0), dB.stride(1), 1, scaling,
+               *A_.tail)  # fmt: skip
+        CALLS["shrink"] += 1
+        CALLS["grad_ab"] += 1
+        if compute_dx:
+            if self.variant == "fused":
+                CALLS["linear"] += 1
+            else:
+                CALLS["linear_lora"] += 1
+                dx.addmm_(grad_y, weight)
+        return dx, dA, dB
 
 
-def grad_a(G: torch.Tensor, x: torch.Tensor, R: int, E: int, scaling: float) -> torch.Tensor:
-    """dA = s * G^T x as (E, r, K) in x.dtype; G (M, E*r) already masked."""
-    M, K = x.shape
-    BLOCK_R = _block_r(E * R)
-    deterministic = _state["deterministic"]
-    if x.device.type == "cuda":
-        sms = _sm_count(x.device.index)
-        tiles = triton.cdiv(K, 64) * triton.cdiv(E * R, BLOCK_R)
-        splits = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, GRAD_A_SPLIT_ROWS)))
-        rows = triton.cdiv(triton.cdiv(M, splits), GRAD_A_SPLIT_ROWS) * GRAD_A_SPLIT_ROWS
-    else:  # interpreter: exercise the split reduction on small shapes
-        rows = 64
-    splits = max(1, triton.cdiv(M, rows))
-    if deterministic:
-        ws = torch.empty((splits, E, R, K), device=x.device, dtype=torch.float32)
-        stride_op = ws.stride(0)
-    else:
-        ws = torch.zeros((E, R, K), device=x.device, dtype=torch.float32)
-        stride_op = 0
-    off = 1 if deterministic else 0
-    args = dict(
-        g_ptr=G, x_ptr=x, out_ptr=ws,
-        M=M, K=K, R=R, E=E, M_PER_SPLIT=rows, M_BUCKET=_m_bucket(M),
-        stride_gm=G.stride(0), stride_gc=G.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_op=stride_op, stride_oe=ws.stride(off), stride_or=ws.stride(off + 1), stride_ok=ws.stride(off + 2),
-        scaling=float(scaling), BLOCK_R=BLOCK_R, DETERMINISTIC=deterministic,
-        DOT_PRECISION=_dot_precision(x.dtype),
-    )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(E * R, BLOCK_R), splits)  # noqa: E731
-    _launch("grad_a", x, grid, args, reset=() if deterministic else ("out_ptr",))
-    dA = ws.sum(0) if deterministic else ws
-    return dA.to(x.dtype)
+_M_BUCKETS = {}
 
 
-def linear(
-    a: torch.Tensor,
-    weight: torch.Tensor,
-    transpose_weight: bool,
-    bias: torch.Tensor | None,
-    L: torch.Tensor,
-    adapter: torch.Tensor,
-    adapter_is_B: bool,
-    scaling: float,
-    backbone: bool = True,
-) -> torch.Tensor:
-    """out = a Wt + b + s L U (``backbone=False``: out = b + s L U), one write of out.
-
-    ``transpose_weight``: Wt = W^T (forward, a = x) or W (dx, a = g). ``adapter_is_B``: U[c, n] = B[c//r, n, c%r]
-    (forward) or U[c, k] = A[c//r, c%r, k] (dx). ``backbone=False`` is the cuBLAS variant's half: the caller then
-    runs ``out.addmm_(a, Wt)``.
-    """
-    M = a.shape[0]
-    if transpose_weight:  # a (M, K) @ W^T -> (M, N)
-        N, K = weight.shape
-        stride_wk, stride_wn = weight.stride(1), weight.stride(0)
-    else:  # a (M, N_w) @ W -> (M, K_w)
-        K, N = weight.shape
-        stride_wk, stride_wn = weight.stride(0), weight.stride(1)
-    if adapter_is_B:
-        E, _, R = adapter.shape
-        stride_ue, stride_ur, stride_un = adapter.stride(0), adapter.stride(2), adapter.stride(1)
-    else:
-        E, R, _ = adapter.shape
-        stride_ue, stride_ur, stride_un = adapter.stride(0), adapter.stride(1), adapter.stride(2)
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    args = dict(
-        a_ptr=a, w_ptr=weight, bias_ptr=bias if bias is not None else out, l_ptr=L, u_ptr=adapter, out_ptr=out,
-        M=M, N=N, K=K, R=R, E=E, M_BUCKET=_m_bucket(M),
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wk=stride_wk, stride_wn=stride_wn,
-        stride_lm=L.stride(0), stride_lc=L.stride(1),
-        stride_ue=stride_ue, stride_ur=stride_ur, stride_un=stride_un,
-        stride_om=out.stride(0), stride_on=out.stride(1),
-        scaling=float(scaling), BLOCK_R=_block_r(E * R), BACKBONE=backbone, HAS_BIAS=bias is not None,
-        DOT_PRECISION=_dot_precision(a.dtype),
-    )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _launch("linear" if backbone else "linear_lora", a, grid, args)
-    return out
+def _m_bucket_fast(M: int) -> int:
+    b = _M_BUCKETS.get(M)
+    if b is None:
+        b = _M_BUCKETS[M] = _m_bucket(M)
+    return b
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The contract: forward / backward with per-shape variant choice.
+# The contract: forward / backward, cached per exact key.
 
 VARIANT_CACHE: dict = {}
 VARIANT_ERRORS: dict = {}  # (shape key..., variant) -> the error that ruled the variant out while measuring
+_FORWARD_CALLS: dict = {}
+_BACKWARD_CALLS: dict = {}
 
 
-def _forward_variant(variant, x, weight, bias, lora_A, lora_B, routes, scaling):
-    if variant == "torch":
-        from routed_lora.reference import reference_forward
-
-        return reference_forward(x, weight, bias, lora_A, lora_B, routes, scaling)
-    h = shrink(x, lora_A, routes)
-    if variant == "fused":
-        y = linear(x, weight, True, bias, h, lora_B, True, scaling)
-    else:
-        y = linear(x, weight, True, bias, h, lora_B, True, scaling, backbone=False)
-        y.addmm_(x, weight.t())  # cuBLAS, beta = 1: the LoRA term is read in the GEMM's epilogue
-    return y, h
-
-
-def _backward_variant(variant, grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx):
-    if variant == "torch":
-        from routed_lora.reference import reference_backward
-
-        return reference_backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx)
-    E, R, _ = lora_A.shape
-    G, dB = shrink_grad_b(grad_y, lora_B, routes, h_masked, scaling)
-    dA = grad_a(G, x, R, E, scaling)
-    dx = None
-    if compute_dx:
-        if variant == "fused":
-            dx = linear(grad_y, weight, False, None, G, lora_A, False, scaling)
-        else:
-            dx = linear(grad_y, weight, False, None, G, lora_A, False, scaling, backbone=False)
-            dx.addmm_(grad_y, weight)
-    return dx, dA, dB
-
-
-def _time_ms(fn, calls: int = 8, rounds: int = 3) -> float:
-    """Steady-state GPU time of one call: median over ``rounds`` of ``calls`` back-to-back calls between two events.
-
-    Back-to-back, as in training, where the host runs ahead of the GPU: timing single calls between events would
-    count the host's launch latency before the first kernel, which penalises the variants with more (Triton)
-    launches by tens of microseconds although a training step hides it."""
-    fn()  # warm-up (and autotuning)
+def device_time_ms(fn, calls: int = 10, replays: int = 3) -> float:
+    """Device time of one ``fn()`` call in ms: ``calls`` calls captured in one CUDA graph, replayed ``replays``
+    times between two events (the median replay / calls). No host time is included, however slow the host.
+    Falls back to events around ``calls`` queued eager calls if capture fails."""
+    fn()  # warm-up: compiles, autotunes, grows the scratch arena outside the capture
     torch.cuda.synchronize()
     times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        CALLS["timed_by_graph"] += 1
+    except Exception:  # e.g. a path that cannot be captured: queued eager calls instead
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        CALLS["timed_by_events"] += 1
     return statistics.median(times)
+
+
+_TIMER = {"fn": device_time_ms}
 
 
 def _choose(kind: str, key: tuple, candidates: dict) -> str:
@@ -609,11 +796,11 @@ def _choose(kind: str, key: tuple, candidates: dict) -> str:
     if key in VARIANT_CACHE:
         return VARIANT_CACHE[key]
     if torch.cuda.is_current_stream_capturing():
-        return "cublas"
+        return "fused"
     timings = {}
     for name, fn in candidates.items():
         try:
-            timings[name] = _time_ms(fn)
+            timings[name] = _TIMER["fn"](fn)
         except Exception as exc:  # e.g. a kernel that does not fit this GPU: never chosen, reported
             VARIANT_ERRORS[key + (name,)] = f"{type(exc).__name__}: {exc}"
     best = min(timings, key=timings.get)
@@ -628,47 +815,169 @@ def _shape_key(kind, x, weight, lora_A, *extra):
     return (dev, kind, x.dtype, _m_bucket(x.shape[0]), weight.shape[1], weight.shape[0], R, E, *extra)
 
 
-def _prepare(x, routes, lora_A, lora_B, *others):
-    dtype = x.dtype
-    lora_A = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
-    lora_B = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
-    routes = routes.reshape(-1)
-    if routes.dtype != torch.int32 or not routes.is_contiguous():
-        routes = routes.to(torch.int32).contiguous()
+def _aligned(*ts) -> tuple:
+    return tuple(t is None or t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _torch_forward(x, weight, bias, lora_A, lora_B, routes, scaling):
+    from routed_lora.reference import reference_forward
+
+    return reference_forward(x, weight, bias, lora_A, lora_B, routes, scaling)
+
+
+def _torch_backward(grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute_dx):
+    from routed_lora.reference import reference_backward
+
+    return reference_backward(grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute_dx)
+
+
+def _prepare(x, lora_A, lora_B, routes):
+    if lora_A.dtype != x.dtype:
+        lora_A = lora_A.to(x.dtype)
+    if lora_B.dtype != x.dtype:
+        lora_B = lora_B.to(x.dtype)
+    if routes.dtype != torch.int32 or routes.dim() != 1 or not routes.is_contiguous():
+        routes = routes.reshape(-1).to(torch.int32).contiguous()
     return lora_A, lora_B, routes
 
 
 def forward(x, weight, bias, lora_A, lora_B, routes, scaling):
     """(y, h_masked) for x (M, K); see the module docstring."""
-    lora_A, lora_B, routes = _prepare(x, routes, lora_A, lora_B)
-    M = x.shape[0]
-    E, R, _ = lora_A.shape
+    if lora_A.dtype is not x.dtype or lora_B.dtype is not x.dtype or routes.dtype is not torch.int32:
+        lora_A, lora_B, routes = _prepare(x, lora_A, lora_B, routes)
+    key = (x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), bias is None,
+           lora_A.shape, lora_A.stride(), lora_B.stride(), routes.shape, routes.stride(), _state["gen"],
+           x.data_ptr() % 16, weight.data_ptr() % 16, lora_A.data_ptr() % 16, lora_B.data_ptr() % 16,
+           routes.data_ptr() % 16, 0 if bias is None else bias.data_ptr() % 16,
+           x.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
+    call = _FORWARD_CALLS.get(key)
+    if call is None:
+        call = _FORWARD_CALLS[key] = _new_forward(x, weight, bias, lora_A, lora_B, routes, scaling)
     CALLS["forward"] += 1
-    if M == 0 or weight.shape[0] == 0:
-        CALLS["forward_empty"] += 1
-        return torch.nn.functional.linear(x, weight, bias), x.new_zeros((M, E * R))
-    args = (x, weight, bias, lora_A, lora_B, routes, scaling)
-    key = _shape_key("forward", x, weight, lora_A, bias is not None)
-    candidates = {v: (lambda v=v: _forward_variant(v, *args)) for v in ("fused", "cublas", "torch")}
-    variant = _choose("forward", key, candidates)
-    CALLS[f"forward_{variant}"] += 1
-    return _forward_variant(variant, *args)
+    return call.forward(x, weight, bias, lora_A, lora_B, routes, scaling)
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx):
     """(dx or None, dA (E, r, K), dB (E, N, r)); see the module docstring."""
-    lora_A, lora_B, routes = _prepare(x, routes, lora_A, lora_B)
-    if h_masked.dtype != x.dtype:
+    if lora_A.dtype is not x.dtype or lora_B.dtype is not x.dtype or routes.dtype is not torch.int32:
+        lora_A, lora_B, routes = _prepare(x, lora_A, lora_B, routes)
+    if h_masked.dtype is not x.dtype:
         h_masked = h_masked.to(x.dtype)
-    M = x.shape[0]
+    key = (x.device, x.dtype, x.shape, x.stride(), grad_y.stride(), weight.shape, weight.stride(), compute_dx,
+           lora_A.shape, lora_A.stride(), lora_B.stride(), routes.shape, routes.stride(), h_masked.stride(),
+           _state["gen"], x.data_ptr() % 16, grad_y.data_ptr() % 16, weight.data_ptr() % 16,
+           lora_A.data_ptr() % 16, lora_B.data_ptr() % 16, routes.data_ptr() % 16, h_masked.data_ptr() % 16,
+           x.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
+    call = _BACKWARD_CALLS.get(key)
+    if call is None:
+        call = _BACKWARD_CALLS[key] = _new_backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling,
+                                                    compute_dx)
     CALLS["backward"] += 1
-    if M == 0 or weight.shape[0] == 0 or x.shape[1] == 0:
+    return call.backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compute_dx)
+
+
+class _Empty:
+    """M = 0 (or an empty weight): no kernel."""
+
+    def __init__(self, E, R):
+        self.ER = E * R
+
+    def forward(self, x, weight, bias, lora_A, lora_B, routes, scaling):
+        CALLS["forward_empty"] += 1
+        return torch.nn.functional.linear(x, weight, bias), x.new_zeros((x.shape[0], self.ER))
+
+    def backward(self, grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute_dx):
         CALLS["backward_empty"] += 1
-        dx = torch.zeros_like(x) if compute_dx else None
+        dx = torch.zeros_like(x) if compute_dx else None  # g W = 0 when M, N or K is 0
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    args = (grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, bool(compute_dx))
+
+
+class _Torch:
+    def forward(self, *args):
+        CALLS["forward_torch"] += 1
+        return _torch_forward(*args)
+
+    def backward(self, *args):
+        CALLS["backward_torch"] += 1
+        return _torch_backward(*args)
+
+
+class _Counted:
+    """Wraps a call so ``CALLS["forward_<variant>"]`` counts which variant ran."""
+
+    def __init__(self, call, fwd_name, bwd_name):
+        self.call, self.fwd_name, self.bwd_name = call, fwd_name, bwd_name
+
+    def forward(self, *args):
+        CALLS[self.fwd_name] += 1
+        return self.call.forward(*args)
+
+    def backward(self, *args):
+        CALLS[self.bwd_name] += 1
+        return self.call.backward(*args)
+
+
+def _check_shapes(x, weight, lora_A, lora_B, bias=None):
+    M, K = x.shape
+    N = weight.shape[0]
+    E, R, Ka = lora_A.shape
+    if weight.shape[1] != K or Ka != K or tuple(lora_B.shape) != (E, N, R):
+        raise ValueError(
+            f"routed_lora.kernels: inconsistent shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"routed_lora.kernels: bias shape {tuple(bias.shape)}, expected ({N},)")
+
+
+def _new_forward(x, weight, bias, lora_A, lora_B, routes, scaling):
+    _check_shapes(x, weight, lora_A, lora_B, bias)
+    interpret = _interpreting(x)
+    E, R, _ = lora_A.shape
+    if x.shape[0] == 0 or weight.shape[0] == 0 or x.shape[1] == 0:
+        return _Empty(E, R)
+    key = _shape_key("forward", x, weight, lora_A, bias is not None)
+    args = (x, weight, bias, lora_A, lora_B, routes, scaling)
+    built = {}
+
+    def candidate(v):
+        def run():
+            if v not in built:
+                built[v] = _Torch() if v == "torch" else _Call("forward", v, x, weight, lora_A, interpret, bias)
+            return built[v].forward(*args)
+
+        return run
+
+    variant = _choose("forward", key, {v: candidate(v) for v in ("fused", "cublas", "torch")})
+    call = built.get(variant) or (_Torch() if variant == "torch" else
+                                  _Call("forward", variant, x, weight, lora_A, interpret, bias))
+    return _Counted(call, f"forward_{variant}", f"backward_{variant}")
+
+
+def _new_backward(grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute_dx):
+    _check_shapes(x, weight, lora_A, lora_B)
+    if tuple(grad_y.shape) != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"routed_lora.kernels: grad_y shape {tuple(grad_y.shape)}, expected "
+                         f"{(x.shape[0], weight.shape[0])}")
+    interpret = _interpreting(x)
+    E, R, _ = lora_A.shape
+    if x.shape[0] == 0 or weight.shape[0] == 0 or x.shape[1] == 0:
+        return _Empty(E, R)
     key = _shape_key("backward", x, weight, lora_A, bool(compute_dx))
-    candidates = {v: (lambda v=v: _backward_variant(v, *args)) for v in ("fused", "cublas", "torch")}
-    variant = _choose("backward", key, candidates)
-    CALLS[f"backward_{variant}"] += 1
-    return _backward_variant(variant, *args)
+    args = (grad_y, x, weight, lora_A, lora_B, routes, h, scaling, bool(compute_dx))
+    built = {}
+
+    def candidate(v):
+        def run():
+            if v not in built:
+                built[v] = _Torch() if v == "torch" else _Call("backward", v, x, weight, lora_A, interpret,
+                                                               compute_dx=bool(compute_dx))
+            return built[v].backward(*args)
+
+        return run
+
+    variant = _choose("backward", key, {v: candidate(v) for v in ("fused", "cublas", "torch")})
+    call = built.get(variant) or (_Torch() if variant == "torch" else
+                                  _Call("backward", variant, x, weight, lora_A, interpret,
+                                        compute_dx=bool(compute_dx)))
+    return _Counted(call, f"forward_{variant}", f"backward_{variant}")

@@ -34,13 +34,13 @@ ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     launch.set_variant("auto")
-    launch.set_deterministic(True)
     launch.pin_configs(False)
+    launch.set_interpreter_plan()
     yield
     launch.set_variant("auto")
-    launch.set_deterministic(True)
     launch.pin_configs(False)
     launch.autotune_in_interpreter(False)
+    launch.set_interpreter_plan()
 
 
 @pytest.fixture(autouse=True)
@@ -165,11 +165,11 @@ def run_case(c: Case, variant="fused"):
     assert calls[f"forward_{variant}"] == 1 and calls[f"backward_{variant}"] == 1, dict(calls)
     assert calls["forward_torch"] == 0 and calls["backward_torch"] == 0, dict(calls)
     lin = "linear" if variant == "fused" else "linear_lora"
-    assert calls["shrink"] == 1 and calls["shrink_db"] == 1 and calls["grad_a"] == 1 and calls[lin] == 2, dict(calls)
+    assert calls["shrink"] == 2 and calls["grad_ab"] == 1 and calls[lin] == 2, dict(calls)
     # No backward dx when not asked.
     dx2, dA2, dB2 = launch.backward(gy, x, W, A, B, routes, h_in, s, False)
     assert dx2 is None
-    assert torch.equal(dA2, dA) and torch.equal(dB2, dB), "deterministic mode: repeated backward differs"
+    assert torch.equal(dA2, dA) and torch.equal(dB2, dB), "repeated backward differs (fixed-order reductions)"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -183,10 +183,12 @@ def test_cublas_variant_matches_reference(case):
     run_case(case, variant="cublas")
 
 
-def test_atomic_mode_and_looped_adapter_columns(monkeypatch):
-    """Non-deterministic mode (tl.atomic_add) and E*r wider than the column tile (looped / split over R)."""
-    launch.set_deterministic(False)
+def test_looped_adapter_columns(monkeypatch):
+    """E*r wider than the column tile: looped in the GEMM epilogue, split over the grid in shrink and grad_ab.
+
+    (This test also covered the atomic mode, which is gone: the fixed-order reduction now costs no launch.)"""
     monkeypatch.setattr(launch, "MAX_BLOCK_R", 16)
+    launch.set_interpreter_plan()  # new key generation: the plans are rebuilt with the patched tile width
     run_case(Case(torch.float32, 40, 20, 19, 16, 3, "minus1"))
     run_case(Case(torch.bfloat16, 17, 18, 21, 8, 3, "random"))
 
@@ -211,19 +213,16 @@ def test_pinned_config_override():
         launch.pin_configs({"nope": {}})
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_autotuned_path(deterministic):
-    """The autotuning path (keys, pruning, reset_to_zero for the atomic buffers),
-    timed by the wall clock under the interpreter: results stay exact although every config runs."""
+def test_autotuned_path():
+    """The GEMM autotuning path (keys, pruning), timed by the wall clock under the interpreter: results stay exact
+    although every config runs, and the chosen config is then launched directly."""
     launch.autotune_in_interpreter(True)
-    launch.set_deterministic(deterministic)
     for variant in ("fused", "cublas"):
         launch.set_variant(variant)
         run_case(Case(torch.float32, 40, 36, 33, 4, 2, "minus1"), variant=variant)
-    tuned = [r for k, r in launch._RUNNERS.items() if k[1] and k[2]]
-    assert {k[0] for k in launch._RUNNERS if k[1] and k[2]} >= {"linear", "linear_lora", "shrink", "shrink_db",
-                                                               "grad_a"}
-    assert all(getattr(r, "best_config", None) is not None for r in tuned)
+    tuned = {k[0]: t for k, t in launch._AUTOTUNERS.items() if k[1]}
+    assert set(tuned) >= {"linear", "linear_lora"}
+    assert all(getattr(t, "best_config", None) is not None for t in tuned.values())
 
 
 def test_auto_choice_measures_once_caches_and_skips_failing_variants(monkeypatch):
@@ -231,7 +230,7 @@ def test_auto_choice_measures_once_caches_and_skips_failing_variants(monkeypatch
     timings = {"fused": 3.0, "cublas": 2.0, "torch": 2.5}
     calls = []
 
-    def fake_time(fn, reps=5):
+    def fake_time(fn, calls_=10, replays=3):
         name = fn()
         calls.append(name)
         return timings[name]
@@ -239,7 +238,7 @@ def test_auto_choice_measures_once_caches_and_skips_failing_variants(monkeypatch
     def broken():
         raise RuntimeError("out of shared memory")
 
-    monkeypatch.setattr(launch, "_time_ms", fake_time)
+    monkeypatch.setitem(launch._TIMER, "fn", fake_time)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     key = ("cuda:0:fake", "forward", torch.bfloat16, 64, 32, 32, 4, 2, True)
     launch.VARIANT_CACHE.pop(key, None)
@@ -305,31 +304,36 @@ def test_public_layer_with_triton_backend(dtype):
 
 def test_shared_memory_fallback_retries_smaller_configs(monkeypatch):
     """A launch the GPU refuses for shared memory (fp32 at BLOCK_R = 128 on an H200, seen there) is retried with
-    fewer pipeline stages / the other shipped configs, and the one that fits is cached; if none fits the
-    original error is raised. The kernel is a fake that refuses every config with more than one stage."""
+    fewer pipeline stages / the other shipped configs, and the one that fits is kept for later calls; if none
+    fits the original error is raised. The kernel is a fake that refuses every config with more than one stage."""
     from triton.runtime.errors import OutOfResources
 
     launched = []
+    limit = {"stages": 1}
 
     class FakeKernel:
         def __getitem__(self, grid):
-            def run(**kw):
-                if kw.get("BLOCK_M", 0) == 16 or kw.get("num_stages", 9) > limit["stages"]:
+            def run(*args, num_warps, num_stages):
+                if num_stages > limit["stages"]:
                     raise OutOfResources(262144, 232448, "shared memory")
-                launched.append(dict(kw))
+                launched.append((grid, num_stages))
 
             return run
 
-    limit = {"stages": 1}
-    monkeypatch.setattr(launch, "_runner", lambda *a, **k: FakeKernel())
-    monkeypatch.setattr(launch, "_FALLBACK_META", {})
-    x = torch.empty(4, dtype=torch.float32)
+    monkeypatch.setattr(launch, "_jit_or_interpreted", lambda name, interpret: FakeKernel())
+    cfg = launch.LINEAR_CONFIGS[0]
+    meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    grid = lambda m: (m["BLOCK_M"],)  # noqa: E731
+    tail = {"BLOCK_M": 0, "BLOCK_N": 0, "BLOCK_K": 0, "GROUP_M": 0}
+    L = launch._Launch("linear", True, tail, meta, grid)
+    L._set_meta(meta)
     before = launch.CALLS["shared_memory_fallback"]
-    launch._launch("linear", x, lambda meta: (1,), {"BLOCK_R": 128})
-    assert launched[-1]["num_stages"] == 1 and launched[-1]["BLOCK_M"] == launch.LINEAR_CONFIGS[0].kwargs["BLOCK_M"]
+    L.run(L.g0, L.g1, L.g2, None, None, None, None, None, None, "arg", *L.tail)
+    assert launched[-1][1] == 1 and L.meta["num_stages"] == 1 and L.meta["BLOCK_M"] == cfg.kwargs["BLOCK_M"]
     assert launch.CALLS["shared_memory_fallback"] == before + 1
-    assert launch._FALLBACK_META[("linear", torch.float32, 128)]["num_stages"] == 1
+    assert dict(zip(L.tail_names, L.tail))["BLOCK_M"] == cfg.kwargs["BLOCK_M"]
     limit["stages"] = 0  # nothing fits: the original error surfaces
-    launch._FALLBACK_META.clear()
+    L2 = launch._Launch("linear", True, tail, meta, grid)
+    L2._set_meta(meta)
     with pytest.raises(OutOfResources):
-        launch._launch("linear", x, lambda meta: (1,), {"BLOCK_R": 128})
+        L2.run(L2.g0, L2.g1, L2.g2, None, None, None, None, None, None, "arg", *L2.tail)
