@@ -337,3 +337,45 @@ def test_shared_memory_fallback_retries_smaller_configs(monkeypatch):
     L2._set_meta(meta)
     with pytest.raises(OutOfResources):
         L2.run(L2.g0, L2.g1, L2.g2, None, None, None, None, None, None, "arg", *L2.tail)
+
+
+def test_auto_times_by_cuda_graph_replay(monkeypatch):
+    """`auto` times device work: the calls are captured once in a CUDA graph and the replays are timed between
+    events (per-call time = replay time / calls), so host time is not measured. torch.cuda is faked here."""
+    log = []
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    class FakeCapture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            log.append("capture")
+
+        def __exit__(self, *exc):
+            log.append("end_capture")
+
+    class FakeEvent:
+        times = iter([0.0, 3.0, 10.0, 14.0, 20.0, 25.0])
+
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = next(FakeEvent.times)
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    assert launch._TIMER["fn"] is launch.device_time_ms
+    ms = launch.device_time_ms(lambda: log.append("call"), calls=10, replays=3)
+    assert ms == pytest.approx(4.0 / 10)  # replays took 3, 4, 5 ms for 10 calls each: median 4
+    assert log[:13] == ["call", "capture"] + ["call"] * 10 + ["end_capture"]
+    assert log.count("replay") == 4 and "call" not in log[13:]  # one warm replay + three timed, no eager calls
