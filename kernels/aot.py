@@ -6,8 +6,9 @@ stack and local memory (ptxas puts register spills in the stack frame, so STACK 
 and the SASS, where tensor-core instructions are HGMMA (sm_90 wgmma) or HMMA (sm_80 mma.sync).
 
 ``compile_report(archs=(80, 90))`` returns one record per (kernel, config, arch) with the keys kernel, config,
-arch, registers, local_bytes, stack_bytes, shared_bytes, tensor_core_instructions (and num_warps,
-num_stages, variant, dtype, tensor_core_opcode). ``compiled_kernels`` lists what is compiled: each kernel
+arch, registers, local_bytes, stack_bytes, shared_bytes, tensor_core_instructions, tma_instructions (UTMALDG /
+UTMASTG in the SASS: TMA loads and stores) (and num_warps, num_stages, variant, dtype, tensor_core_opcode).
+The TMA GEMM is compiled for sm_90 only. ``compiled_kernels`` lists what is compiled: each kernel
 variant (constexpr flags) with each config shipped for it, at the benchmark shape's E*r = 32 in bf16.
 ``routed-lora bench compile-report --json`` prints these records.
 """
@@ -106,6 +107,16 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     add("routed_linear_kernel", "lora_only_dx", fn, ptrs, dx_unit, common + ["stride_wk", "stride_ur"],
         {**lora_only, "HAS_BIAS": False}, launch.LINEAR_LORA_CONFIGS)
 
+    # sm_90 only: the TMA GEMM (forward: W read as (N, K) tiles and transposed; dx: W as stored).
+    fn = fused_lora.routed_linear_tma_kernel
+    ptrs = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, "l_ptr": p, "u_ptr": p, "out_ptr": p}
+    common = ["a_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "out_ptr", "M", "N", "K", "stride_am", "stride_wr",
+              "stride_lm", "stride_ue", "stride_om"]
+    add("routed_linear_tma_kernel", "tma_forward", fn, ptrs, ("stride_lc", "stride_ur"), common + ["stride_un"],
+        {"TRANS_W": True, "HAS_BIAS": True}, launch.TMA_CONFIGS)
+    add("routed_linear_tma_kernel", "tma_dx", fn, ptrs, ("stride_lc", "stride_un"), common + ["stride_ur"],
+        {"TRANS_W": False, "HAS_BIAS": False}, launch.TMA_CONFIGS)
+
     # The memory-bound kernels: each plan tile family, with and without a split reduction (SPLITS is a
     # constexpr: its in-kernel fixed-order sum is unrolled), for the forward (x, A) and backward (g, B) strides.
     fn = fused_lora.routed_shrink_kernel
@@ -192,9 +203,14 @@ def _record(item, arch: int, dtype: str) -> dict:
     }
 
 
+# Kernels built for one architecture only (the TMA GEMM is what sm_90 runs; sm_80 keeps the cp.async kernel).
+ARCH_ONLY = {"routed_linear_tma_kernel": 90}
+
+
 def compile_report(archs=(80, 90), dtype: str = "bf16", workers: int | None = None) -> list[dict]:
     """Compile every shipped config for each ``sm_<arch>``; one record per (kernel variant, config, arch)."""
-    items = [(item, arch) for arch in archs for item in compiled_kernels(dtype)]
+    items = [(item, arch) for arch in archs for item in compiled_kernels(dtype)
+             if ARCH_ONLY.get(item[0], arch) == arch]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda ia: _record(ia[0], ia[1], dtype), items))

@@ -10,6 +10,9 @@ mask[m, c] = (rho_m == c // r).
               dx       = g W + s * G A_cat                          routed_linear_kernel      launch 2
               dA       = s * G^T x,  dB = s * g^T h_masked          routed_grad_ab_kernel     launch 3
 
+On sm_90 (with a Triton that has ``tl.make_tensor_descriptor``) both GEMMs run as routed_linear_tma_kernel:
+TMA descriptors, a persistent tile loop, 128x256x64 / 128x128x64 tiles, the same LoRA epilogue.
+
 Three kernels cover the six products because the forward and the backward have the same shapes with other
 strides: the "shrink" reduces a (rows, reduction) operand against an adapter tensor L read as (E*r, reduction)
 with L[c, k] at ``(c // R) * stride_le + (c % R) * stride_lr + k * stride_lk`` (A for h, B for G); the "linear"
@@ -390,3 +393,117 @@ def routed_grad_ab_kernel(
                 total += tl.load(tile_part + p * (BLOCK_K * BLOCK_C), cache_modifier=".cg")
             tl.store(out_ptrs, total.to(o_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
+def routed_linear_tma_kernel(
+    # pointers
+    a_ptr,
+    w_ptr,
+    bias_ptr,
+    l_ptr,
+    u_ptr,
+    out_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    E,
+    M_BUCKET,
+    # strides
+    stride_am,
+    stride_wr,
+    stride_lm,
+    stride_lc,
+    stride_ue,
+    stride_ur,
+    stride_un,
+    stride_om,
+    # meta-parameters
+    scaling,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Hopper form of :func:`routed_linear_kernel`: ``out = a Wt + b + s * L U`` with TMA tensor descriptors
+    and a persistent tile loop.
+
+    a (M, K) row-major, W row-major: TRANS_W (forward) W is (N, K) and Wt = W^T, read as (BLOCK_N, BLOCK_K)
+    tiles and transposed in shared memory; otherwise (dx) W is (K, N) as stored (Wt = W). The operands and the
+    output go through ``tl.make_tensor_descriptor`` (TMA loads and stores: the hardware clips and zero-fills
+    the tails, so no masks and no address maths in the K loop). The P programs of the grid (at most one per SM)
+    walk the tiles ``pid, pid + P, ...`` in GROUP_M-grouped order. The LoRA epilogue is the plain kernel's:
+    L (BLOCK_M, BLOCK_R) @ U (BLOCK_R, BLOCK_N) added into the fp32 accumulator after dividing it by s, then
+    multiplied by s once; bias added, cast, one TMA store. Needs 16-byte aligned bases and row strides (the
+    launcher checks and otherwise uses the plain kernel). ``M_BUCKET`` is only an autotuning key.
+    """
+    pid = tl.program_id(0)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if TRANS_W:
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[N, K], strides=[stride_wr, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
+    else:
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[K, N], strides=[stride_wr, 1], block_shape=[BLOCK_K, BLOCK_N]
+        )
+    out_desc = tl.make_tensor_descriptor(
+        out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_N]
+    )
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    ER = E * R
+    s = tl.cast(scaling, tl.float32)
+    s_safe = tl.where(s == 0.0, 1.0, s)
+    er_used = tl.where(s == 0.0, 0, ER)  # s = 0: no LoRA term at all
+
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        group_id = tile // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([off_m, k0])
+            if TRANS_W:
+                w = w_desc.load([off_n, k0]).T
+            else:
+                w = w_desc.load([k0, off_n])
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+        offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        m_in = offs_m < M
+        n_in = offs_n < N
+        acc = acc * (1.0 / s_safe)
+        for c0 in range(0, er_used, BLOCK_R):
+            offs_c = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
+            c_in = offs_c < ER
+            lt = tl.load(
+                l_ptr + offs_m[:, None] * stride_lm + offs_c[None, :] * stride_lc,
+                mask=m_in[:, None] & c_in[None, :],
+                other=0.0,
+            )
+            u_row = (offs_c // R) * stride_ue + (offs_c % R) * stride_ur
+            u = tl.load(
+                u_ptr + u_row[:, None] + offs_n[None, :] * stride_un,
+                mask=c_in[:, None] & n_in[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(lt, u, acc, input_precision=DOT_PRECISION)
+        acc = acc * s_safe
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_ptr.dtype.element_ty))

@@ -58,10 +58,12 @@ import collections
 import dataclasses
 import functools
 import os
+import re
 import statistics
 
 import torch
 import triton
+from triton.runtime import _allocation
 from triton.runtime.errors import OutOfResources
 
 from . import fused_lora
@@ -94,6 +96,7 @@ _state = {
     "interpreter_autotune": False,
     "interpreter_sms": 8,
     "interpreter_gpu_tiles": False,
+    "interpreter_tma": False,
     "gen": 0,  # bumped by every switch: part of each call's cache key
 }
 
@@ -111,6 +114,11 @@ LINEAR_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# sm_90 (Hopper): the same GEMM with TMA descriptors and a persistent tile loop (routed_linear_tma_kernel).
+TMA_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
 ]
 # The cuBLAS variant's LoRA term b + s L U (BACKBONE=False): no K loop, so fewer configs.
 LINEAR_LORA_CONFIGS = [
@@ -138,6 +146,7 @@ PARTIAL_BUDGET = 3 << 20
 INTERPRETER_CONFIGS = {
     "linear": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
     "linear_lora": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
+    "linear_tma": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
 }
 # Tests only (``autotune_in_interpreter(True)``): autotuning among these under the interpreter, timed by the
 # wall clock, exercises the autotuning path (keys, pruning) without a GPU.
@@ -150,16 +159,21 @@ INTERPRETER_AUTOTUNE_CONFIGS = {
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
     ],
+    "linear_tma": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    ],
 }
 
-_CONFIG_LISTS = {"linear": LINEAR_CONFIGS, "linear_lora": LINEAR_LORA_CONFIGS}
+_CONFIG_LISTS = {"linear": LINEAR_CONFIGS, "linear_lora": LINEAR_LORA_CONFIGS, "linear_tma": TMA_CONFIGS}
 _KERNELS = {
     "linear": fused_lora.routed_linear_kernel,
     "linear_lora": fused_lora.routed_linear_kernel,
+    "linear_tma": fused_lora.routed_linear_tma_kernel,
     "shrink": fused_lora.routed_shrink_kernel,
     "grad_ab": fused_lora.routed_grad_ab_kernel,
 }
-_LINEAR_KEY = ["M_BUCKET", "N", "K", "E"]
+_LINEAR_KEY = ["M_BUCKET", "N", "K", "E"]  # R, TRANS_W, ... are constexprs: part of the JIT's key anyway
 _LINEAR_TUNED = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
@@ -218,11 +232,48 @@ def autotune_in_interpreter(flag: bool) -> None:
     _bump()
 
 
-def set_interpreter_plan(sm_count: int = 8, gpu_tiles: bool = False) -> None:
-    """Tests only: plan interpreter calls as for a GPU with ``sm_count`` SMs, with its tiles if ``gpu_tiles``."""
+def set_interpreter_plan(sm_count: int = 8, gpu_tiles: bool = False, tma: bool = False) -> None:
+    """Tests only: plan interpreter calls as for a GPU with ``sm_count`` SMs, with its tiles if ``gpu_tiles``,
+    and with the sm_90 TMA GEMM if ``tma`` (Triton's interpreter runs descriptor kernels)."""
     _state["interpreter_sms"] = int(sm_count)
     _state["interpreter_gpu_tiles"] = bool(gpu_tiles)
+    _state["interpreter_tma"] = bool(tma)
     _bump()
+
+
+def tma_supported(triton_version: str, capability: tuple, has_descriptors: bool = True) -> bool:
+    """Whether the TMA GEMM is used: an sm_90 device (Hopper; other archs keep the cp.async kernel) and a
+    Triton >= 3.4 with ``tl.make_tensor_descriptor`` (the GPU image's 3.6 qualifies; older ones do not)."""
+    nums = [int(n) for n in re.findall(r"\d+", triton_version)[:2]] + [0, 0]
+    return bool(has_descriptors) and tuple(capability)[0] == 9 and (nums[0], nums[1]) >= (3, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tma(index: int) -> bool:
+    import triton.language as tl
+
+    cap = torch.cuda.get_device_capability(index)
+    return tma_supported(triton.__version__, cap, hasattr(tl, "make_tensor_descriptor"))
+
+
+def _tma_operands_ok(a: torch.Tensor, w: torch.Tensor, out_cols: int) -> bool:
+    """TMA descriptors need a unit inner stride, 16-byte aligned bases and 16-byte multiple row strides."""
+    es = a.element_size()
+    return (a.stride(1) == 1 and w.stride(1) == 1 and (a.stride(0) * es) % 16 == 0 and (w.stride(0) * es) % 16 == 0
+            and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and (out_cols * es) % 16 == 0)
+
+
+def _tma_alloc(size: int, alignment: int, stream):
+    """Triton's global-scratch allocator for device-side TMA descriptors: one cached buffer per (stream, size),
+    so a launch allocates nothing (the descriptors are rewritten by each launch, in stream order)."""
+    key = (stream, size)
+    buf = _TMA_SCRATCH.get(key)
+    if buf is None:
+        buf = _TMA_SCRATCH[key] = torch.empty(max(size, 1), dtype=torch.int8, device="cuda")
+    return buf
+
+
+_TMA_SCRATCH: dict = {}
 
 
 if os.environ.get("ROUTED_LORA_PIN_CONFIGS", "0") not in ("0", ""):
@@ -605,11 +656,16 @@ def _gemm_meta(name: str, interpret: bool) -> dict | None:
             **(_state["pinned"] or {}).get(name, {})}
 
 
-def _linear_launch(name, interpret, M, N, R, E, backbone, has_bias, prec) -> _Launch:
+def _linear_launch(name, interpret, M, N, R, E, backbone, has_bias, prec, trans_w=True, sms=1) -> _Launch:
     meta = _gemm_meta(name, interpret)
-    tail = {"R": R, "BLOCK_M": 0, "BLOCK_N": 0, "BLOCK_K": 0, "BLOCK_R": _block_r(E * R), "GROUP_M": 0,
-            "BACKBONE": backbone, "HAS_BIAS": has_bias, "DOT_PRECISION": prec}
-    grid = lambda m: (_cdiv(M, m["BLOCK_M"]) * _cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+    if name == "linear_tma":
+        tail = {"R": R, "BLOCK_M": 0, "BLOCK_N": 0, "BLOCK_K": 0, "BLOCK_R": _block_r(E * R), "GROUP_M": 0,
+                "TRANS_W": trans_w, "HAS_BIAS": has_bias, "DOT_PRECISION": prec}
+        grid = lambda m: (min(sms, _cdiv(M, m["BLOCK_M"]) * _cdiv(N, m["BLOCK_N"])),)  # noqa: E731  persistent
+    else:
+        tail = {"R": R, "BLOCK_M": 0, "BLOCK_N": 0, "BLOCK_K": 0, "BLOCK_R": _block_r(E * R), "GROUP_M": 0,
+                "BACKBONE": backbone, "HAS_BIAS": has_bias, "DOT_PRECISION": prec}
+        grid = lambda m: (_cdiv(M, m["BLOCK_M"]) * _cdiv(N, m["BLOCK_N"]),)  # noqa: E731
     L = _Launch(name, interpret, tail, meta, grid)
     if meta is not None:
         L._set_meta(meta)
@@ -637,7 +693,7 @@ def _grad_ab_launch(interpret, p: GradABPlan, R, prec) -> _Launch:
 class _Call:
     """Everything one exact key needs: plan, variant, launches, scratch views; ``forward`` / ``backward``."""
 
-    def __init__(self, kind, variant, x, weight, lora_A, interpret, bias=None, compute_dx=False):
+    def __init__(self, kind, variant, x, weight, lora_A, interpret, bias=None, compute_dx=False, grad_y=None):
         M, K = x.shape
         N = weight.shape[0]
         E, R, _ = lora_A.shape
@@ -653,17 +709,24 @@ class _Call:
         prec = _dot_precision(x.dtype)
         arena = _arena(x.device, plan)
         self.part, self.locks = arena.part, arena.locks
+        tma_device = _state["interpreter_tma"] if interpret else _device_tma(x.device.index)
+        self.tma = False
         if kind == "forward":
             self.shrink = _shrink_launch(interpret, plan.shrink_x, R, prec)
-            name = "linear" if variant == "fused" else "linear_lora"
-            self.linear = _linear_launch(name, interpret, M, N, R, E, variant == "fused", bias is not None, prec)
+            self.tma = variant == "fused" and tma_device and _tma_operands_ok(x, weight, N)
+            name = "linear_tma" if self.tma else ("linear" if variant == "fused" else "linear_lora")
+            self.linear = _linear_launch(name, interpret, M, N, R, E, variant == "fused", bias is not None, prec,
+                                         True, sms)
         else:
             self.G = arena.g_view(M, E * R, x.dtype)
             self.shrink = _shrink_launch(interpret, plan.shrink_g, R, prec)
             self.grad_ab = _grad_ab_launch(interpret, plan.grad_ab, R, prec)
             if compute_dx:
-                name = "linear" if variant == "fused" else "linear_lora"
-                self.linear = _linear_launch(name, interpret, M, K, R, E, variant == "fused", False, prec)
+                self.tma = variant == "fused" and tma_device and _tma_operands_ok(grad_y, weight, K)
+                name = "linear_tma" if self.tma else ("linear" if variant == "fused" else "linear_lora")
+                self.linear = _linear_launch(name, interpret, M, K, R, E, variant == "fused", False, prec, False,
+                                             sms)
+        self.set_allocator = self.tma and not interpret
 
     def forward(self, x, weight, bias, lora_A, lora_B, routes, scaling):
         M, K, N, ER, E = self.M, self.K, self.N, self.ER, self.E
@@ -676,16 +739,23 @@ class _Call:
               x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), h.stride(0), 1,
               *S.tail)  # fmt: skip
         L = self.linear
-        L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
-              x, weight, y if bias is None else bias, h, lora_B, y, M, N, K, E, _m_bucket_fast(M),
-              x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), h.stride(0), 1,
-              lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), y.stride(0), 1, scaling,
-              *L.tail)  # fmt: skip
-        CALLS["shrink"] += 1
-        if self.variant == "fused":
-            CALLS["linear"] += 1
+        if self.tma:
+            if self.set_allocator and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+                _allocation._allocator.set(_tma_alloc)  # per thread: autograd runs the backward in its own
+            L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
+                  x, weight, y if bias is None else bias, h, lora_B, y, M, N, K, E, _m_bucket_fast(M),
+                  x.stride(0), weight.stride(0), h.stride(0), 1,
+                  lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), y.stride(0), scaling,
+                  *L.tail)  # fmt: skip
         else:
-            CALLS["linear_lora"] += 1
+            L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
+                  x, weight, y if bias is None else bias, h, lora_B, y, M, N, K, E, _m_bucket_fast(M),
+                  x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), h.stride(0), 1,
+                  lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), y.stride(0), 1, scaling,
+                  *L.tail)  # fmt: skip
+        CALLS["shrink"] += 1
+        CALLS[L.name] += 1
+        if self.variant != "fused":
             y.addmm_(x, weight.t())  # cuBLAS, beta = 1: the LoRA term is read in the GEMM's epilogue
         return y, h
 
@@ -702,11 +772,20 @@ class _Call:
         if compute_dx:
             dx = torch.empty((M, K), device=self.dev, dtype=x.dtype)
             L = self.linear
-            L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
-                  grad_y, weight, dx, G, lora_A, dx, M, K, N, E, _m_bucket_fast(M),
-                  grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), ER, 1,
-                  lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx.stride(0), 1, scaling,
-                  *L.tail)  # fmt: skip
+            if self.tma:
+                if self.set_allocator and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+                    _allocation._allocator.set(_tma_alloc)
+                L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
+                      grad_y, weight, dx, G, lora_A, dx, M, K, N, E, _m_bucket_fast(M),
+                      grad_y.stride(0), weight.stride(0), ER, 1,
+                      lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx.stride(0), scaling,
+                      *L.tail)  # fmt: skip
+            else:
+                L.run(L.g0, L.g1, L.g2, stream, L.function, L.packed, None, None, None,
+                      grad_y, weight, dx, G, lora_A, dx, M, K, N, E, _m_bucket_fast(M),
+                      grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), ER, 1,
+                      lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx.stride(0), 1, scaling,
+                      *L.tail)  # fmt: skip
         dA = torch.empty((E, self.R, K), device=self.dev, dtype=x.dtype)
         dB = torch.empty((E, N, self.R), device=self.dev, dtype=x.dtype)
         A_ = self.grad_ab
@@ -719,10 +798,8 @@ class _Call:
         CALLS["shrink"] += 1
         CALLS["grad_ab"] += 1
         if compute_dx:
-            if self.variant == "fused":
-                CALLS["linear"] += 1
-            else:
-                CALLS["linear_lora"] += 1
+            CALLS[self.linear.name] += 1
+            if self.variant != "fused":
                 dx.addmm_(grad_y, weight)
         return dx, dA, dB
 
@@ -971,7 +1048,7 @@ def _new_backward(grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute
         def run():
             if v not in built:
                 built[v] = _Torch() if v == "torch" else _Call("backward", v, x, weight, lora_A, interpret,
-                                                               compute_dx=bool(compute_dx))
+                                                               compute_dx=bool(compute_dx), grad_y=grad_y)
             return built[v].backward(*args)
 
         return run
@@ -979,5 +1056,5 @@ def _new_backward(grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute
     variant = _choose("backward", key, {v: candidate(v) for v in ("fused", "cublas", "torch")})
     call = built.get(variant) or (_Torch() if variant == "torch" else
                                   _Call("backward", variant, x, weight, lora_A, interpret,
-                                        compute_dx=bool(compute_dx)))
+                                        compute_dx=bool(compute_dx), grad_y=grad_y))
     return _Counted(call, f"forward_{variant}", f"backward_{variant}")

@@ -30,9 +30,11 @@ def test_every_shipped_config_is_covered(report):
         + 2 * sum(len(v) for v in aot.SHRINK_SPLITS.values())  # tile families x splits x (x, A) / (g, B)
         + len(aot.GRAD_AB_SPLITS)
     )
-    assert len(report) == 2 * expected
+    tma = 2 * len(launch.TMA_CONFIGS)  # forward and dx, sm_90 only
+    assert len(report) == 2 * expected + tma
     assert {r["arch"] for r in report} == {"sm_80", "sm_90"}
-    assert {r["kernel"] for r in report} == {"routed_linear_kernel", "routed_shrink_kernel", "routed_grad_ab_kernel"}
+    assert {r["kernel"] for r in report} == {"routed_linear_kernel", "routed_shrink_kernel", "routed_grad_ab_kernel",
+                                             "routed_linear_tma_kernel"}
     for r in report:
         assert set(r) >= {"kernel", "config", "arch", "registers", "local_bytes", "stack_bytes", "shared_bytes",
                           "tensor_core_instructions", "tma_instructions"}
@@ -58,3 +60,15 @@ def test_parse_resource_usage():
     assert aot.parse_resource_usage(text) == {
         "registers": 122, "stack_bytes": 0, "static_shared_bytes": 1024, "local_bytes": 0
     }
+
+
+def test_sm90_gemm_uses_tma(report):
+    """Every sm_90 config of the GEMM that the fused path runs there (the TMA kernel, forward and dx) has TMA
+    loads/stores in its SASS; the cp.async kernel (sm_80, and sm_90's fallback for operands TMA cannot
+    describe) has none."""
+    tma = [r for r in report if r["kernel"] == "routed_linear_tma_kernel"]
+    assert len(tma) == 2 * len(launch.TMA_CONFIGS) and all(r["arch"] == "sm_90" for r in tma)
+    assert all(r["tma_instructions"] > 0 for r in tma), [(r["variant"], r["config"]) for r in tma]
+    assert {r["config"]["BLOCK_N"] for r in tma} >= {256}  # the 128 x 256 x 64 class
+    plain = [r for r in report if r["kernel"] == "routed_linear_kernel"]
+    assert all(r["tma_instructions"] == 0 for r in plain)

@@ -137,7 +137,7 @@ def check(name, got, ref64, ref_lowp, atol):
         )
 
 
-def run_case(c: Case, variant="fused"):
+def run_case(c: Case, variant="fused", gemm=None):
     x, W, b, A, B, routes, gy = make_inputs(c)
     s = 2.0
     before = launch.CALLS.copy()
@@ -164,7 +164,7 @@ def run_case(c: Case, variant="fused"):
     calls = launch.CALLS - before
     assert calls[f"forward_{variant}"] == 1 and calls[f"backward_{variant}"] == 1, dict(calls)
     assert calls["forward_torch"] == 0 and calls["backward_torch"] == 0, dict(calls)
-    lin = "linear" if variant == "fused" else "linear_lora"
+    lin = gemm or ("linear" if variant == "fused" else "linear_lora")
     assert calls["shrink"] == 2 and calls["grad_ab"] == 1 and calls[lin] == 2, dict(calls)
     # No backward dx when not asked.
     dx2, dA2, dB2 = launch.backward(gy, x, W, A, B, routes, h_in, s, False)
@@ -379,3 +379,34 @@ def test_auto_times_by_cuda_graph_replay(monkeypatch):
     assert ms == pytest.approx(4.0 / 10)  # replays took 3, 4, 5 ms for 10 calls each: median 4
     assert log[:13] == ["call", "capture"] + ["call"] * 10 + ["end_capture"]
     assert log.count("replay") == 4 and "call" not in log[13:]  # one warm replay + three timed, no eager calls
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(torch.float32, 37, 40, 24, 4, 2, "minus1"),
+        Case(torch.float16, 17, 48, 40, 8, 3, "empty"),
+        Case(torch.bfloat16, 33, 32, 56, 16, 2, "random", bias=False),
+    ],
+    ids=lambda c: c.id,
+)
+def test_tma_gemm_matches_reference(case):
+    """The sm_90 GEMM (TMA descriptors, persistent tile loop) under the interpreter, forward and dx, with a
+    persistent grid smaller than the tile count (3 programs)."""
+    launch.set_interpreter_plan(sm_count=3, tma=True)
+    run_case(case, gemm="linear_tma")
+
+
+def test_tma_falls_back_when_operands_are_not_tma_aligned():
+    """A row stride that is not a multiple of 16 bytes (K = 37 fp32) cannot be described: the plain kernel runs."""
+    launch.set_interpreter_plan(sm_count=3, tma=True)
+    run_case(Case(torch.float32, 17, 37, 24, 4, 2, "minus1"), gemm="linear")
+
+
+def test_tma_version_and_arch_gate():
+    assert launch.tma_supported("3.6.0", (9, 0))
+    assert launch.tma_supported("3.9.1+git", (9, 0))
+    assert not launch.tma_supported("3.3.1", (9, 0))  # no tl.make_tensor_descriptor yet
+    assert not launch.tma_supported("3.6.0", (8, 0))  # Ampere keeps cp.async
+    assert not launch.tma_supported("3.6.0", (10, 0))  # Blackwell: not tuned or tested here
+    assert not launch.tma_supported("3.6.0", (9, 0), has_descriptors=False)
