@@ -15,7 +15,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from . import backend as _backend
 from .ops import routed_lora_apply, routed_lora_infer
+from .reference import inference_forward, lora_views
 
 __all__ = ["RoutedLoRALinear", "routed_lora_linear", "set_routes", "clear_routes", "validate_routes"]
 
@@ -179,6 +181,7 @@ class RoutedLoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(E, self.r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(E, self.out_features, self.r, **kw))
         self._routes = None
+        self._views = None  # adapter views for the decode path (see _decode)
         self.reset_lora_parameters()
 
     @classmethod
@@ -202,6 +205,10 @@ class RoutedLoRALinear(nn.Linear):
         self.register_parameter("bias", linear.bias)
         self._init_lora(names, r, lora_alpha, use_rslora)
         return self
+
+    def _apply(self, fn, recurse=True):
+        self._views = None  # .to() / .half() / .cuda() replace the parameters' storage
+        return super()._apply(fn, recurse)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -250,9 +257,47 @@ class RoutedLoRALinear(nn.Linear):
                     return nn.functional.linear(x, self.weight, self.bias)
             elif routes.device != x.device:
                 routes = routes.to(x.device)
+            elif not torch.is_grad_enabled():
+                y = self._decode(x, routes)
+                if y is not None:
+                    return y
         return routed_lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, routes, self.scaling, check_route_values=check
         )
+
+    def _decode(self, x: torch.Tensor, routes: torch.Tensor) -> torch.Tensor | None:
+        """The decode hot path (no grad, routes from set_routes, already checked there): the PyTorch path's
+        inference forward with only the checks that guard its result (shapes; dtypes; no autocast; no
+        compile; the torch backend). None when any does not hold: the caller takes the general path, which
+        raises the usual errors or handles the case."""
+        W, A, B = self.weight, self.lora_A, self.lora_B
+        lead = x.shape[:-1]
+        if (
+            x.shape[-1] != self.in_features
+            or routes.shape != lead
+            or not (x.dtype == W.dtype == A.dtype == B.dtype)
+            or torch.is_autocast_enabled(x.device.type)
+            or _is_compiling()
+            or _backend.resolve(x.device) != "torch"
+        ):
+            return None
+        views = self._views
+        # Made once and reused while they alias the parameters: in-place updates (optimizer steps,
+        # load_state_dict) show through them; a replaced storage (``.data = ...``, ``.to()``, a deepcopy) moves
+        # the parameter's data_ptr away from the view's (which keeps its own storage alive), so they are redone.
+        if (
+            views is None
+            or views[0].data_ptr() != A.data_ptr()
+            or views[1][0].data_ptr() != B.data_ptr()
+            or views[2] != (A.shape, B.shape, A.dtype, B.dtype)
+        ):
+            views = self._views = (*lora_views(A, B), (A.shape, B.shape, A.dtype, B.dtype))
+        two_d = x.dim() == 2
+        y = inference_forward(
+            x if two_d else x.reshape(-1, self.in_features), W, self.bias, A, B,
+            routes if routes.dim() == 1 else routes.reshape(-1), self.scaling, views=views[:2],
+        )
+        return y if two_d else y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -36,6 +36,7 @@ __all__ = [
     "apply_route_mask_",
     "reference_forward",
     "inference_forward",
+    "lora_views",
     "reference_backward",
     "concat_lora_A",
     "concat_lora_B",
@@ -150,18 +151,20 @@ def _used_adapters(routes: torch.Tensor, x: torch.Tensor) -> list[int] | None:
     return None
 
 
-def _add_lora_(y, x, lora_A, lora_B, routes, s, used, *, keep_h):
+def _add_lora_(y, x, lora_A, lora_B, routes, s, used, *, keep_h, views=None):
     """``y += s * (h * mask) B_cat^T`` in place, h = x A_cat^T; returns the masked h if ``keep_h`` else None.
 
     ``used`` (see :func:`_used_adapters`): None gives the masked form (one expand GEMM over all adapters); a
     list expands each used adapter e with its own block, ``y += s * h[:, e] B_e^T``, in ascending e. Training
     calls and no-grad calls run the same GEMMs on the same operands (masking never changes the block a token
     owns, and an adapter's block is only read for its own tokens), so their outputs are bit-identical: the
-    old and the new log-probs of a GRPO update agree exactly."""
+    old and the new log-probs of a GRPO update agree exactly. ``views``: (A_cat^T, [B_e^T for each e]) made
+    beforehand (:func:`lora_views`, no-grad calls only), else made here."""
     E, r, _ = lora_A.shape
     if not keep_h and used is not None and (not used or used == [-1]):
         return None  # no LoRA term at all (no tokens, or every token on -1)
-    h = x @ concat_lora_A(lora_A).t()
+    A_cat_t, B_t = views if views is not None else (concat_lora_A(lora_A).t(), None)
+    h = x @ A_cat_t
     if used is None:
         apply_route_mask_(h, routes, E)
         y.addmm_(h, concat_lora_B(lora_B).t(), alpha=s)
@@ -170,8 +173,18 @@ def _add_lora_(y, x, lora_A, lora_B, routes, s, used, *, keep_h):
         apply_route_mask_(h, routes, E)
     for e in used:
         if e >= 0:
-            y.addmm_(h[:, e * r : (e + 1) * r], lora_B[e].t(), alpha=s)
+            B_e_t = B_t[e] if B_t is not None else lora_B[e].t()
+            y.addmm_(h if E == 1 else h[:, e * r : (e + 1) * r], B_e_t, alpha=s)
     return h if keep_h else None
+
+
+def lora_views(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple:
+    """(A_cat^T (K, E*r), [B_e^T (r, N) for each e]): views of the adapters (no copy), made without autograd
+    history, for no-grad calls that want them made once rather than per call (each view op costs a few us,
+    comparable to an M = 1 LoRA GEMM). They follow in-place updates of the parameters (optimizer steps,
+    load_state_dict), not a replaced storage: callers check ``data_ptr`` (see RoutedLoRALinear._decode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return concat_lora_A(lora_A).t(), [lora_B[e].t() for e in range(lora_B.shape[0])]
 
 
 def inference_forward(
@@ -182,16 +195,19 @@ def inference_forward(
     lora_B: torch.Tensor,
     routes: torch.Tensor,
     scaling: float,
+    *,
+    views: tuple | None = None,
 ) -> torch.Tensor:
     """``y`` alone, for calls that need no gradient (decoding): :func:`reference_forward` without keeping h,
     with the fewest ops (at M = 1 each op's fixed cost is comparable to the LoRA work itself).
 
     Bit-identical to :func:`reference_forward`'s ``y`` (see :func:`_add_lora_`). Small CPU calls: every token
     on -1 is ``F.linear`` alone; every token on one adapter e is ``y = x W^T + b``, ``y += s (x A_cat^T)[:, e]
-    B_e^T`` (three ops, no mask); a mix masks h and expands each used adapter.
+    B_e^T`` (three ops, no mask); a mix masks h and expands each used adapter. ``views``: see
+    :func:`lora_views`.
     """
     y = torch.nn.functional.linear(x, weight, bias)
-    _add_lora_(y, x, lora_A, lora_B, routes, float(scaling), _used_adapters(routes, x), keep_h=False)
+    _add_lora_(y, x, lora_A, lora_B, routes, float(scaling), _used_adapters(routes, x), keep_h=False, views=views)
     return y
 
 

@@ -130,3 +130,36 @@ def test_decode_op_count(routes, want):
         layer(x)
     compute = [o.split(".")[0] for o in log.ops if o.split(".")[0] not in VIEWS]
     assert compute == want, log.ops
+
+
+def test_decode_views_follow_updates_and_replaced_storage():
+    """The decode path reuses adapter views between calls: an optimizer step (in place), a replaced storage, a
+    dtype change and a deepcopy must all be seen."""
+    import copy
+
+    layer = make_layer(E=2)
+    x = torch.randn(3, 40)
+    rl.set_routes(layer, torch.tensor([0, 1, 1]))
+
+    def check():
+        with torch.no_grad():
+            got = layer(x)
+        want = layer(x.to(layer.weight.dtype), torch.tensor([0, 1, 1]))
+        assert torch.equal(got, want.detach())
+
+    check()
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.5)
+    layer(x, torch.tensor([0, 1, 1])).sum().backward()
+    opt.step()
+    check()
+    layer.lora_B.data = torch.randn_like(layer.lora_B)
+    check()
+    layer.double()
+    x = x.double()
+    check()
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.lora_B.mul_(3)
+        y_twin = twin(x)
+    assert not torch.equal(y_twin, layer(x).detach())
+    assert torch.equal(y_twin, twin(x, torch.tensor([0, 1, 1])).detach())
