@@ -199,7 +199,7 @@ def test_run_suite_tiny_and_report(tmp_path):
 
     logs = []
     path = run_suite("cpu", quick=True, out_dir=tmp_path, providers=["linear", "routed_torch", "peft"],
-                     entries=[_tiny_entry()], e2e=False, log=logs.append)
+                     entries=[_tiny_entry()], e2e=False, decode=False, log=logs.append)
     rows = load(path)
     info = machine_info("cpu")
     for key in ("device_name", "torch", "git_sha", "routed_lora", "schema"):
@@ -272,3 +272,72 @@ def test_a_failing_provider_is_skipped_not_fatal(monkeypatch, tmp_path):
     assert [r["provider"] for r in skipped] == ["naive"] and "no kernel" in skipped[0]["reason"]
     assert {r["provider"] for r in rows if r["kind"] == "layer"} == {"linear", "routed_torch"}
     assert "no kernel for this shape" in markdown(rows)
+
+
+def test_decode_and_isolation_records_and_tables():
+    from routed_lora.bench.decode import run_decode, run_isolation
+    from routed_lora.bench.report import decode_table, isolation_table, markdown
+
+    cases = [Case(M=m, K=32, N=48, r=4, shape="tiny") for m in (1, 8)]
+    rows = run_decode("cpu", cases=cases, repeats=5)
+    assert {(r["M"], r["provider"]) for r in rows} == {(m, p) for m in (1, 8) for p in ("linear", "routed_torch",
+                                                                                          "peft")}
+    for r in rows:
+        assert r["kind"] == "decode" and r["threads"] == 1 and r["p20_us"] <= r["median_us"] <= r["p80_us"]
+        assert r["ratio_to_floor"] > 0 and r["ratio_to_peft"] > 0
+    iso = run_isolation("cpu", cases=[Case(M=16, K=32, N=48, r=4, shape="tiny")], budget_s=0.01, min_repeats=3)
+    assert [r["isolation"] for r in iso] == ["none", "recheck", "sanitize"]
+    assert iso[0]["ratio_to_none"] == 1.0
+    table = decode_table(rows)
+    assert "routed_torch / linear" in table and "routed_torch / peft" in table and table.count("\n") == 3
+    assert "| sanitize |" in isolation_table(iso).replace("tiny (32x48) | 16 | float32 ", "")
+    assert "Decode (no-grad" in markdown(rows + iso) and "Isolation cost" in markdown(rows + iso)
+
+
+def test_decode_provider_is_the_no_grad_hot_path(monkeypatch):
+    """The routed decode provider runs the layer's decode path (routes set once), not the autograd Function."""
+    from routed_lora import ops
+    from routed_lora.bench.decode import decode_forward
+
+    problem = make_problem(Case(M=4, K=16, N=8, r=2, shape="tiny"))
+    fwd, layer = decode_forward("routed_torch", problem)
+    monkeypatch.setattr(ops._RoutedLoRAFunction, "apply", lambda *a: (_ for _ in ()).throw(AssertionError("Function")))
+    with torch.no_grad():
+        y = fwd(torch.randn(4, 16))
+    assert y.shape == (4, 8) and layer._views is not None
+
+
+def test_queued_cuda_timing_is_per_call(monkeypatch):
+    """time_once with queued=n on a GPU: n runs between two events, time per call (events faked here)."""
+    from routed_lora.bench import timing
+
+    calls = []
+
+    class FakeEvent:
+        t = 0.0
+
+        def __init__(self, enable_timing=True):
+            self.at = None
+
+        def record(self):
+            self.at = FakeEvent.t
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def run(state):
+        calls.append(state)
+        FakeEvent.t += 0.002  # each call takes 2 ms of device time
+
+    dt = timing.time_once(timing.Timed("x", run=run, prepare=lambda: "s"), torch.device("cuda"), None, queued=10)
+    assert dt == pytest.approx(0.002) and calls == ["s"] * 10
+    from routed_lora.bench.suite import queued_calls, timing_method
+
+    assert queued_calls("cuda", "full") > 1 and queued_calls("cuda", "backward") == 1 and queued_calls("cpu", "full") == 1
+    assert timing_method("cpu", 1) == "cpu_perf_counter" and timing_method("cuda", 20) == "cuda_events_queued_20"
