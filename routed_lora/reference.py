@@ -67,6 +67,9 @@ def _constant(kind: str, device: torch.device, dtype: torch.dtype, n: int = 0) -
     key = (kind, device, dtype, n)
     t = _CONSTANTS.get(key)
     if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made inside a CUDA-graph capture it would live in the graph's private pool: not cached
+            return _make_constant(kind, device, dtype, n)
         with torch.inference_mode(False), torch.no_grad():
             t = _CONSTANTS[key] = _make_constant(kind, device, dtype, n)
     return t

@@ -341,3 +341,84 @@ def test_queued_cuda_timing_is_per_call(monkeypatch):
 
     assert queued_calls("cuda", "full") > 1 and queued_calls("cuda", "backward") == 1 and queued_calls("cpu", "full") == 1
     assert timing_method("cpu", 1) == "cpu_perf_counter" and timing_method("cuda", 20) == "cuda_events_queued_20"
+
+
+def _graph_model(device="cpu", seed=0):
+    import routed_lora as rl
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8)).to(device)
+    for i in (0, 2):
+        lin[i] = rl.RoutedLoRALinear.from_linear(lin[i], r=4)
+        torch.nn.init.normal_(lin[i].lora_B, std=0.1)
+    return lin
+
+
+def _loss(model, batch):
+    return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+
+
+def _batches(n, device="cpu"):
+    gen = torch.Generator().manual_seed(5)
+    return [{"x": torch.randn(12, 16, generator=gen).to(device), "y": torch.randn(12, 8, generator=gen).to(device),
+             "routes": torch.randint(-1, 2, (12,), generator=gen).to(device)} for _ in range(n)]
+
+
+def test_graphed_train_step_recipe_equals_a_plain_loop_on_cpu():
+    """The CUDA-graph recipe's bookkeeping (static copies, routes read through the static tensor, zeroed
+    gradients, optimizer) run eagerly (capture=False) gives the plain loop's losses and weights bit for bit."""
+    import routed_lora as rl
+    from routed_lora.bench.graphs import GraphedTrainStep
+
+    batches = _batches(4)
+    ref = _graph_model()
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    want = []
+    for b in batches:
+        rl.set_routes(ref, b["routes"])
+        loss = _loss(ref, b)
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=False)
+        want.append(loss.item())
+    model = _graph_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step = GraphedTrainStep(model, opt, _loss, batches[0], warmup=0, capture=False)
+    got = [step(b).item() for b in batches]
+    assert got == want
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert model[0]._routes is step.static["routes"]
+    with pytest.raises(ValueError, match=r"batch\['x'\]: expected shape \(12, 16\)"):
+        step({"x": torch.randn(3, 16)})
+    with pytest.raises(ValueError, match="found 2"):
+        step({"routes": torch.full((12,), 2)})
+    with pytest.raises(ValueError, match="capture: a CUDA graph needs the model on a CUDA device"):
+        GraphedTrainStep(model, opt, _loss, batches[0], capture=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graphed_train_step_on_gpu_matches_eager(backend):
+    """The recipe on a GPU: captured once, replayed per batch; the losses and weights of an eager loop."""
+    import routed_lora as rl
+    from routed_lora.bench.graphs import GraphedTrainStep, graph_time
+    from routed_lora.bench.providers import use_backend
+
+    if backend == "triton" and not rl.backend.triton_available():
+        pytest.skip("Triton kernels not importable")
+    with use_backend(backend):
+        batches = _batches(5, "cuda")
+        models = [_graph_model("cuda"), _graph_model("cuda")]
+        opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, capturable=True)
+                for m in models]
+        step = GraphedTrainStep(models[0], opts[0], _loss, batches[0], warmup=2)
+        assert step.graph is not None
+        eager = GraphedTrainStep(models[1], opts[1], _loss, batches[0], warmup=2, capture=False)
+        for b in batches:
+            torch.testing.assert_close(step(b).clone(), eager(b).clone(), rtol=1e-5, atol=1e-6)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        x = torch.randn(64, 16, device="cuda")
+        times = graph_time(lambda: models[0](x), n=5, repeats=2)
+        assert len(times) == 2 and all(t > 0 for t in times)
