@@ -422,3 +422,42 @@ def test_graphed_train_step_on_gpu_matches_eager(backend):
         x = torch.randn(64, 16, device="cuda")
         times = graph_time(lambda: models[0](x), n=5, repeats=2)
         assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_pytest_benchmark_items_are_the_suite_plan():
+    """One definition: the pytest-benchmark items are exactly the suite's layer entries x modes x providers, its
+    decode and isolation cases and the e2e step, on CPU and on CUDA (collected everywhere, skipped without it)."""
+    from routed_lora.bench.decode import DECODE_PROVIDERS, decode_cases, isolation_cases
+    from routed_lora.bench.items import benchmark_items
+    from routed_lora.bench.providers import PROVIDERS
+    from routed_lora.bench.suite import plan
+
+    for device in ("cpu", "cuda"):
+        for quick in (True, False):
+            items = benchmark_items(device, quick)
+            layer = {(i.info["M"], i.info["K"], i.info["N"], i.info["r"], i.info["tool_frac"], i.info["sweep"],
+                      i.info["mode"], i.provider) for i in items if i.kind == "layer"}
+            want = {(e.case.M, e.case.K, e.case.N, e.case.r, e.case.tool_frac, e.sweep, m, p)
+                    for e in plan(device, quick) for m in e.modes for p in PROVIDERS}
+            assert layer == want
+            dec = {(i.info["M"], i.provider) for i in items if i.kind == "decode"}
+            assert dec == {(c.M, p) for c in decode_cases(device, quick) for p in DECODE_PROVIDERS}
+            assert {i.info["M"] for i in items if i.kind == "isolation"} == {c.M for c in isolation_cases(device, quick)}
+            assert {i.provider for i in items if i.kind == "e2e"} == {"routed_lora", "peft"}
+            assert len({i.id for i in items}) == len(items), "pytest ids must be unique"
+    cuda = benchmark_items("cuda", True)
+    if not torch.cuda.is_available():
+        assert all(i.available() == (False, "no CUDA device") for i in cuda)
+
+
+def test_pytest_benchmark_item_runs(one_thread):
+    from routed_lora.bench.items import benchmark_items
+
+    items = benchmark_items("cpu", True, kinds=("layer", "decode"), providers=("linear", "routed_torch"))
+    small = [i for i in items if i.info["M"] == 1 and i.info.get("mode") in ("full", "forward_nograd")]
+    assert {i.kind for i in small} == {"layer", "decode"}
+    for item in small:
+        prep = item.prepare()
+        assert prep.timing == "cpu_perf_counter" and prep.rounds >= 5
+        args, kwargs = prep.setup() if prep.setup else ((), {})
+        prep.target(*args, **kwargs)
