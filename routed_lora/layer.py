@@ -15,7 +15,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .ops import routed_lora_apply
+from . import backend as _backend
+from .ops import routed_lora_apply, routed_lora_infer
+from .reference import inference_forward, lora_views
 
 __all__ = ["RoutedLoRALinear", "routed_lora_linear", "set_routes", "clear_routes", "validate_routes"]
 
@@ -67,6 +69,8 @@ def routed_lora_linear(
     """Functional routed LoRA linear: ``x`` (..., K), ``weight`` (N, K), ``lora_A`` (E, r, K), ``lora_B``
     (E, N, r), ``routes`` of shape ``x.shape[:-1]``. Returns (..., N).
 
+    ``routes`` may also be a Python int, the route of every token.
+
     ``check_route_values``: None (default) checks route values on CPU tensors here and on CUDA tensors with an
     asynchronous device assert (no host synchronisation); True checks them here on any device (a host sync on a
     GPU); False skips the value check (the caller has done it, as :func:`set_routes` does once for all layers).
@@ -84,6 +88,10 @@ def routed_lora_linear(
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias: expected shape ({N},), got {tuple(bias.shape)}")
 
+    scaling = float(scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number (lora_alpha / r), got {scaling!r}")
+
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
@@ -92,23 +100,43 @@ def routed_lora_linear(
         raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
     # Adapters may be kept in a wider dtype than the backbone (fp32 adapters on a bf16 model): the op runs in
     # the activation dtype and autograd casts the gradients back.
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if lora_A.dtype != x.dtype:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    elif lora_B.dtype != x.dtype:
+        lora_B = lora_B.to(x.dtype)
+
+    lead = x.shape[:-1]
+    compiling = _is_compiling()
+    if isinstance(routes, int) and not isinstance(routes, bool):  # one route for every token (set_routes(m, k))
+        if not -1 <= routes < E:
+            raise ValueError(
+                f"routes: values must be -1 (backbone only) or an adapter index in [0, {E}), found {routes}"
+            )
+        if routes == -1:
+            return nn.functional.linear(x, weight, bias)
+        routes = torch.full(lead, routes, dtype=torch.int32, device=x.device)
 
     # None: CPU tensors are checked here (cheap), CUDA tensors by an asynchronous device assert (no host sync).
     # False: the caller checked them already (set_routes checks once for every layer), so nothing is launched.
-    compiling = _is_compiling()
     check = (not x.is_cuda) if check_route_values is None else check_route_values
-    validate_routes(routes, E, x.shape[:-1], check_values=check and not compiling)
+    validate_routes(routes, E, lead, check_values=check and not compiling)
     if check_route_values is None and x.is_cuda and not compiling and routes.numel() > 0:
         torch._assert_async(((routes >= -1) & (routes < E)).all(), "routes: value outside [-1, E)")
 
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     routes1 = routes.reshape(-1)
+    if not compiling and not _needs_autograd(x, lora_A, lora_B):
+        # decoding (no_grad / inference_mode, or nothing requires a gradient): no autograd Function, no h kept
+        return routed_lora_infer(x2, weight, bias, lora_A, lora_B, routes1, scaling).reshape(*lead, N)
     if routes1.dtype != torch.int32:
         routes1 = routes1.to(torch.int32)
-    y, _ = routed_lora_apply(x2, weight, bias, lora_A, lora_B, routes1, float(scaling))
+    y, _ = routed_lora_apply(x2, weight, bias, lora_A, lora_B, routes1, scaling)
     return y.reshape(*lead, N)
+
+
+def _needs_autograd(x, lora_A, lora_B) -> bool:
+    """Whether the call must record a graph: grad mode on and some input requiring a gradient."""
+    return torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
 
 
 class RoutedLoRALinear(nn.Linear):
@@ -153,6 +181,7 @@ class RoutedLoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(E, self.r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(E, self.out_features, self.r, **kw))
         self._routes = None
+        self._views = None  # adapter views for the decode path (see _decode)
         self.reset_lora_parameters()
 
     @classmethod
@@ -176,6 +205,10 @@ class RoutedLoRALinear(nn.Linear):
         self.register_parameter("bias", linear.bias)
         self._init_lora(names, r, lora_alpha, use_rslora)
         return self
+
+    def _apply(self, fn, recurse=True):
+        self._views = None  # .to() / .half() / .cuda() replace the parameters' storage
+        return super()._apply(fn, recurse)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -222,12 +255,49 @@ class RoutedLoRALinear(nn.Linear):
             if isinstance(routes, int):  # one route for every token (set_routes(module, k))
                 if routes == -1:
                     return nn.functional.linear(x, self.weight, self.bias)
-                routes = torch.full(x.shape[:-1], routes, dtype=torch.int32, device=x.device)
             elif routes.device != x.device:
                 routes = routes.to(x.device)
+            elif not torch.is_grad_enabled():
+                y = self._decode(x, routes)
+                if y is not None:
+                    return y
         return routed_lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, routes, self.scaling, check_route_values=check
         )
+
+    def _decode(self, x: torch.Tensor, routes: torch.Tensor) -> torch.Tensor | None:
+        """The decode hot path (no grad, routes from set_routes, already checked there): the PyTorch path's
+        inference forward with only the checks that guard its result (shapes; dtypes; no autocast; no
+        compile; the torch backend). None when any does not hold: the caller takes the general path, which
+        raises the usual errors or handles the case."""
+        W, A, B = self.weight, self.lora_A, self.lora_B
+        lead = x.shape[:-1]
+        if (
+            x.shape[-1] != self.in_features
+            or routes.shape != lead
+            or not (x.dtype == W.dtype == A.dtype == B.dtype)
+            or torch.is_autocast_enabled(x.device.type)
+            or _is_compiling()
+            or _backend.resolve(x.device) != "torch"
+        ):
+            return None
+        views = self._views
+        # Made once and reused while they alias the parameters: in-place updates (optimizer steps,
+        # load_state_dict) show through them; a replaced storage (``.data = ...``, ``.to()``, a deepcopy) moves
+        # the parameter's data_ptr away from the view's (which keeps its own storage alive), so they are redone.
+        if (
+            views is None
+            or views[0].data_ptr() != A.data_ptr()
+            or views[1][0].data_ptr() != B.data_ptr()
+            or views[2] != (A.shape, B.shape, A.dtype, B.dtype)
+        ):
+            views = self._views = (*lora_views(A, B), (A.shape, B.shape, A.dtype, B.dtype))
+        two_d = x.dim() == 2
+        y = inference_forward(
+            x if two_d else x.reshape(-1, self.in_features), W, self.bias, A, B,
+            routes if routes.dim() == 1 else routes.reshape(-1), self.scaling, views=views[:2],
+        )
+        return y if two_d else y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (
@@ -239,8 +309,14 @@ class RoutedLoRALinear(nn.Linear):
 def _check_config(r, lora_alpha, adapters) -> tuple[str, ...]:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r: expected an integer >= 1, got {r!r}")
-    if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
-        raise ValueError(f"lora_alpha: expected a positive number, got {lora_alpha!r}")
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or not math.isfinite(lora_alpha)
+        or lora_alpha <= 0
+    ):
+        # nan passes `<= 0` and inf gives an infinite scaling: either turns every output row into NaN
+        raise ValueError(f"lora_alpha: expected a finite positive number, got {lora_alpha!r}")
     if isinstance(adapters, str):
         raise TypeError(f"adapters: expected a sequence of names, got the string {adapters!r}")
     names = tuple(adapters)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
-from .reference import reference_backward, reference_forward
+from .reference import inference_forward, reference_backward, reference_forward
 
-__all__ = ["routed_lora_forward", "routed_lora_backward", "routed_lora_apply"]
+__all__ = ["routed_lora_forward", "routed_lora_backward", "routed_lora_apply", "routed_lora_infer"]
 
 
 def _impl(device: torch.device):
@@ -151,3 +151,17 @@ def routed_lora_apply(x, weight, bias, lora_A, lora_B, routes, scaling, *, use_c
     if use_custom_op or (use_custom_op is None and _tracing()):
         return routed_lora_forward(x, weight, bias, lora_A, lora_B, routes, scaling)
     return _RoutedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, routes, scaling)
+
+
+def routed_lora_infer(x, weight, bias, lora_A, lora_B, routes, scaling):
+    """y alone, outside autograd (no_grad / inference_mode decoding): no autograd Function, no h kept.
+
+    The PyTorch path uses :func:`routed_lora.reference.inference_forward` (bit-identical to the training
+    forward's y); the Triton path runs its forward and drops h."""
+    if _backend.resolve(x.device) == "triton":
+        from .kernels import launch
+
+        if routes.dtype != torch.int32:
+            routes = routes.to(torch.int32)
+        return launch.forward(x, weight, bias, lora_A, lora_B, routes, scaling)[0]
+    return inference_forward(x, weight, bias, lora_A, lora_B, routes, scaling)

@@ -29,16 +29,23 @@ CPU cost more than the masking itself.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "route_mask",
     "apply_route_mask_",
     "reference_forward",
+    "inference_forward",
+    "lora_views",
     "reference_backward",
     "concat_lora_A",
     "concat_lora_B",
     "split_lora_B_grad",
+    "isolated_grad",
+    "set_isolation_mode",
+    "ISOLATION_MODES",
 ]
 
 
@@ -62,6 +69,9 @@ def _constant(kind: str, device: torch.device, dtype: torch.dtype, n: int = 0) -
     key = (kind, device, dtype, n)
     t = _CONSTANTS.get(key)
     if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made inside a CUDA-graph capture it would live in the graph's private pool: not cached
+            return _make_constant(kind, device, dtype, n)
         with torch.inference_mode(False), torch.no_grad():
             t = _CONSTANTS[key] = _make_constant(kind, device, dtype, n)
     return t
@@ -125,11 +135,87 @@ def reference_forward(
     """
     x, weight, bias = _cast(x, compute_dtype), _cast(weight, compute_dtype), _cast(bias, compute_dtype)
     lora_A, lora_B = _cast(lora_A, compute_dtype), _cast(lora_B, compute_dtype)
-    E, r, _ = lora_A.shape
     y = torch.nn.functional.linear(x, weight, bias)
-    h = apply_route_mask_(x @ concat_lora_A(lora_A).t(), routes, E)
-    y.addmm_(h, concat_lora_B(lora_B).t(), alpha=float(scaling))
+    h = _add_lora_(y, x, lora_A, lora_B, routes, float(scaling), _used_adapters(routes, x), keep_h=True)
     return y, h
+
+
+# Up to this many tokens on the CPU the routes are read on the host (free there: no device to wait for), so
+# the forward knows which adapters are used: it expands only those, one small GEMM each (no B_cat copy), and
+# a no-grad call skips the mask when one adapter owns every token. Above it, the masked form's few large GEMMs.
+SMALL_M = 64
+
+
+def _used_adapters(routes: torch.Tensor, x: torch.Tensor) -> list[int] | None:
+    """The sorted distinct route values (-1 included) when cheap to know (CPU, M <= SMALL_M), else None."""
+    M = x.shape[0]
+    if M == 0:
+        return []
+    if M <= SMALL_M and routes.device.type == "cpu" and not torch.compiler.is_compiling():
+        return sorted(set(routes.tolist()))
+    return None
+
+
+def _add_lora_(y, x, lora_A, lora_B, routes, s, used, *, keep_h, views=None):
+    """``y += s * (h * mask) B_cat^T`` in place, h = x A_cat^T; returns the masked h if ``keep_h`` else None.
+
+    ``used`` (see :func:`_used_adapters`): None gives the masked form (one expand GEMM over all adapters); a
+    list expands each used adapter e with its own block, ``y += s * h[:, e] B_e^T``, in ascending e. Training
+    calls and no-grad calls run the same GEMMs on the same operands (masking never changes the block a token
+    owns, and an adapter's block is only read for its own tokens), so their outputs are bit-identical: the
+    old and the new log-probs of a GRPO update agree exactly. ``views``: (A_cat^T, [B_e^T for each e]) made
+    beforehand (:func:`lora_views`, no-grad calls only), else made here."""
+    E, r, _ = lora_A.shape
+    if not keep_h and used is not None and (not used or used == [-1]):
+        return None  # no LoRA term at all (no tokens, or every token on -1)
+    A_cat_t, B_t = views if views is not None else (concat_lora_A(lora_A).t(), None)
+    h = x @ A_cat_t
+    if used is None:
+        apply_route_mask_(h, routes, E)
+        y.addmm_(h, concat_lora_B(lora_B).t(), alpha=s)
+        return h
+    if keep_h or len(used) > 1:  # when one adapter owns every token, y does not need the mask
+        apply_route_mask_(h, routes, E)
+    for e in used:
+        if e >= 0:
+            B_e_t = B_t[e] if B_t is not None else lora_B[e].t()
+            y.addmm_(h if E == 1 else h[:, e * r : (e + 1) * r], B_e_t, alpha=s)
+    return h if keep_h else None
+
+
+def lora_views(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple:
+    """(A_cat^T (K, E*r), [B_e^T (r, N) for each e]): views of the adapters (no copy), made without autograd
+    history, for no-grad calls that want them made once rather than per call (each view op costs a few us,
+    comparable to an M = 1 LoRA GEMM). They follow in-place updates of the parameters (optimizer steps,
+    load_state_dict), not a replaced storage: callers check ``data_ptr`` (see RoutedLoRALinear._decode).
+    Views, never a cached copy (a B_cat copy would save one more GEMM operand per call): in-place updates
+    through ``.data`` do not move the version counter, so no key could tell a copy is stale."""
+    with torch.inference_mode(False), torch.no_grad():
+        return concat_lora_A(lora_A).t(), [lora_B[e].t() for e in range(lora_B.shape[0])]
+
+
+def inference_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    routes: torch.Tensor,
+    scaling: float,
+    *,
+    views: tuple | None = None,
+) -> torch.Tensor:
+    """``y`` alone, for calls that need no gradient (decoding): :func:`reference_forward` without keeping h,
+    with the fewest ops (at M = 1 each op's fixed cost is comparable to the LoRA work itself).
+
+    Bit-identical to :func:`reference_forward`'s ``y`` (see :func:`_add_lora_`). Small CPU calls: every token
+    on -1 is ``F.linear`` alone; every token on one adapter e is ``y = x W^T + b``, ``y += s (x A_cat^T)[:, e]
+    B_e^T`` (three ops, no mask); a mix masks h and expands each used adapter. ``views``: see
+    :func:`lora_views`.
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    _add_lora_(y, x, lora_A, lora_B, routes, float(scaling), _used_adapters(routes, x), keep_h=False, views=views)
+    return y
 
 
 def reference_backward(
@@ -157,7 +243,95 @@ def reference_backward(
     if compute_dx:
         dx = grad_y @ weight
         dx.addmm_(G, A_cat, alpha=s)
-    zero = _constant("zero", grad_y.device, grad_y.dtype)  # ignored by addmm with beta = 0, but must exist
-    dB_cat = torch.addmm(zero, grad_y.t(), h_masked, beta=0, alpha=s)  # s folded into the GEMM
-    dA_cat = torch.addmm(zero, G.t(), x, beta=0, alpha=s)
+    dB_cat = isolated_grad(grad_y, h_masked, G, routes, E, s, blocks="right")  # (N, E*r), s g^T h
+    dA_cat = isolated_grad(G, x, h_masked, routes, E, s, blocks="left")  # (E*r, K), s G^T x
     return dx, dA_cat.reshape(E, r, K), split_lora_B_grad(dB_cat, E)
+
+
+# How isolated_grad keeps a non-finite value at a token out of the adapters that do not own it:
+# "auto" = "recheck" on CPU (a finite check of the small result, free of syncs there) and "sanitize" elsewhere
+# (no host synchronisation); "none" is the plain product (0 * NaN = NaN leaks into every adapter), kept for the
+# benchmark that measures what isolation costs.
+ISOLATION_MODES = ("auto", "recheck", "sanitize", "none")
+_SUM_DTYPE = {torch.float16: torch.float32}  # fp16 sums overflow at 65504: a false alarm each time
+_isolation = "auto"
+
+
+def set_isolation_mode(mode: str) -> str:
+    """Select how the backward isolates adapters from non-finite values (see :func:`isolated_grad`); returns
+    the previous mode. For benchmarks and tests; ``"auto"`` is the right choice otherwise."""
+    global _isolation
+    if mode not in ISOLATION_MODES:
+        raise ValueError(f"mode: expected one of {ISOLATION_MODES}, got {mode!r}")
+    old, _isolation = _isolation, mode
+    return old
+
+
+def isolated_grad(
+    U: torch.Tensor,
+    V: torch.Tensor,
+    owned: torch.Tensor,
+    routes: torch.Tensor,
+    num_adapters: int,
+    scaling: float,
+    *,
+    blocks: str,
+) -> torch.Tensor:
+    """``s * U^T V`` (a sum over the M tokens) for a weight gradient, where one operand is route-masked.
+
+    ``blocks="right"``: V (M, E*r) is masked (zero outside each token's own adapter block) and U (M, C) is not;
+    the result (C, E*r) holds adapter e's gradient in columns e*r .. e*r+r-1 (dB_cat = s g^T h).
+    ``blocks="left"``: U (M, E*r) is masked and V (M, C) is not; the result (E*r, C) holds adapter e's gradient
+    in rows e*r .. e*r+r-1 (dA_cat = s G^T x). ``owned`` (M, E*r) is a masked tensor whose own block is
+    non-finite at a token whenever that token's row of the unmasked operand is (h for x, G for g).
+
+    The plain product lets a non-finite entry of the unmasked operand at token m reach every adapter, since
+    0 * NaN = NaN. Isolation keeps it out of the adapters that do not own m, and an adapter with no tokens gets
+    exact zeros:
+
+    - ``recheck`` (CPU): the plain product, then one sum of the small result; only when that finds
+      a non-finite entry is each adapter's block recomputed from its own tokens (index_select). Clean inputs
+      keep the plain product's bits and pay one float64 sum of the (C, E*r) result.
+    - ``sanitize`` (no host synchronisation, for GPUs): zero the non-finite entries of the unmasked operand
+      (``nan_to_num``, one pass over it), take the product, then fill with NaN the block of every adapter owning
+      a token whose row was non-finite. Clean inputs keep the plain product's bits.
+    """
+    mode = _isolation
+    if mode == "auto":
+        mode = "recheck" if U.device.type == "cpu" else "sanitize"
+    if blocks == "right":
+        free, masked = U, V
+    elif blocks == "left":
+        free, masked = V, U
+    else:
+        raise ValueError(f"blocks: expected 'left' or 'right', got {blocks!r}")
+    E = num_adapters
+    M, Er = masked.shape
+    r = Er // E
+    zero = _constant("zero", U.device, U.dtype)  # ignored by addmm with beta = 0, but must exist
+
+    def product(u, v):
+        return torch.addmm(zero, u.t(), v, beta=0, alpha=scaling)  # s folded into the GEMM
+
+    if mode == "sanitize":
+        free = torch.nan_to_num(free, nan=0.0, posinf=0.0, neginf=0.0)
+        U, V = (free, masked) if blocks == "right" else (masked, free)
+    out = product(U, V)
+    # the result with the adapters on dim 1: (C, E, r) for "right", (1, E, r*C) for "left"
+    per_adapter = out.view(-1, E, r) if blocks == "right" else out.view(1, E, -1)
+    if mode == "sanitize":
+        bad = ~torch.isfinite(owned).view(M, E, r).all(dim=2).all(dim=0)  # (E,): owns a non-finite row
+        per_adapter.masked_fill_(bad.view(1, E, 1), float("nan"))
+    elif mode == "recheck" and M > 0 and not math.isfinite(float(out.sum(dtype=_SUM_DTYPE.get(out.dtype)))):
+        # one sum of the small result: a non-finite entry cannot cancel (NaN stays NaN, Inf - Inf is NaN), and
+        # an overflowing sum of finite entries only costs a needless recompute. torch.isfinite(out).all()
+        # costs ~25x more on CPU (~250 us for 32 x 1024 against ~10 us)
+        for e in range(E):
+            idx = (routes == e).nonzero().reshape(-1)
+            own = slice(e * r, (e + 1) * r)
+            f, m = free.index_select(0, idx), masked.index_select(0, idx)[:, own]
+            if blocks == "right":
+                out[:, own] = product(f, m)
+            else:
+                out[own] = product(m, f)
+    return out

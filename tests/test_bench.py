@@ -199,7 +199,7 @@ def test_run_suite_tiny_and_report(tmp_path):
 
     logs = []
     path = run_suite("cpu", quick=True, out_dir=tmp_path, providers=["linear", "routed_torch", "peft"],
-                     entries=[_tiny_entry()], e2e=False, log=logs.append)
+                     entries=[_tiny_entry()], e2e=False, decode=False, log=logs.append)
     rows = load(path)
     info = machine_info("cpu")
     for key in ("device_name", "torch", "git_sha", "routed_lora", "schema"):
@@ -272,3 +272,192 @@ def test_a_failing_provider_is_skipped_not_fatal(monkeypatch, tmp_path):
     assert [r["provider"] for r in skipped] == ["naive"] and "no kernel" in skipped[0]["reason"]
     assert {r["provider"] for r in rows if r["kind"] == "layer"} == {"linear", "routed_torch"}
     assert "no kernel for this shape" in markdown(rows)
+
+
+def test_decode_and_isolation_records_and_tables():
+    from routed_lora.bench.decode import run_decode, run_isolation
+    from routed_lora.bench.report import decode_table, isolation_table, markdown
+
+    cases = [Case(M=m, K=32, N=48, r=4, shape="tiny") for m in (1, 8)]
+    rows = run_decode("cpu", cases=cases, repeats=5)
+    assert {(r["M"], r["provider"]) for r in rows} == {(m, p) for m in (1, 8) for p in ("linear", "routed_torch",
+                                                                                          "peft")}
+    for r in rows:
+        assert r["kind"] == "decode" and r["threads"] == 1 and r["p20_us"] <= r["median_us"] <= r["p80_us"]
+        assert r["ratio_to_floor"] > 0 and r["ratio_to_peft"] > 0
+    iso = run_isolation("cpu", cases=[Case(M=16, K=32, N=48, r=4, shape="tiny")], budget_s=0.01, min_repeats=3)
+    assert [r["isolation"] for r in iso] == ["none", "recheck", "sanitize"]
+    assert iso[0]["ratio_to_none"] == 1.0
+    table = decode_table(rows)
+    assert "routed_torch / linear" in table and "routed_torch / peft" in table and table.count("\n") == 3
+    assert "| sanitize |" in isolation_table(iso).replace("tiny (32x48) | 16 | float32 ", "")
+    assert "Decode (no-grad" in markdown(rows + iso) and "Isolation cost" in markdown(rows + iso)
+
+
+def test_decode_provider_is_the_no_grad_hot_path(monkeypatch):
+    """The routed decode provider runs the layer's decode path (routes set once), not the autograd Function."""
+    from routed_lora import ops
+    from routed_lora.bench.decode import decode_forward
+
+    problem = make_problem(Case(M=4, K=16, N=8, r=2, shape="tiny"))
+    fwd, layer = decode_forward("routed_torch", problem)
+    monkeypatch.setattr(ops._RoutedLoRAFunction, "apply", lambda *a: (_ for _ in ()).throw(AssertionError("Function")))
+    with torch.no_grad():
+        y = fwd(torch.randn(4, 16))
+    assert y.shape == (4, 8) and layer._views is not None
+
+
+def test_queued_cuda_timing_is_per_call(monkeypatch):
+    """time_once with queued=n on a GPU: n runs between two events, time per call (events faked here)."""
+    from routed_lora.bench import timing
+
+    calls = []
+
+    class FakeEvent:
+        t = 0.0
+
+        def __init__(self, enable_timing=True):
+            self.at = None
+
+        def record(self):
+            self.at = FakeEvent.t
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def run(state):
+        calls.append(state)
+        FakeEvent.t += 0.002  # each call takes 2 ms of device time
+
+    dt = timing.time_once(timing.Timed("x", run=run, prepare=lambda: "s"), torch.device("cuda"), None, queued=10)
+    assert dt == pytest.approx(0.002) and calls == ["s"] * 10
+    from routed_lora.bench.suite import queued_calls, timing_method
+
+    assert queued_calls("cuda", "full") > 1 and queued_calls("cuda", "backward") == 1 and queued_calls("cpu", "full") == 1
+    assert timing_method("cpu", 1) == "cpu_perf_counter" and timing_method("cuda", 20) == "cuda_events_queued_20"
+
+
+def _graph_model(device="cpu", seed=0):
+    import routed_lora as rl
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8)).to(device)
+    for i in (0, 2):
+        lin[i] = rl.RoutedLoRALinear.from_linear(lin[i], r=4)
+        torch.nn.init.normal_(lin[i].lora_B, std=0.1)
+    return lin
+
+
+def _loss(model, batch):
+    return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+
+
+def _batches(n, device="cpu"):
+    gen = torch.Generator().manual_seed(5)
+    return [{"x": torch.randn(12, 16, generator=gen).to(device), "y": torch.randn(12, 8, generator=gen).to(device),
+             "routes": torch.randint(-1, 2, (12,), generator=gen).to(device)} for _ in range(n)]
+
+
+def test_graphed_train_step_recipe_equals_a_plain_loop_on_cpu():
+    """The CUDA-graph recipe's bookkeeping (static copies, routes read through the static tensor, zeroed
+    gradients, optimizer) run eagerly (capture=False) gives the plain loop's losses and weights bit for bit."""
+    import routed_lora as rl
+    from routed_lora.bench.graphs import GraphedTrainStep
+
+    batches = _batches(4)
+    ref = _graph_model()
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    want = []
+    for b in batches:
+        rl.set_routes(ref, b["routes"])
+        loss = _loss(ref, b)
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=False)
+        want.append(loss.item())
+    model = _graph_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step = GraphedTrainStep(model, opt, _loss, batches[0], warmup=0, capture=False)
+    got = [step(b).item() for b in batches]
+    assert got == want
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert model[0]._routes is step.static["routes"]
+    with pytest.raises(ValueError, match=r"batch\['x'\]: expected shape \(12, 16\)"):
+        step({"x": torch.randn(3, 16)})
+    with pytest.raises(ValueError, match="found 2"):
+        step({"routes": torch.full((12,), 2)})
+    with pytest.raises(ValueError, match="capture: a CUDA graph needs the model on a CUDA device"):
+        GraphedTrainStep(model, opt, _loss, batches[0], capture=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graphed_train_step_on_gpu_matches_eager(backend):
+    """The recipe on a GPU: captured once, replayed per batch; the losses and weights of an eager loop."""
+    import routed_lora as rl
+    from routed_lora.bench.graphs import GraphedTrainStep, graph_time
+    from routed_lora.bench.providers import use_backend
+
+    if backend == "triton" and not rl.backend.triton_available():
+        pytest.skip("Triton kernels not importable")
+    with use_backend(backend):
+        batches = _batches(5, "cuda")
+        models = [_graph_model("cuda"), _graph_model("cuda")]
+        opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, capturable=True)
+                for m in models]
+        step = GraphedTrainStep(models[0], opts[0], _loss, batches[0], warmup=2)
+        assert step.graph is not None
+        eager = GraphedTrainStep(models[1], opts[1], _loss, batches[0], warmup=2, capture=False)
+        for b in batches:
+            torch.testing.assert_close(step(b).clone(), eager(b).clone(), rtol=1e-5, atol=1e-6)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        x = torch.randn(64, 16, device="cuda")
+        times = graph_time(lambda: models[0](x), n=5, repeats=2)
+        assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_pytest_benchmark_items_are_the_suite_plan():
+    """One definition: the pytest-benchmark items are exactly the suite's layer entries x modes x providers, its
+    decode and isolation cases and the e2e step, on CPU and on CUDA (collected everywhere, skipped without it)."""
+    from routed_lora.bench.decode import DECODE_PROVIDERS, decode_cases, isolation_cases
+    from routed_lora.bench.items import benchmark_items
+    from routed_lora.bench.providers import PROVIDERS
+    from routed_lora.bench.suite import plan
+
+    for device in ("cpu", "cuda"):
+        for quick in (True, False):
+            items = benchmark_items(device, quick)
+            layer = {(i.info["M"], i.info["K"], i.info["N"], i.info["r"], i.info["tool_frac"], i.info["sweep"],
+                      i.info["mode"], i.provider) for i in items if i.kind == "layer"}
+            want = {(e.case.M, e.case.K, e.case.N, e.case.r, e.case.tool_frac, e.sweep, m, p)
+                    for e in plan(device, quick) for m in e.modes for p in PROVIDERS}
+            assert layer == want
+            dec = {(i.info["M"], i.provider) for i in items if i.kind == "decode"}
+            assert dec == {(c.M, p) for c in decode_cases(device, quick) for p in DECODE_PROVIDERS}
+            assert {i.info["M"] for i in items if i.kind == "isolation"} == {c.M for c in isolation_cases(device, quick)}
+            assert {i.provider for i in items if i.kind == "e2e"} == {"routed_lora", "peft"}
+            assert len({i.id for i in items}) == len(items), "pytest ids must be unique"
+    cuda = benchmark_items("cuda", True)
+    if not torch.cuda.is_available():
+        assert all(i.available() == (False, "no CUDA device") for i in cuda)
+
+
+def test_pytest_benchmark_item_runs(one_thread):
+    from routed_lora.bench.items import benchmark_items
+
+    items = benchmark_items("cpu", True, kinds=("layer", "decode"), providers=("linear", "routed_torch"))
+    small = [i for i in items if i.info["M"] == 1 and i.info.get("mode") in ("full", "forward_nograd")]
+    assert {i.kind for i in small} == {"layer", "decode"}
+    for item in small:
+        prep = item.prepare()
+        assert prep.timing == "cpu_perf_counter" and prep.rounds >= 5
+        args, kwargs = prep.setup() if prep.setup else ((), {})
+        prep.target(*args, **kwargs)

@@ -327,3 +327,122 @@ def test_cached_constants_made_under_inference_mode_serve_training():
     y.sum().backward()
     assert torch.equal(y.detach(), y_inf)
     assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+
+
+# --- isolation under non-finite values (issue 14 item 1) -------------------------------------------------------
+
+ISOLATION = ["recheck", "sanitize"]  # "recheck" is what CPU tensors get, "sanitize" what CUDA tensors get
+
+
+@pytest.fixture
+def isolation_mode(request):
+    from routed_lora import reference
+
+    old = reference.set_isolation_mode(request.param)
+    yield request.param
+    reference.set_isolation_mode(old)
+
+
+def _grads(layer, x, routes, g):
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    layer(x, routes).backward(g)
+    return x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("isolation_mode", ISOLATION, indirect=True)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("bad_route", [-1, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nonfinite_input_never_reaches_other_adapters(isolation_mode, bad, bad_route, dtype):
+    """x non-finite at one token routed -1 or to adapter 1: adapter 0's and adapter 2's (no tokens) gradients
+    are those of the same batch with that token's input replaced by zeros; adapter 2's are exact zeros."""
+    layer = make_layer(12, 10, r=3, E=3, dtype=dtype)
+    torch.manual_seed(1)
+    M = 40
+    x = torch.randn(M, 12, dtype=dtype)
+    routes = torch.randint(0, 2, (M,))
+    routes[7] = bad_route
+    g = torch.randn(M, 10, dtype=dtype)
+    clean = x.clone()
+    clean[7] = 0
+    _, dA_ref, dB_ref = _grads(layer, clean, routes, g)
+    x[7, 3] = bad
+    dx, dA, dB = _grads(layer, x, routes, g)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    for name, got, want in (("dA[0]", dA[0], dA_ref[0]), ("dB[0]", dB[0], dB_ref[0])):
+        assert torch.isfinite(got).all(), f"{name}: a non-finite value at a token it does not own leaked in"
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+    assert torch.count_nonzero(dA[2]) == 0 and torch.count_nonzero(dB[2]) == 0, "adapter 2 owns no tokens"
+    assert torch.isfinite(dx[torch.arange(M) != 7]).all(), "dx is per token: only token 7's row may be non-finite"
+    if bad_route == 1:  # the owner sees its token's bad value (it is not hidden)
+        assert not torch.isfinite(dA[1]).all()
+    else:
+        assert torch.isfinite(dA[1]).all() and torch.isfinite(dB[1]).all()
+
+
+@pytest.mark.parametrize("isolation_mode", ISOLATION, indirect=True)
+def test_nonfinite_upstream_grad_never_reaches_other_adapters(isolation_mode):
+    """The same for the upstream gradient g (dB = s g^T h sums over tokens too)."""
+    layer = make_layer(9, 11, r=2, E=3, dtype=torch.float64)
+    torch.manual_seed(2)
+    M = 30
+    x = torch.randn(M, 9, dtype=torch.float64)
+    routes = torch.randint(-1, 2, (M,))
+    routes[4], routes[5] = -1, 1
+    g = torch.randn(M, 11, dtype=torch.float64)
+    clean = g.clone()
+    clean[4] = 0
+    clean[5] = 0
+    _, dA_ref, dB_ref = _grads(layer, x, routes, clean)
+    g[4, 2] = float("nan")
+    g[5, 0] = float("inf")
+    _, dA, dB = _grads(layer, x, routes, g)
+    torch.testing.assert_close(dA[0], dA_ref[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(dB[0], dB_ref[0], atol=1e-12, rtol=1e-10)
+    assert torch.count_nonzero(dA[2]) == 0 and torch.count_nonzero(dB[2]) == 0
+    assert not torch.isfinite(dB[1]).all()
+
+
+@pytest.mark.parametrize("isolation_mode", ISOLATION, indirect=True)
+def test_nan_everywhere_outside_an_adapter_gives_it_exact_zeros(isolation_mode):
+    layer = make_layer(8, 6, r=2, E=2, dtype=torch.float32)
+    x = torch.full((10, 8), float("nan"))
+    routes = torch.full((10,), -1)
+    routes[3] = 0
+    x[3] = torch.randn(8)
+    _, dA, dB = _grads(layer, x, routes, torch.randn(10, 6))
+    assert torch.isfinite(dA[0]).all() and torch.isfinite(dB[0]).all()
+    assert torch.count_nonzero(dA[1]) == 0 and torch.count_nonzero(dB[1]) == 0
+
+
+def test_plain_product_leaks_which_is_what_isolation_fixes():
+    """Mode "none" (the plain product, the bench's baseline) shows the leak the other modes close."""
+    from routed_lora import reference
+
+    old = reference.set_isolation_mode("none")
+    try:
+        layer = make_layer(8, 6, r=2, E=2, dtype=torch.float32)
+        x = torch.randn(5, 8)
+        x[1, 0] = float("nan")
+        _, dA, _ = _grads(layer, x, torch.tensor([0, -1, 0, 0, 0]), torch.randn(5, 6))
+        assert not torch.isfinite(dA[1]).all()
+    finally:
+        reference.set_isolation_mode(old)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        reference.set_isolation_mode("fast")
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), True, 0, -1.0])
+def test_non_finite_or_non_positive_lora_alpha_refused(alpha):
+    with pytest.raises(ValueError, match="lora_alpha: expected a finite positive number"):
+        rl.RoutedLoRALinear(8, 4, r=2, lora_alpha=alpha)
+    with pytest.raises(ValueError, match="lora_alpha: expected a finite positive number"):
+        rl.RoutedLoRALinear.from_linear(nn.Linear(8, 4), r=2, lora_alpha=alpha)
+
+
+def test_non_finite_scaling_refused_by_the_functional_form():
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    A, B = torch.randn(2, 2, 4), torch.randn(2, 5, 2)
+    with pytest.raises(ValueError, match="scaling: expected a finite number"):
+        rl.routed_lora_linear(x, W, None, A, B, torch.zeros(3, dtype=torch.long), float("nan"))

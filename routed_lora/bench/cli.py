@@ -1,6 +1,7 @@
 """``routed-lora bench``: the throughput suite, its report, and the kernels' compile report.
 
-    routed-lora bench [--quick] [--device cpu|cuda] [--out DIR] [--providers a,b] [--no-e2e] [--threads N]
+    routed-lora bench [--quick] [--device cpu|cuda] [--out DIR] [--providers a,b] [--no-e2e] [--no-decode]
+                      [--threads N]
     routed-lora bench report RESULTS.jsonl [--out DIR]
     routed-lora bench compile-report --json [--arch 80 --arch 90]
 """
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--providers", default=None,
                    help="comma-separated subset of linear,routed_torch,routed_triton,naive,peft (default: all)")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
+    p.add_argument("--no-decode", action="store_true",
+                   help="skip the no-grad decode cases and the isolation-cost cases")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for CPU runs (recorded; 1 is steadier on a loaded machine)")
     p.set_defaults(func=_run_suite)
@@ -55,7 +58,8 @@ def _run_suite(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     providers = args.providers.split(",") if args.providers else None
-    run_suite(device, quick=args.quick, out_dir=args.out, providers=providers, e2e=not args.no_e2e)
+    run_suite(device, quick=args.quick, out_dir=args.out, providers=providers, e2e=not args.no_e2e,
+              decode=not args.no_decode)
     return 0
 
 

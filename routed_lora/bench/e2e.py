@@ -20,7 +20,8 @@ from .memory import extra_peak_bytes, saved_for_backward
 from .providers import ADAPTER_NAMES, make_routes, peft_lora_linear, peft_masked_forward
 from .timing import Timed, paired_ratio, time_interleaved
 
-__all__ = ["E2EConfig", "make_base_model", "routed_model", "peft_model", "run_e2e", "TARGETS"]
+__all__ = ["E2EConfig", "make_base_model", "routed_model", "peft_model", "run_e2e", "e2e_config", "e2e_steps",
+           "TARGETS"]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -137,19 +138,27 @@ def _set_peft_masks(model, routes, dtype):
     model._bench_masks["masks"] = {a: (routes == e).to(dtype).unsqueeze(-1) for e, a in enumerate(ADAPTER_NAMES)}
 
 
-def run_e2e(device: str = "cpu", quick: bool = False, cfg: E2EConfig | None = None, *, budget_s: float | None = None,
-            min_repeats: int | None = None) -> list[dict]:
-    """Time training steps of both variants (interleaved) and measure their memory; returns records."""
+def e2e_config(device: str = "cpu", quick: bool = False) -> E2EConfig:
+    """The model of the end-to-end step: a small Qwen2 on CPU, a ~1B-class one on a GPU (the quick GPU set keeps
+    the CPU-sized default in bf16)."""
+    dev = torch.device(device)
+    cfg = E2EConfig(dtype="float32" if dev.type == "cpu" else "bfloat16")
+    if quick and dev.type == "cpu":
+        cfg = E2EConfig(hidden=128, intermediate=352, layers=2, vocab=1024, batch=2, seq=256)
+    elif dev.type == "cuda" and not quick:
+        cfg = E2EConfig(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4, vocab=8192, batch=8,
+                        seq=1024, dtype="bfloat16")
+    return cfg
+
+
+def e2e_steps(device: str = "cpu", quick: bool = False, cfg: E2EConfig | None = None) -> dict:
+    """Both variants built on the same base model, adapters, ids and routes: returns ``{"steps": {name: step()},
+    "models": {name: model}, "ids": ids, "cfg": cfg}``; ``step()`` is one forward + backward + AdamW step and
+    returns the (detached) loss. Shared by :func:`run_e2e` and the pytest-benchmark suite."""
     import routed_lora as rl
 
     dev = torch.device(device)
-    if cfg is None:
-        cfg = E2EConfig(dtype="float32" if dev.type == "cpu" else "bfloat16")
-        if quick and dev.type == "cpu":
-            cfg = E2EConfig(hidden=128, intermediate=352, layers=2, vocab=1024, batch=2, seq=256)
-        elif dev.type == "cuda" and not quick:
-            cfg = E2EConfig(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4, vocab=8192, batch=8,
-                            seq=1024, dtype="bfloat16")
+    cfg = cfg or e2e_config(device, quick)
     base = make_base_model(cfg, device)
     routed = routed_model(base, cfg)
     peft = peft_model(base, routed, cfg)
@@ -164,13 +173,30 @@ def run_e2e(device: str = "cpu", quick: bool = False, cfg: E2EConfig | None = No
         n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for n, m in models.items()
     }
 
-    def step(name):
+    def make_step(name):
         model, opt = models[name], opts[name]
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
+
+        def step():
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return out.loss.detach()
+
+        return step
+
+    return {"steps": {n: make_step(n) for n in models}, "models": models, "ids": ids, "cfg": cfg}
+
+
+def run_e2e(device: str = "cpu", quick: bool = False, cfg: E2EConfig | None = None, *, budget_s: float | None = None,
+            min_repeats: int | None = None) -> list[dict]:
+    """Time training steps of both variants (interleaved) and measure their memory; returns records."""
+    dev = torch.device(device)
+    built = e2e_steps(device, quick, cfg)
+    cfg, models, ids, steps = built["cfg"], built["models"], built["ids"], built["steps"]
+
+    def step(name):
+        return steps[name]()
 
     # one step each first: creates optimizer state (kept out of the peak) and checks both models agree
     losses = {n: float(step(n)) for n in models}

@@ -11,7 +11,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["load", "markdown", "plot", "write_report", "layer_table", "memory_table", "e2e_table"]
+__all__ = ["load", "markdown", "plot", "write_report", "layer_table", "memory_table", "e2e_table", "decode_table",
+           "isolation_table"]
 
 PROVIDER_ORDER = ("linear", "routed_torch", "routed_triton", "naive", "peft", "routed_lora")
 
@@ -134,6 +135,56 @@ def e2e_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def decode_table(rows: list[dict]) -> str:
+    """No-grad decode, side by side: median us per provider and the paired ratios routed/linear, routed/peft,
+    peft/linear, one row per (shape, M)."""
+    dec = [r for r in rows if r.get("kind") == "decode"]
+    if not dec:
+        return ""
+    by = defaultdict(dict)
+    for r in dec:
+        by[(r.get("shape", ""), r["K"], r["N"], r["M"], r["r"], r["dtype"], r.get("threads"))][r["provider"]] = r
+    routed = [p for p in ("routed_torch", "routed_triton") if any(p in v for v in by.values())]
+    head = ["shape (K x N)", "M", "r", "dtype", "threads", "linear us", "peft us"]
+    for p in routed:
+        head += [f"{p} us", f"{p} / linear", f"{p} / peft"]
+    head.append("peft / linear")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(by, key=lambda k: (k[0], k[3])):
+        shape, K, N, M, rank, dtype, threads = key
+        g = by[key]
+
+        def us(p):
+            return f"{g[p]['median_us']:.0f} [{g[p]['p20_us']:.0f}-{g[p]['p80_us']:.0f}]" if p in g else ""
+
+        cells = [f"{shape} ({K}x{N})", str(M), str(rank), dtype, str(threads), us("linear"), us("peft")]
+        for p in routed:
+            r = g.get(p)
+            cells += [us(p), f"**{r['ratio_to_floor']:.2f}x**" if r and r.get("ratio_to_floor") else "",
+                      f"**{r['ratio_to_peft']:.2f}x**" if r and r.get("ratio_to_peft") else ""]
+        pr = g.get("peft")
+        cells.append(f"{pr['ratio_to_floor']:.2f}x" if pr and pr.get("ratio_to_floor") else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def isolation_table(rows: list[dict]) -> str:
+    """Backward time per isolation mode and its paired ratio to the plain product ("none")."""
+    iso = [r for r in rows if r.get("kind") == "isolation"]
+    if not iso:
+        return ""
+    head = ["shape (K x N)", "M", "dtype", "mode", "backward ms [p20-p80]", "vs none [p20-p80]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {"none": 0, "recheck": 1, "sanitize": 2}
+    for r in sorted(iso, key=lambda r: (r.get("shape", ""), r["M"], order.get(r["isolation"], 9))):
+        lines.append("| " + " | ".join([
+            f"{r.get('shape', '')} ({r['K']}x{r['N']})", str(r["M"]), r["dtype"], r["isolation"],
+            f"{r['median_ms']:.3g} [{r['p20_ms']:.3g}-{r['p80_ms']:.3g}]",
+            f"{r['ratio_to_none']:.3f}x [{r['ratio_to_none_p20']:.3f}-{r['ratio_to_none_p80']:.3f}]",
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def _machine_line(rows):
     r = rows[0]
     load = r.get("loadavg")
@@ -161,6 +212,8 @@ def markdown(rows: list[dict]) -> str:
     if notes:
         parts.append("Skipped or failed:\n\n" + "\n".join(notes) + "\n")
     for title, table in (("Layer", layer_table(rows)), ("Memory (layer, forward + backward)", memory_table(rows)),
+                         ("Decode (no-grad forward, routes set once; paired ratios)", decode_table(rows)),
+                         ("Isolation cost (routed backward, PyTorch path)", isolation_table(rows)),
                          ("End to end (one training step)", e2e_table(rows))):
         if table:
             parts.append(f"## {title}\n\n{table}\n")

@@ -13,7 +13,8 @@ fp32 on CPU, bf16 on GPU. On CPU the full suite skips cases whose frozen-linear 
 centred on the issue-2 point (M = 4096, K = N = 1024, r = 16, two adapters, random routes).
 
 Each (case, mode) times all providers interleaved; each case also gets one memory record per provider
-(bytes saved for backward, extra peak memory of forward + backward).
+(bytes saved for backward, extra peak memory of forward + backward). After the layer cases: the no-grad decode
+cases and the isolation cost (:mod:`.decode`), then one end-to-end training step (:mod:`.e2e`).
 """
 
 from __future__ import annotations
@@ -223,6 +224,22 @@ def saved_budget_bytes(case: Case, floor_saved: int) -> int:
     return floor_saved + case.M * case.K * elt + case.M * 8 + case.M * case.E * case.r * elt
 
 
+QUEUED_CUDA_CALLS = 20
+
+
+def queued_calls(device: str, mode: str) -> int:
+    """Calls per timed sample: on a GPU, forward and full are timed over QUEUED_CUDA_CALLS queued calls (device
+    time, host launch overhead hidden behind the GPU); a backward needs its own forward each time, so it is
+    timed per call (CUDA events around it)."""
+    return QUEUED_CUDA_CALLS if torch.device(device).type == "cuda" and mode != "backward" else 1
+
+
+def timing_method(device: str, queued: int) -> str:
+    if torch.device(device).type != "cuda":
+        return "cpu_perf_counter"
+    return f"cuda_events_queued_{queued}" if queued > 1 else "cuda_events_per_call"
+
+
 def run_entry(entry: Entry, providers=None, *, memory: bool = True, flush: bool = True) -> list[dict]:
     """Time one entry (all its modes, all providers interleaved) and account for memory; returns records
     (without the machine fields)."""
@@ -250,12 +267,14 @@ def run_entry(entry: Entry, providers=None, *, memory: bool = True, flush: bool 
     rows = []
     for mode in entry.modes:
         timed = [_timed_for(n, built[n], x, g, mode) for n in names]
+        queued = queued_calls(case.device, mode)
         stats, rounds = time_interleaved(
             timed,
             device=case.device,
             min_repeats=entry.min_repeats,
             budget_s=entry.budget_s,
             flush=flush,
+            queued=queued,
         )
         useful = F.useful_flops(case.M, case.K, case.N, case.r, m_lora, mode)
         for n in names:
@@ -272,6 +291,7 @@ def run_entry(entry: Entry, providers=None, *, memory: bool = True, flush: bool 
                 "flops_useful": useful,
                 "flops_masked": F.masked_flops(case.M, case.K, case.N, case.r, case.E, mode),
                 "tflops": useful / st.median / 1e12 if st.median > 0 else None,
+                "timing": timing_method(case.device, queued),
             }
             if "naive" in stats and n != "naive":
                 row["ratio_to_naive"] = paired_ratio(rounds, n, "naive").median
@@ -327,6 +347,7 @@ def run_suite(
     providers=None,
     entries: list[Entry] | None = None,
     e2e: bool = True,
+    decode: bool = True,
     report: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -367,6 +388,21 @@ def run_suite(
                 f"  [{i + 1}/{len(entries)}] {entry.sweep} {c.shape} M={c.M} r={c.r} tool={c.tool_frac} "
                 f"{entry.modes[-1]}: {summary} ({time.perf_counter() - t0:.1f}s)"
             )
+        if decode:
+            from .decode import run_decode, run_isolation
+
+            t0 = time.perf_counter()
+            rows = run_decode(device=device, quick=quick)
+            write(rows)
+            summary = ", ".join(f"M={r['M']} {r['provider']} {r['median_us']:.0f} us ({r['ratio_to_floor']:.2f}x)"
+                                for r in rows)
+            log(f"  decode (no grad): {summary} ({time.perf_counter() - t0:.1f}s)")
+            if torch.device(device).type == "cpu" or not providers or "routed_torch" in providers:
+                t0 = time.perf_counter()
+                rows = run_isolation(device=device, quick=quick)
+                write(rows)
+                summary = ", ".join(f"M={r['M']} {r['isolation']} {r['ratio_to_none']:.3f}x" for r in rows)
+                log(f"  isolation (backward): {summary} ({time.perf_counter() - t0:.1f}s)")
         if e2e:
             from .e2e import run_e2e
 

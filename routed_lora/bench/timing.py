@@ -7,7 +7,8 @@ clock changes) hits all providers alike; ratios are taken round by round (paired
 
 Before every timed call a buffer larger than the last-level cache is overwritten (as Triton's ``do_bench``
 does), so no provider is flattered by inputs or weights left in cache by the previous call; on a GPU the
-timed region is bracketed by CUDA events and synchronised.
+timed region is bracketed by CUDA events and synchronised, around one call or many queued ones (``queued``),
+so the figure is the device's time. :mod:`.graphs` times CUDA-graph replays, where no host work is left at all.
 """
 
 from __future__ import annotations
@@ -108,8 +109,14 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_once(t: Timed, device: torch.device, flush: CacheFlusher | None) -> float:
-    """Seconds of one timed ``run`` (state prepared and cache flushed first, both untimed)."""
+def time_once(t: Timed, device: torch.device, flush: CacheFlusher | None, queued: int = 1) -> float:
+    """Seconds of one timed ``run`` (state prepared and cache flushed first, both untimed).
+
+    On a GPU the time is the device's, from CUDA events. ``queued`` > 1 (GPU only) queues that many ``run``
+    calls on the same prepared state between the two events and returns the time per call: the host enqueues
+    ahead of the GPU, so launch overhead is hidden whenever the GPU is the bottleneck, as in a model where
+    layers follow each other (``run`` must then be repeatable on one state: forward, or forward + backward
+    with gradients accumulating)."""
     state = t.prepare()
     if flush is not None:
         flush()
@@ -117,10 +124,11 @@ def time_once(t: Timed, device: torch.device, flush: CacheFlusher | None) -> flo
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = t.run(state)
+        for _ in range(max(1, queued)):
+            out = t.run(state)
         end.record()
         end.synchronize()
-        dt = start.elapsed_time(end) / 1e3
+        dt = start.elapsed_time(end) / 1e3 / max(1, queued)
     else:
         t0 = time.perf_counter()
         out = t.run(state)
@@ -138,16 +146,17 @@ def time_interleaved(
     max_repeats: int = 100,
     budget_s: float = 2.0,
     flush: bool = True,
+    queued: int = 1,
 ) -> tuple[dict[str, Stats], list[dict[str, float]]]:
     """Time every provider in ``timed``, interleaved; returns (stats by name, the rounds: one dict of seconds per
     round). Repeats: as many rounds as fit in ``budget_s`` (estimated after warm-up), within
-    [min_repeats, max_repeats]."""
+    [min_repeats, max_repeats]. ``queued``: calls per timed sample on a GPU (see :func:`time_once`)."""
     device = torch.device(device)
     flusher = CacheFlusher(device) if flush else None
     t0 = time.perf_counter()
     for _ in range(warmup):
         for t in timed:
-            time_once(t, device, flusher)
+            time_once(t, device, flusher, queued)
     per_round = (time.perf_counter() - t0) / max(warmup, 1)
     repeats = int(budget_s / per_round) if per_round > 0 else max_repeats
     repeats = max(min_repeats, min(max_repeats, repeats))
@@ -157,7 +166,7 @@ def time_interleaved(
         row = {}
         for j in range(n):
             t = timed[(i + j) % n]  # rotate the order so no provider always runs first
-            row[t.name] = time_once(t, device, flusher)
+            row[t.name] = time_once(t, device, flusher, queued)
         rounds.append(row)
     stats = {t.name: summarize([r[t.name] for r in rounds]) for t in timed}
     return stats, rounds
