@@ -84,4 +84,5 @@ def vocab_texts(world, prompt_template: str = TINY_PROMPT) -> list[str]:
     texts.append(FIRST_THOUGHT)
     texts.append(format_passages([{"contents": "x"}] * 10))
     texts.append(format_passages([{"contents": "title\ntext"}]))
+    texts.append(format_passages([{"contents": "a passage ."}]))  # a one-line passage ends in ".)" (one word)
     return texts
