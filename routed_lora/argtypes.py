@@ -74,20 +74,22 @@ def finite_float(low: float | None = None, high: float | None = None, *, low_ope
     return parse
 
 
-def check_template(template: str, *, fields: tuple[str, ...] = ("question",), flag: str = "--prompt") -> str:
+def check_template(template: str, *, fields: tuple[str, ...] = ("question",), flag: str | None = None) -> str:
     """Refuse a ``str.format`` template that lacks ``{question}``, uses another field (``{foo}``), a positional
-    field (``{}``) or has unbalanced braces; literal braces are written ``{{`` and ``}}``. Returns ``template``."""
+    field (``{}``) or has unbalanced braces; literal braces are written ``{{`` and ``}}``. Returns ``template``.
+    Raises ``ValueError`` (prefixed by ``flag`` when given)."""
+    pre = f"{flag}: " if flag else ""
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
-        raise ValueError(f"{flag}: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
-    bad = sorted({n for n in names if n.split(".")[0].split("[")[0] not in fields})
+        raise ValueError(f"{pre}not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    bad = sorted({n for n in names if n not in fields})  # {foo}, {}, {0}, {question.upper}: all refused
     if bad:
         shown = ", ".join("{" + n + "}" for n in bad)
-        raise ValueError(f"{flag}: unknown field {shown} in the template; it may only use "
+        raise ValueError(f"{pre}unknown field {shown} in the template; it may only use "
                          + ", ".join("{" + f + "}" for f in fields) + " (literal braces: {{ and }})")
     missing = [f for f in fields if f not in names]
     if missing:
-        raise ValueError(f"{flag}: the template has no " + ", ".join("{" + f + "}" for f in missing)
+        raise ValueError(f"{pre}the template has no " + ", ".join("{" + f + "}" for f in missing)
                          + f" field, so every prompt would be the same text: {template[:60]!r}")
     return template
