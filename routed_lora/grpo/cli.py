@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from routed_lora.argtypes import check_template, finite_float, int_at_least
-from routed_lora.errors import UsageError, for_flag
+from routed_lora.errors import UsageError, for_flag, one_line
 
 from .trainer import DEFAULT_TARGETS, GRPOConfig
 
@@ -133,6 +133,31 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
                          "--overwrite to start again there, or another --out")
 
 
+def check_model_folder(model_dir: str, target_modules, *, flag: str = "--model") -> None:
+    """A model folder whose config builds a causal LM (on the meta device: no weights read, no memory) with at
+    least one ``nn.Linear`` matched by ``target_modules``; checked before anything is loaded or written."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from routed_lora.hf import target_matches
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UsageError(f"{flag}: {model_dir} is not a model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # an unknown model type, a broken config.json
+        raise UsageError(f"{flag}: {model_dir}: not a causal LM folder transformers can build "
+                         f"({type(exc).__name__}: {one_line(exc)})") from exc
+    linear = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
+    if not any(target_matches(list(target_modules), n) for n in linear):
+        shown = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise UsageError(f"--target-modules: {' '.join(target_modules)} matches no nn.Linear of {model_dir}; "
+                         f"its linear layers are named {shown[:12]}")
+
+
 def _run(args) -> int:
     import torch
 
@@ -152,8 +177,7 @@ def _run(args) -> int:
     run = run_settings(args, template)
     if args.resume:
         check_resume(out, cfg, run, allow_changes=args.allow_changes)
-    if not (Path(args.model) / "config.json").is_file():
-        raise UsageError(f"--model: {args.model} is not a model folder (no config.json)")
+    check_model_folder(args.model, cfg.target_modules)
     if args.adapters and not Path(args.adapters).exists():
         raise UsageError(f"--adapters: {args.adapters}: no such file or folder")
     with for_flag("--data"):
