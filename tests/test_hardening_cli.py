@@ -195,17 +195,15 @@ def test_debug_shows_the_traceback(files):
         main(["--debug"] + argv)
 
 
-def test_subprocess_one_line_and_debug(files):
-    """The real entry point, as a user runs it: one line and exit 2; with --debug the traceback."""
+def test_subprocess_one_line(files):
+    """The real entry point, as a user runs it: one line on stderr, exit status 2, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    argv = [sys.executable, "-m", "routed_lora.cli"] + _fill(TRAIN[:4] + ["{no_gold}"] + TRAIN[5:], files)
+    argv = [sys.executable, "-m", "routed_lora.cli"] + _fill(TRAIN + ["--lr", "nan"], files)
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("routed-lora: error: --data: "), p.stderr[-2000:]
-    assert f"no_gold.jsonl:5:" in lines[0]
-    p = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode != 0 and "Traceback" in p.stderr and "UsageError" in p.stderr
+    assert p.stderr.splitlines() == ["routed-lora: error: train: argument --lr: expected a finite number > 0, "
+                                     "got 'nan'"], p.stderr[-2000:]
+    assert p.stdout == ""
 
 
 # ------------------------------------------------------------------------------------------------ resume (item 2)

@@ -562,7 +562,8 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             rows, dropped = read_jsonl_rows(self.path)
             keep = [r for r in rows if r.get("step", 0) <= resume_step]
-            if dropped or len(keep) != len(rows):
+            torn = not self.path.read_bytes().endswith(b"\n")  # a last row without its newline
+            if dropped or torn or len(keep) != len(rows):
                 atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
