@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,8 +66,10 @@ def _fill(args: list[str], f: Path) -> list[str]:
     return out
 
 
+# a run that would be short if a bad value got through (each case's flags come after these: the last one counts)
 TRAIN = ["train", "--model", "{model}", "--data", "{data}", "--retriever", "bm25:{corpus}", "--out", "{out}",
-         "--no-progress", "--target-modules", "q_proj"]
+         "--no-progress", "--steps", "1", "--prompts-per-step", "2", "-G", "2", "--max-new-tokens", "2",
+         "--max-total-tokens", "8", "--threads", "1", "--target-modules", "q_proj"]
 
 # (invocation, a piece the one-line message must contain)
 CASES = [
@@ -164,15 +167,18 @@ def test_every_user_error_is_one_line_exit_2(files, argv, expect, capsys):
     from routed_lora.cli import main
 
     out = files / "out"
-    assert not out.exists()
-    code = main(_fill(argv, files))
+    try:
+        code = main(_fill(argv, files))
+        written = out.exists()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # so that one failing case cannot fail the next ones
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, (code, captured.err[-2000:])
     assert len(lines) == 1 and lines[0].startswith("routed-lora: error: "), captured.err[-2000:]
     assert "Traceback" not in captured.err
     assert _fill([expect], files)[0] in lines[0], lines[0]
-    assert not out.exists(), f"{out} was written before the inputs were checked"
+    assert not written, f"{out} was written before the inputs were checked"
 
 
 def test_bench_without_cuda_is_a_user_error(capsys):
@@ -210,7 +216,7 @@ def test_subprocess_one_line(files):
 
 
 def _small(files: Path, out: Path, *extra: str) -> list[str]:
-    return _fill(TRAIN[:8] + [str(out)] + TRAIN[9:], files) + [
+    return _fill(TRAIN[:8] + [str(out), "--no-progress", "--target-modules", "q_proj"], files) + [
         "--prompts-per-step", "2", "-G", "2", "--max-turns", "1", "--max-new-tokens", "4", "--max-total-tokens",
         "24", "--lr", "1e-3", "--save-every", "1", "--threads", "1", *extra]
 
