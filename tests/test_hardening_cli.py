@@ -45,6 +45,7 @@ def files(tmp_path_factory):
     (root / "dup.jsonl").write_text('{"id": "a", "contents": "one"}\n\n{"id": "b", "contents": "two"}\n'
                                     '{"id": "a", "contents": "three"}\n')
     (root / "a_file").write_text("x")
+    (root / "nowords.jsonl").write_text('{"id": "1", "contents": "a b the"}\n')  # bm25s drops all of it
     (root / "rates.csv").write_text("id,base\n1,0.5\n")
     (root / "empty_dir").mkdir()
     return root
@@ -56,7 +57,7 @@ def _fill(args: list[str], f: Path) -> list[str]:
             "{corpus}": str(w / "corpus.jsonl"), "{world}": str(w), "{out}": str(f / "out"),
             "{no_gold}": str(f / "no_gold.jsonl"), "{bad_json}": str(f / "bad_json.jsonl"),
             "{dup}": str(f / "dup.jsonl"), "{file}": str(f / "a_file"), "{missing}": str(f / "missing.jsonl"),
-            "{rates}": str(f / "rates.csv"), "{empty_dir}": str(f / "empty_dir"),
+            "{rates}": str(f / "rates.csv"), "{nowords}": str(f / "nowords.jsonl"), "{empty_dir}": str(f / "empty_dir"),
             "{down}": f"http://127.0.0.1:{_free_port()}/retrieve"}
     out = []
     for a in args:
@@ -126,6 +127,7 @@ CASES = [
     # retriever serve (all refused before the server listens)
     (["retriever", "serve", "--corpus", "{dup}"], "--corpus: corpus {dup}:4: duplicate id 'a'"),
     (["retriever", "serve", "--corpus", "{missing}"], "--corpus"),
+    (["retriever", "serve", "--corpus", "{nowords}"], "--corpus: corpus of 1 documents has no searchable word"),
     (["retriever", "serve", "--corpus", "{corpus}", "--port", "70000"], "--port"),
     (["retriever", "serve", "--corpus", "{corpus}", "--topk", "0"], "--topk"),
     (["retriever", "serve", "--corpus", "{corpus}", "--topk", "200"], "--topk: the default topk 200 is over"),
@@ -188,6 +190,26 @@ def test_bench_without_cuda_is_a_user_error(capsys):
         pytest.skip("a CUDA device is present")
     assert main(["bench", "--device", "cuda"]) == 2
     assert capsys.readouterr().err.startswith("routed-lora: error: --device: cuda asked for")
+
+
+def test_serve_on_a_taken_port_is_a_user_error(files, capsys):
+    import threading
+
+    from routed_lora.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = []
+        t = threading.Thread(target=lambda: res.append(main(_fill(
+            ["retriever", "serve", "--corpus", "{corpus}", "--port", str(port)], files))), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "serve started on a port that is in use"
+    assert res == [2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"routed-lora: error: --host/--port: cannot listen on 127.0.0.1:{port} (Address already in use)"]
 
 
 def test_debug_shows_the_traceback(files):

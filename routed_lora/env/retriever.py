@@ -124,6 +124,9 @@ class BM25Retriever:
             if any("id" in d for d in self.docs):
                 check_unique_ids(self.docs)
         tokens = bm25s.tokenize([d["contents"] for d in self.docs], return_ids=False, show_progress=False)
+        if not any(len(t) for t in tokens):
+            raise RetrieverError(f"corpus of {len(self.docs)} documents has no searchable word (bm25s drops English "
+                                 "stopwords and 1-character tokens)")
         self.index = bm25s.BM25(k1=k1, b=b)
         self.index.index(tokens, show_progress=False)
 
