@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -109,8 +108,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
     """Write every adapter (or those named in ``adapters``) of ``model`` as a PEFT LoRA folder under ``path``,
     plus ``routed_lora.json``. Returns ``Path(path)``.
 
-    Atomic: the whole tree is written to a temporary folder beside ``path`` first. A new ``path`` appears by
-    one rename; into an existing folder each file is moved by its own atomic rename, the manifest last.
+    Atomic: the whole set is written to a temporary folder beside ``path`` (``NAME.tmp<pid>-hex``) and then
+    swapped in by rename (:func:`routed_lora.state.swap_folder`; one atomic exchange on Linux), so a reader or a
+    kill sees the old set or the new one, never a mix. Files of the old folder that are not part of the new set
+    go with it.
     """
     from safetensors.torch import save as st_save
 
@@ -131,6 +132,14 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"path: {path} exists and is not a folder")
+    if path.is_dir():
+        # the whole folder is replaced: refuse one that holds anything but an adapter set (its manifest and
+        # adapter folders), so that no other file is deleted with the old set
+        other = sorted(p.name for p in path.iterdir()
+                       if not (p.name == MANIFEST or (p.is_dir() and (p / CONFIG).is_file())))
+        if other:
+            raise FileExistsError(f"path: {path} holds other files than an adapter set ({other[:5]}); the whole "
+                                  "folder is replaced on save, so save into a new or an adapters-only folder")
 
     module_names = [n for n, _ in layers]
     targets = _peft_target_modules(model, module_names)
@@ -182,22 +191,18 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
         "base_model_class": type(model).__name__,
     }
 
+    from .state import remove_stale_temporaries, swap_folder, tmp_name
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path.parent, names=(path.name,))  # what a killed earlier save left beside it
+    tmp = tmp_name(path, "tmp", uuid.uuid4().hex[:8])
+    tmp.mkdir()
     try:
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             _atomic_write_bytes(tmp / rel, data)
         _atomic_write_bytes(tmp / MANIFEST, _json_bytes(manifest))
-        if not path.exists():
-            try:
-                os.rename(tmp, path)
-                return path
-            except OSError:  # created meanwhile: fall through to per-file moves
-                pass
-        for rel in [*files, MANIFEST]:  # manifest last
-            (path / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / rel, path / rel)
+        swap_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -221,6 +221,10 @@ def _report(summary, before, after, format_eval) -> str:
 
 
 def _run(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        from .errors import UsageError
+
+        raise UsageError(f"--out: {args.out} exists and is not a folder")
     run_demo(Path(args.out), quick=args.quick, threads=args.threads, progress=not args.no_progress, seed=args.seed,
              sft_steps=args.sft_steps, two_hop_frac=args.two_hop_frac, grpo_steps=args.grpo_steps, grpo_budget=args.grpo_budget, lr=args.lr,
              time_limit=args.time_limit)
@@ -228,18 +232,21 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
+    from .argtypes import finite_float, int_at_least
+
+    pos, pos_f = int_at_least(1), finite_float(0, low_open=True)
     p = sub.add_parser("demo", help="GRPO with routed LoRA (DART) on the built-in search world, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-steps", type=int, default=None)
-    p.add_argument("--two-hop-frac", type=float, default=None,
+    p.add_argument("--threads", type=pos, default=2)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--sft-steps", type=pos, default=None)
+    p.add_argument("--two-hop-frac", type=finite_float(0, 1), default=None,
                    help="fraction of the 2-hop training questions in the warm start (default 0.1)")
-    p.add_argument("--grpo-steps", type=int, default=None)
-    p.add_argument("--grpo-budget", type=float, default=None, help="seconds of GRPO training before stopping early")
-    p.add_argument("--time-limit", type=float, default=None,
+    p.add_argument("--grpo-steps", type=pos, default=None)
+    p.add_argument("--grpo-budget", type=pos_f, default=None, help="seconds of GRPO training before stopping early")
+    p.add_argument("--time-limit", type=pos_f, default=None,
                    help="seconds for the whole demo; GRPO stops early to finish within it (default 560, quick 110)")
-    p.add_argument("--lr", type=float, default=None, help="GRPO learning rate of both adapters")
+    p.add_argument("--lr", type=pos_f, default=None, help="GRPO learning rate of both adapters")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)

@@ -40,11 +40,13 @@ def server(bm25):
 
 def test_bm25_search(bm25, tmp_path):
     res = bm25.search(["funmar country", "zalgros gakdru born", "the of a"], topk=3)
-    assert len(res) == 3 and all(len(r) == 3 for r in res)
+    assert len(res) == 3 and [len(r) for r in res[:2]] == [3, 2]  # docs sharing a term
+    assert res[2] == []  # only stopwords: nothing matches, no documents (Search-R1's BM25 server; issue 14)
     assert res[0][0]["contents"] == DOCS[1]["contents"] and res[0][0]["score"] > res[0][1]["score"]
     assert res[1][0]["id"] == "0"
     assert bm25.search([], topk=3) == []
-    assert len(bm25.search(["funmar"], topk=50)[0]) == len(DOCS)  # topk clamped to the corpus
+    # topk clamped to the corpus, and only the documents that share a term with the query (issue 14)
+    assert sorted(d["id"] for d in bm25.search(["funmar"], topk=50)[0]) == ["0", "1", "2"]
     with pytest.raises(TypeError):
         bm25.search("one string", topk=1)
     p = tmp_path / "c.jsonl"
@@ -53,8 +55,9 @@ def test_bm25_search(bm25, tmp_path):
 
 
 def test_format_passages():
+    # issue 14 changed this pin: Search-R1's _passages2string (a one-line entry is all title, one "\n" per doc)
     text = format_passages([DOCS[0], DOCS[4]])
-    assert text == "Doc 1: zalgros gakdru was born in funmar .\nDoc 2(Title: Title Line) body text here"
+    assert text == "Doc 1(Title: zalgros gakdru was born in funmar .) \nDoc 2(Title: Title Line) body text here\n"
 
 
 def test_http_client_matches_in_process(server, bm25):

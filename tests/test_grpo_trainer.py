@@ -180,5 +180,5 @@ def test_cli_train_runs_and_resumes(tiny_world, tmp_path):
     assert main(common + ["--steps", "2", "--resume", "--no-eval-before"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval" not in r] == [1, 2]
-    with pytest.raises(SystemExit):
-        main(common + ["--steps", "2", "--resume", "--mode", "joint"])
+    # issue 14 changed this pin: a refused resume is a one-line user error (exit 2), not a SystemExit
+    assert main(common + ["--steps", "2", "--resume", "--mode", "joint", "--allow-changes"]) == 2

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
+from routed_lora.argtypes import int_at_least
+
 __all__ = ["register"]
 
 
@@ -28,14 +30,14 @@ def register(subparsers) -> None:
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
     p.add_argument("--no-decode", action="store_true",
                    help="skip the no-grad decode cases and the isolation-cost cases")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch.set_num_threads for CPU runs (recorded; 1 is steadier on a loaded machine)")
     p.set_defaults(func=_run_suite)
     sub = p.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
 
     c = sub.add_parser("compile-report", help="registers, spills and shared memory of each shipped kernel config")
     c.add_argument("--json", action="store_true", help="print a JSON list of records (the only format)")
-    c.add_argument("--arch", type=int, action="append", default=None,
+    c.add_argument("--arch", type=int_at_least(10), action="append", default=None,
                    help="compute capability to compile for, e.g. 80 or 90 (repeatable; default: 80 and 90)")
     c.set_defaults(func=_run_compile_report)
 
@@ -49,23 +51,51 @@ def register(subparsers) -> None:
 def _run_suite(args) -> int:
     import torch
 
+    from routed_lora.errors import UsageError
+
+    from .providers import PROVIDERS
     from .suite import run_suite
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        print("routed-lora bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
-        return 2
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {device!r}") from None
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: cuda asked for, but torch sees no CUDA device")
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    if providers is not None:
+        unknown = [p for p in providers if p not in PROVIDERS]
+        if unknown or not providers:
+            raise UsageError(f"--providers: expected a comma-separated subset of {','.join(PROVIDERS)}, "
+                             f"got {args.providers!r}")
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} exists and is not a folder")
     if args.threads:
         torch.set_num_threads(args.threads)
-    providers = args.providers.split(",") if args.providers else None
     run_suite(device, quick=args.quick, out_dir=args.out, providers=providers, e2e=not args.no_e2e,
               decode=not args.no_decode)
     return 0
 
 
 def _run_report(args) -> int:
+    from pathlib import Path
+
+    from routed_lora.errors import UsageError, for_flag
+
     from .report import write_report
 
+    if not Path(args.results).is_file():
+        raise UsageError(f"results: {args.results}: no such file (a results.jsonl written by `routed-lora bench`)")
+    with for_flag("results", KeyError):
+        return _write_report(args, write_report)
+
+
+def _write_report(args, write_report) -> int:
     md, png = write_report(args.results, args.out, run_id=args.run_id)
     print(md)
     if png:
@@ -76,18 +106,16 @@ def _run_report(args) -> int:
 def _run_compile_report(args) -> int:
     import importlib
 
+    from routed_lora.errors import UsageError
+
     try:
         aot = importlib.import_module("routed_lora.kernels.aot")
     except ImportError as exc:
-        print(
-            "routed-lora bench compile-report: the AOT compile module routed_lora.kernels.aot is not available "
-            f"({type(exc).__name__}: {exc}); it ships with the Triton kernels (kernels/aot.py)",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError(
+            "bench compile-report: the AOT compile module routed_lora.kernels.aot is not available "
+            f"({type(exc).__name__}: {exc}); it ships with the Triton kernels (kernels/aot.py)") from exc
     if not hasattr(aot, "compile_report"):
-        print("routed-lora bench compile-report: routed_lora.kernels.aot has no compile_report()", file=sys.stderr)
-        return 2
+        raise UsageError("bench compile-report: routed_lora.kernels.aot has no compile_report()")
     archs = tuple(args.arch) if args.arch else (80, 90)
     try:
         records = aot.compile_report(archs=archs)

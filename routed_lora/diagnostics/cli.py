@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from routed_lora.argtypes import finite_float, int_at_least
+from routed_lora.errors import UsageError, for_flag
+
 __all__ = ["register", "build_batch", "run_grad_angle", "run_eval", "run_leas"]
 
 
@@ -17,17 +20,26 @@ __all__ = ["register", "build_batch", "run_grad_angle", "run_eval", "run_leas"]
 
 
 def _resolve_env(args):
-    """(model_dir, datasets specs, corpus) from --world-dir / --model / --data / --corpus."""
+    """(model_dir, datasets specs, corpus) from --world-dir / --model / --data / --corpus, each checked to exist."""
     w = Path(args.world_dir) if getattr(args, "world_dir", None) else None
+    if w is not None and not w.is_dir():
+        raise UsageError(f"--world-dir: {w}: no such folder (build one with `routed-lora world build --out {w}`)")
     model = args.model or (str(w / "model") if w else None)
     if model is None:
-        raise SystemExit("give --model DIR (an HF model folder) or --world-dir DIR (from `routed-lora world build`)")
+        raise UsageError("give --model DIR (an HF model folder) or --world-dir DIR (from `routed-lora world build`)")
+    if not (Path(model) / "config.json").is_file():
+        raise UsageError(f"{'--model' if args.model else '--world-dir'}: {model} is not a model folder (no config.json)")
     data = list(args.data or [])
     if not data:
         if w is None:
-            raise SystemExit("give --data [NAME=]FILE (JSONL/parquet with question, golden_answers) or --world-dir")
+            raise UsageError("give --data [NAME=]FILE (JSONL/parquet with question, golden_answers) or --world-dir")
         data = [f"{getattr(args, 'split', 'test')}={w / (getattr(args, 'split', 'test') + '.jsonl')}"]
     corpus = args.corpus or (str(w / "corpus.jsonl") if w else None)
+    if getattr(args, "adapters", None) and not Path(args.adapters).exists():
+        raise UsageError(f"--adapters: {args.adapters}: no such file or folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a folder")
     return model, data, corpus
 
 
@@ -35,10 +47,14 @@ def _retriever(args, corpus):
     from routed_lora.env.retriever import BM25Retriever, HTTPRetriever
 
     if getattr(args, "retriever_url", None):
-        return HTTPRetriever(args.retriever_url)
+        with for_flag("--retriever-url"):
+            r = HTTPRetriever(args.retriever_url)
+            r.search(["probe"], topk=1)  # reachable, and speaks the protocol
+        return r
     if corpus is None:
-        raise SystemExit("give --corpus FILE (JSONL corpus), --retriever-url URL or --world-dir")
-    return BM25Retriever(corpus)
+        raise UsageError("give --corpus FILE (JSONL corpus), --retriever-url URL or --world-dir")
+    with for_flag("--corpus"):
+        return BM25Retriever(corpus)
 
 
 def _threads(n):
@@ -49,6 +65,7 @@ def _threads(n):
 
 
 def _add_env_args(p, *, split_default="test"):
+    pos, nonneg = int_at_least(1), int_at_least(0)
     p.add_argument("--world-dir", default=None, help="built-in world folder (model/, corpus.jsonl, test.jsonl)")
     p.add_argument("--model", default=None, help="HF model folder with its tokenizer (default WORLD_DIR/model)")
     p.add_argument("--adapters", default=None,
@@ -59,14 +76,14 @@ def _add_env_args(p, *, split_default="test"):
     p.add_argument("--split", default=split_default, help="world split used when --data is not given")
     p.add_argument("--corpus", default=None, help="JSONL corpus for the in-process BM25 retriever")
     p.add_argument("--retriever-url", default=None, help="Search-R1 retrieval server (POST /retrieve)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each data set")
-    p.add_argument("--max-turns", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=pos, default=None, help="first N questions of each data set")
+    p.add_argument("--max-turns", type=nonneg, default=4)
+    p.add_argument("--max-new-tokens", type=pos, default=64)
+    p.add_argument("--max-length", type=pos, default=1024)
+    p.add_argument("--topk", type=pos, default=3)
+    p.add_argument("--temperature", type=finite_float(0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=nonneg, default=0)
+    p.add_argument("--threads", type=nonneg, default=2)
 
 
 # ----------------------------------------------------------------------------------------------- grad-angle
@@ -148,11 +165,14 @@ def run_grad_angle(args) -> dict:
     _threads(args.threads)
     model_dir, data, corpus = _resolve_env(args)
     rows = []
-    for spec in data:
-        rows += load_qa(spec.split("=", 1)[-1])
+    with for_flag("--data"):
+        for spec in data:
+            rows += load_qa(spec.split("=", 1)[-1])
     if args.hops:
         rows = [r for r in rows if r.get("hops") in args.hops]
     rows = rows[: args.questions]
+    if not rows:
+        raise UsageError(f"--hops: no question has {args.hops} hops")
     retriever = _retriever(args, corpus)
     if args.mode == "full":
         from routed_lora.grpo.logprobs import disable_dropout
@@ -211,7 +231,13 @@ def _fmt(x, nd=1):
 def run_leas(args) -> dict:
     from .leas import leas, read_rates, write_leas
 
-    rates, ids, n = read_rates(args.rates)
+    for f in args.rates:
+        if not Path(f).is_file():
+            raise UsageError(f"--rates: {f}: no such file")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} exists and is not a folder")
+    with for_flag("--rates"):
+        rates, ids, n = read_rates(args.rates)
     n_samples = args.n_samples or n
     res = leas(rates, eps=args.eps, n_samples=n_samples, question_ids=ids)
     paths = write_leas(res, args.out)
@@ -233,9 +259,12 @@ def run_eval(args) -> dict:
     from .evaluate import (VARIANTS, compare_two_agent, evaluate_variant, load_datasets, load_policy, summarize,
                            write_records)
 
+    if args.samples == 0 and args.no_greedy:
+        raise UsageError("--samples: 0 with --no-greedy leaves nothing to evaluate")
     _threads(args.threads)
     model_dir, data, corpus = _resolve_env(args)
-    datasets = load_datasets(data, limit=args.limit)
+    with for_flag("--data"):
+        datasets = load_datasets(data, limit=args.limit)
     retriever = _retriever(args, corpus)
     variants = []
     for v in args.variant:
@@ -278,6 +307,7 @@ def run_eval(args) -> dict:
 
 
 def register(subparsers) -> None:
+    pos, nonneg = int_at_least(1), int_at_least(0)
     d = subparsers.add_parser("diagnose", help="DART diagnostics: gradient conflict, LEAS attribution")
     dsub = d.add_subparsers(dest="diagnose_command", metavar="ACTION", required=True)
 
@@ -291,13 +321,13 @@ def register(subparsers) -> None:
                    help="sampled rollouts with EM rewards, or the world's scripted expert trajectories")
     g.add_argument("--objective", choices=("grpo", "logp"), default=None,
                    help="GRPO policy loss at ratio 1 (default for rollouts) or per-token -log p (default for expert)")
-    g.add_argument("--questions", type=int, default=8)
-    g.add_argument("--hops", type=int, action="append", default=None, help="keep questions with these hop counts")
-    g.add_argument("--group-size", type=int, default=4)
-    g.add_argument("--max-rollouts", type=int, default=16, help="rollouts used for the per-rollout pairs")
-    g.add_argument("--max-pairs", type=int, default=2000, help="across-rollout pairs per role")
-    g.add_argument("--r", type=int, default=8, help="rank of fresh adapters (ignored with --adapters)")
-    g.add_argument("--random-b", type=float, default=0.0,
+    g.add_argument("--questions", type=pos, default=8)
+    g.add_argument("--hops", type=pos, action="append", default=None, help="keep questions with these hop counts")
+    g.add_argument("--group-size", type=int_at_least(2), default=4)
+    g.add_argument("--max-rollouts", type=pos, default=16, help="rollouts used for the per-rollout pairs")
+    g.add_argument("--max-pairs", type=pos, default=2000, help="across-rollout pairs per role")
+    g.add_argument("--r", type=pos, default=8, help="rank of fresh adapters (ignored with --adapters)")
+    g.add_argument("--random-b", type=finite_float(0), default=0.0,
                    help="fresh adapters: draw B ~ N(0, STD^2) so A gets gradients too (0: PEFT init, B = 0)")
     g.add_argument("--out", required=True, help="folder for grad_angle.json and grad_angle.png")
     g.set_defaults(func=lambda a: (run_grad_angle(a), 0)[1])
@@ -307,8 +337,8 @@ def register(subparsers) -> None:
                     help="CSV/JSONL file(s): wide (a column per variant) or long (variant, id, rate or correct+n), "
                          "e.g. the eval_<variant>.jsonl files of `routed-lora eval`")
     lp.add_argument("--out", required=True, help="folder for leas.csv and leas_summary.json")
-    lp.add_argument("--eps", type=float, default=None, help="clip rates to [eps, 1 - eps] (default min(1/(2n), 1/4))")
-    lp.add_argument("--n-samples", type=int, default=None, help="samples per question (default: from the files)")
+    lp.add_argument("--eps", type=finite_float(0, 0.5, low_open=True, high_open=True), default=None, help="clip rates to [eps, 1 - eps] (default min(1/(2n), 1/4))")
+    lp.add_argument("--n-samples", type=pos, default=None, help="samples per question (default: from the files)")
     lp.set_defaults(func=lambda a: (run_leas(a), 0)[1])
 
     e = subparsers.add_parser("eval", help="EM per data set with the tool loop: LEAS variants and the 2-Agent baseline",
@@ -319,10 +349,10 @@ def register(subparsers) -> None:
                             "all"),
                    help="route choices on the one routed model (see docs/diagnostics.md); 'all' = the six LEAS "
                         "variants; two-agent also runs DART (unified) on the same questions for the comparison")
-    e.add_argument("--samples", type=int, default=4, help="sampled rollouts per question (correctness rate)")
+    e.add_argument("--samples", type=nonneg, default=4, help="sampled rollouts per question (correctness rate)")
     e.add_argument("--no-greedy", action="store_true", help="skip the greedy rollout per question")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--random-b", type=float, default=0.0,
+    e.add_argument("--batch-size", type=pos, default=64)
+    e.add_argument("--random-b", type=finite_float(0), default=0.0,
                    help="without --adapters: fresh adapters with B ~ N(0, STD^2) (a diagnostic of the pipeline, "
                         "not a trained model)")
     e.add_argument("--out", required=True, help="folder for eval_<variant>.jsonl and eval_summary.json")

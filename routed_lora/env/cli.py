@@ -8,6 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
+from routed_lora.argtypes import finite_float, int_at_least, int_in
+from routed_lora.errors import UsageError, for_flag
+
 
 def build_default_world(out: str | Path, *, seed: int = 0, hidden: int = 128, layers: int = 2,
                         intermediate: int = 512, people: int = 400) -> dict:
@@ -31,7 +34,15 @@ def build_default_world(out: str | Path, *, seed: int = 0, hidden: int = 128, la
     }
 
 
+def _out_folder(flag: str, path) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag}: {path} exists and is not a folder")
+    return path
+
+
 def _world_build(args) -> int:
+    _out_folder("--out", args.out)
     info = build_default_world(args.out, seed=args.seed, hidden=args.hidden, layers=args.layers,
                                people=args.people)
     print(json.dumps(info, indent=1))
@@ -41,16 +52,26 @@ def _world_build(args) -> int:
 def _retriever_serve(args) -> int:
     from .retriever import BM25Retriever, serve
 
-    retriever = BM25Retriever(args.corpus)
-    serve(retriever, args.host, args.port, default_topk=args.topk, max_batch=args.max_batch,
-          max_wait_s=args.max_wait_ms / 1000.0, verbose=args.verbose)
+    if args.topk > args.max_topk:
+        raise UsageError(f"--topk: the default topk {args.topk} is over --max-topk {args.max_topk}")
+    with for_flag("--corpus"):
+        retriever = BM25Retriever(args.corpus)
+    try:
+        serve(retriever, args.host, args.port, default_topk=args.topk, max_batch=args.max_batch,
+              max_wait_s=args.max_wait_ms / 1000.0, verbose=args.verbose, max_topk=args.max_topk,
+              read_timeout_s=args.read_timeout)
+    except OSError as exc:  # port taken, host not local, no permission for a port < 1024
+        raise UsageError(f"--host/--port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from exc
     return 0
 
 
 def _sft(args) -> int:
     from .sft import run_sft
 
-    world_dir = Path(args.world_dir)
+    world_dir = _out_folder("--world-dir", args.world_dir)
+    _out_folder("--out", args.out)
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"--model: {args.model} is not a model folder (no config.json)")
     if not (world_dir / "corpus.jsonl").exists():
         print(f"no world in {world_dir}; building one")
         build_default_world(world_dir, seed=args.seed)
@@ -65,14 +86,15 @@ def _sft(args) -> int:
 
 
 def register(subparsers) -> None:
+    pos, nonneg = int_at_least(1), int_at_least(0)
     w = subparsers.add_parser("world", help="the generated world of the built-in demo")
     wsub = w.add_subparsers(dest="world_command", metavar="ACTION", required=True)
     wb = wsub.add_parser("build", help="write corpus.jsonl, train.jsonl, test.jsonl and a tiny model under --out")
     wb.add_argument("--out", required=True, help="output folder")
-    wb.add_argument("--seed", type=int, default=0)
-    wb.add_argument("--people", type=int, default=400)
-    wb.add_argument("--hidden", type=int, default=128)
-    wb.add_argument("--layers", type=int, default=2)
+    wb.add_argument("--seed", type=nonneg, default=0)
+    wb.add_argument("--people", type=int_in(1, 576), default=400, help="people in the world (at most 24 x 24 names)")
+    wb.add_argument("--hidden", type=pos, default=128)
+    wb.add_argument("--layers", type=pos, default=2)
     wb.set_defaults(func=_world_build)
 
     r = subparsers.add_parser("retriever", help="retrieval backends")
@@ -80,10 +102,13 @@ def register(subparsers) -> None:
     rs = rsub.add_parser("serve", help="serve a BM25 index over Search-R1's POST /retrieve protocol")
     rs.add_argument("--corpus", required=True, help="JSONL corpus with {\"id\", \"contents\"} rows")
     rs.add_argument("--host", default="127.0.0.1")
-    rs.add_argument("--port", type=int, default=8000)
-    rs.add_argument("--topk", type=int, default=3, help="default topk when a request gives none")
-    rs.add_argument("--max-batch", type=int, default=512, help="most queries searched in one batch")
-    rs.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a request waits for others to batch")
+    rs.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port")
+    rs.add_argument("--topk", type=pos, default=3, help="default topk when a request gives none")
+    rs.add_argument("--max-topk", type=pos, default=100, help="largest topk a request may ask for (HTTP 400 above)")
+    rs.add_argument("--max-batch", type=pos, default=512, help="most queries searched in one batch")
+    rs.add_argument("--max-wait-ms", type=finite_float(0), default=2.0, help="how long a request waits for others to batch")
+    rs.add_argument("--read-timeout", type=finite_float(0, low_open=True), default=5.0,
+                    help="seconds a request body may take to arrive (a shorter body than its Content-Length: HTTP 400)")
     rs.add_argument("--verbose", action="store_true", help="log every request")
     rs.set_defaults(func=_retriever_serve)
 
@@ -91,15 +116,15 @@ def register(subparsers) -> None:
     s.add_argument("--world-dir", required=True, help="folder from `world build` (built there if missing)")
     s.add_argument("--out", required=True, help="where the fine-tuned model (HF folder) and metrics go")
     s.add_argument("--model", default=None, help="model folder to start from (default: WORLD_DIR/model)")
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--two-hop-frac", type=float, default=0.1,
+    s.add_argument("--steps", type=pos, default=300)
+    s.add_argument("--batch-size", type=pos, default=32)
+    s.add_argument("--lr", type=finite_float(0, low_open=True), default=3e-3)
+    s.add_argument("--two-hop-frac", type=finite_float(0, 1), default=0.1,
                    help="share of the 2-hop training questions used (1-hop all); < 1 leaves 2-hop room for GRPO")
-    s.add_argument("--eval-n", type=int, default=200, help="held-out questions evaluated (half 1-hop, half 2-hop)")
-    s.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps too (0: only at the end)")
-    s.add_argument("--threads", type=int, default=1,
+    s.add_argument("--eval-n", type=pos, default=200, help="held-out questions evaluated (half 1-hop, half 2-hop)")
+    s.add_argument("--eval-every", type=nonneg, default=0, help="evaluate every N steps too (0: only at the end)")
+    s.add_argument("--threads", type=pos, default=1,
                    help="torch threads (1: two threads were ~5x slower per step on a busy 2-core machine)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=nonneg, default=0)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sft)

@@ -1,8 +1,14 @@
 """Question-answer data in the Search-R1 / FlashRAG format: JSONL or parquet rows with ``question`` and
 ``golden_answers`` (a list of strings; a single string is accepted and wrapped).
 
-Search-R1's parquet files keep the answers under ``reward_model.ground_truth.target`` and the question also
-under ``question``; both layouts are read. Other columns are kept as they are.
+veRL-style rows (Search-R1's parquet files, ``nq_search.py``) are read too: answers from
+``reward_model.ground_truth.target`` when there is no ``golden_answers``, and, when there is no ``question``,
+the question from the first user message of ``prompt`` (``[{"role": "user", "content": ...}]``); a message
+built with Search-R1's instruction prompt (:data:`SEARCH_R1_PROMPT`) gives back the bare question, so
+``--prompt search-r1`` rebuilds the row's prompt exactly. Other columns are kept as they are.
+
+Errors name the file and the row as editors count: ``train.jsonl:5`` is the fifth line of the file, blank lines
+included; a parquet row is ``file.parquet: row 5`` (1-based).
 """
 
 from __future__ import annotations
@@ -44,8 +50,12 @@ def read_jsonl_objects(path: Path, *, error: type[Exception] | None = None, what
     ``error`` (default :class:`DataError`) naming ``what`` (e.g. "corpus "), the file and the line."""
     error = error or DataError
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):  # 1-based, blank lines counted: the numbers editors show
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is not data
+            except UnicodeDecodeError as exc:
+                raise error(f"{what}{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
             if not line.strip():
                 continue
             try:
@@ -58,8 +68,28 @@ def read_jsonl_objects(path: Path, *, error: type[Exception] | None = None, what
     return rows
 
 
-def _rows_from_jsonl(path: Path) -> list[dict]:
-    return [row for _, row in read_jsonl_objects(path)]
+def _question(row: dict) -> str | None:
+    """``question``, else the first user message of a veRL-style ``prompt`` (its Search-R1 instruction removed)."""
+    q = row.get("question")
+    if q is not None:
+        return q if isinstance(q, str) else None
+    msgs = row.get("prompt")
+    if isinstance(msgs, dict):  # one message
+        msgs = [msgs]
+    if not isinstance(msgs, (list, tuple)):
+        return None
+    for m in msgs:
+        if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+            return strip_template(m["content"], SEARCH_R1_PROMPT)
+    return None
+
+
+def strip_template(text: str, template: str) -> str:
+    """The ``{question}`` of ``template`` when ``text`` is ``template`` filled in, else ``text`` unchanged."""
+    head, sep, tail = template.partition("{question}")
+    if sep and text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+        return text[len(head):len(text) - len(tail)]
+    return text
 
 
 def _golds(row: dict) -> list[str] | None:
@@ -91,19 +121,20 @@ def load_qa(path: str | Path, limit: int | None = None) -> list[dict]:
         raise DataError(f"{path}: is a directory; pass a .jsonl or .parquet file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        rows = _rows_from_parquet(path)
+        rows = [(f"{path}: row {i}", row) for i, row in enumerate(_rows_from_parquet(path), 1)]
     elif suffix in (".jsonl", ".json"):
-        rows = _rows_from_jsonl(path)
+        rows = [(f"{path}:{lineno}", row) for lineno, row in read_jsonl_objects(path)]
     else:
         raise DataError(f"{path}: unknown format {suffix!r}; expected .jsonl or .parquet")
     out = []
-    for i, row in enumerate(rows):
-        q = row.get("question")
+    for where, row in rows:
+        q = _question(row)
         if not isinstance(q, str) or not q.strip():
-            raise DataError(f"{path}: row {i} has no 'question' string (keys: {sorted(row)})")
+            raise DataError(f"{where}: no 'question' string, nor a user message in 'prompt' (keys: {sorted(row)})")
         golds = _golds(row)
         if not golds:
-            raise DataError(f"{path}: row {i} has no 'golden_answers' (list of strings) (keys: {sorted(row)})")
+            raise DataError(f"{where}: no 'golden_answers' (list of strings), nor reward_model.ground_truth.target "
+                            f"(keys: {sorted(row)})")
         out.append({**row, "question": q.strip(), "golden_answers": golds})
         if limit is not None and len(out) >= limit:
             break

@@ -12,7 +12,12 @@ corpus has one.
 
 - :func:`serve` / :class:`RetrievalServer`: a real HTTP server (stdlib ``ThreadingHTTPServer``) speaking that
   protocol over any retriever, batching the queries of concurrent requests into one ``search`` call.
-- :func:`format_passages`: the text spliced between ``<information>`` and ``</information>``.
+- :func:`format_passages`: the text spliced between ``<information>`` and ``</information>``, byte-identical to
+  Search-R1's ``_passages2string``.
+
+Search-R1 conventions kept (DESIGN.md §5): a query that matches no document (BM25 score 0) gets no documents;
+the server refuses ``topk`` above ``max_topk`` (default 100) with HTTP 400, accepts integral floats (``3.0``),
+and answers a request whose body is shorter than its ``Content-Length`` with 400 after ``read_timeout_s``.
 """
 
 from __future__ import annotations
@@ -54,33 +59,52 @@ class Retriever(Protocol):
 
 
 def format_passages(docs: Sequence[dict]) -> str:
-    """The text spliced in between ``<information>`` and ``</information>``.
+    """The text spliced in between ``<information>`` and ``</information>``: byte for byte what Search-R1's
+    ``_passages2string`` (``search_r1/llm_agent/generation.py``) builds from the same documents.
 
-    Follows Search-R1: a corpus entry ``"Title\\ntext"`` becomes ``Doc 1(Title: Title) text``; a one-line entry
-    (the built-in world) becomes ``Doc 1: text``. One passage per line."""
-    lines = []
+    Per document ``i`` (from 1), with ``title`` the first line of ``contents`` and ``text`` the other lines
+    joined by ``"\\n"`` (kept as they are, not re-spaced): ``f"Doc {i}(Title: {title}) {text}\\n"``. A one-line
+    entry (the built-in world) is all title: ``Doc 1(Title: funmar is a city .) \\n``. No documents give ``""``."""
+    out = []
     for i, d in enumerate(docs, 1):
-        contents = str(d.get("contents", ""))
-        if "\n" in contents:
-            title, text = contents.split("\n", 1)
-            lines.append(f"Doc {i}(Title: {title.strip()}) {' '.join(text.split())}")
-        else:
-            lines.append(f"Doc {i}: {contents.strip()}")
-    return "\n".join(lines)
+        title, *rest = str(d.get("contents", "")).split("\n")
+        text = "\n".join(rest)
+        out.append(f"Doc {i}(Title: {title}) {text}\n")
+    return "".join(out)
+
+
+def check_unique_ids(docs: Sequence[dict], lines: Sequence[int] | None = None, *, source: str = "corpus") -> None:
+    """Refuse two documents with one ``id`` (results would be ambiguous), naming the first duplicate and where
+    both are: their line numbers (``lines[i]``, 1-based) or else their positions in the list."""
+    seen: dict[str, int] = {}
+    for i, d in enumerate(docs):
+        key = str(d.get("id"))
+        if key in seen:
+            if lines is not None:
+                raise RetrieverError(f"{source}:{lines[i]}: duplicate id {key!r} (first on line {lines[seen[key]]}); "
+                                     "document ids must be unique")
+            raise RetrieverError(f"{source}: documents {seen[key]} and {i} share the id {key!r}; "
+                                 "document ids must be unique")
+        seen[key] = i
 
 
 def load_corpus(path: str | Path) -> list[dict]:
-    """Read a JSONL corpus of ``{"id", "contents"}`` rows (``id`` optional, defaults to the row number)."""
+    """Read a JSONL corpus of ``{"id", "contents"}`` rows (``id`` optional, defaults to the row number among the
+    documents). Duplicate ids are refused, the first one named with its line."""
     path = Path(path)
     if not path.exists():
         raise RetrieverError(f"corpus {path}: no such file")
-    docs = []
+    if path.is_dir():
+        raise RetrieverError(f"corpus {path}: is a directory; expected a JSONL file")
+    docs, lines = [], []
     for lineno, row in read_jsonl_objects(path, error=RetrieverError, what="corpus "):
         if not isinstance(row.get("contents"), str):
             raise RetrieverError(f"corpus {path}:{lineno}: expected an object with a 'contents' string")
         docs.append({"id": str(row.get("id", len(docs))), "contents": row["contents"]})
+        lines.append(lineno)
     if not docs:
         raise RetrieverError(f"corpus {path}: empty")
+    check_unique_ids(docs, lines, source=f"corpus {path}")
     return docs
 
 
@@ -91,10 +115,18 @@ class BM25Retriever:
         import bm25s
 
         self._bm25s = bm25s
-        self.docs = load_corpus(corpus) if isinstance(corpus, (str, Path)) else [dict(d) for d in corpus]
-        if not self.docs:
-            raise RetrieverError("empty corpus")
+        if isinstance(corpus, (str, Path)):
+            self.docs = load_corpus(corpus)
+        else:
+            self.docs = [dict(d) for d in corpus]
+            if not self.docs:
+                raise RetrieverError("empty corpus")
+            if any("id" in d for d in self.docs):
+                check_unique_ids(self.docs)
         tokens = bm25s.tokenize([d["contents"] for d in self.docs], return_ids=False, show_progress=False)
+        if not any(len(t) for t in tokens):
+            raise RetrieverError(f"corpus of {len(self.docs)} documents has no searchable word (bm25s drops English "
+                                 "stopwords and 1-character tokens)")
         self.index = bm25s.BM25(k1=k1, b=b)
         self.index.index(tokens, show_progress=False)
 
@@ -106,12 +138,16 @@ class BM25Retriever:
             raise TypeError("search() takes a list of queries, not one string")
         if not queries:
             return []
-        k = max(1, min(int(topk), len(self.docs)))
+        if isinstance(topk, bool) or int(topk) != topk or topk < 1:
+            raise ValueError(f"topk: expected an integer >= 1, got {topk!r}")
+        k = min(int(topk), len(self.docs))
         toks = self._bm25s.tokenize(list(queries), return_ids=False, show_progress=False)
         idx, scores = self.index.retrieve(toks, k=k, show_progress=False, n_threads=1)
         out = []
         for row_i, row_s in zip(idx.tolist(), scores.tolist()):
-            out.append([{**self.docs[i], "score": float(s)} for i, s in zip(row_i, row_s)])
+            # BM25 scores a document > 0 exactly when it shares a query term (idf > 0 in every bm25s variant):
+            # score 0 means no match, and Search-R1's BM25 server returns no such documents
+            out.append([{**self.docs[i], "score": float(s)} for i, s in zip(row_i, row_s) if s > 0])
         return out
 
 
@@ -283,9 +319,15 @@ class RetrievalServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, retriever, host: str = "127.0.0.1", port: int = 8000, *, default_topk: int = 3,
-                 max_batch: int = 512, max_wait_s: float = 0.002, verbose: bool = False):
+                 max_batch: int = 512, max_wait_s: float = 0.002, verbose: bool = False, max_topk: int = 100,
+                 read_timeout_s: float = 5.0, max_body_bytes: int = 64 << 20):
+        if not 1 <= default_topk <= max_topk:
+            raise ValueError(f"default_topk: expected an integer in [1, max_topk={max_topk}], got {default_topk!r}")
         self.retriever = retriever
         self.default_topk = default_topk
+        self.max_topk = max_topk
+        self.read_timeout_s = read_timeout_s
+        self.max_body_bytes = max_body_bytes
         self.verbose = verbose
         self.batcher = _Batcher(retriever, max_batch=max_batch, max_wait_s=max_wait_s)
         super().__init__((host, port), _Handler)
@@ -311,6 +353,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: RetrievalServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self):
+        # a socket timeout for every read: a request whose body is shorter than its Content-Length (or an idle
+        # keep-alive connection) is answered or closed after read_timeout_s instead of holding a thread forever
+        self.timeout = self.server.read_timeout_s
+        super().setup()
+
     def log_message(self, fmt, *args):  # quiet unless asked
         if self.server.verbose:
             super().log_message(fmt, *args)
@@ -320,6 +368,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -336,17 +386,47 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             length = int(self.headers.get("Content-Length", "0"))
-            req = json.loads(self.rfile.read(length) or b"null")
-        except (ValueError, json.JSONDecodeError) as exc:
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._send(400, {"error": f"bad Content-Length {self.headers.get('Content-Length')!r}"})
+            return
+        if length > self.server.max_body_bytes:
+            self.close_connection = True
+            self._send(413, {"error": f"request body of {length} bytes is over the {self.server.max_body_bytes} "
+                                      "byte limit"})
+            return
+        try:
+            raw = self.rfile.read(length)
+        except (TimeoutError, OSError):
+            raw = b""
+        if len(raw) < length:
+            self.close_connection = True  # the rest of the body may still come; never read it as a request
+            self._send(400, {"error": f"request body shorter than its Content-Length of {length} bytes (the rest "
+                                      f"did not come within {self.server.read_timeout_s:g} s)"})
+            return
+        try:
+            req = json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
             self._send(400, {"error": f"invalid JSON: {exc}"})
             return
         if not isinstance(req, dict) or not isinstance(req.get("queries"), list) or not all(
                 isinstance(q, str) for q in req["queries"]):
             self._send(400, {"error": "expected {\"queries\": [str, ...], \"topk\": int, \"return_scores\": bool}"})
             return
-        topk = req.get("topk") or self.server.default_topk
-        if not isinstance(topk, int) or topk < 1:
+        topk = req.get("topk")
+        if topk is None:
+            topk = self.server.default_topk
+        # JSON clients may send 3.0 for 3 (Python's json keeps the float): integral floats are accepted
+        if isinstance(topk, float) and topk.is_integer():
+            topk = int(topk)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             self._send(400, {"error": f"topk must be a positive integer, got {topk!r}"})
+            return
+        if topk > self.server.max_topk:
+            self._send(400, {"error": f"topk {topk} is over this server's limit of {self.server.max_topk} "
+                                      "(retriever serve --max-topk)"})
             return
         return_scores = bool(req.get("return_scores", False))
         try:
@@ -365,10 +445,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(retriever, host: str = "127.0.0.1", port: int = 8000, *, default_topk: int = 3, max_batch: int = 512,
-          max_wait_s: float = 0.002, verbose: bool = False) -> None:
+          max_wait_s: float = 0.002, verbose: bool = False, max_topk: int = 100, read_timeout_s: float = 5.0) -> None:
     """Serve ``retriever`` over the Search-R1 protocol until interrupted (Ctrl-C)."""
     server = RetrievalServer(retriever, host, port, default_topk=default_topk, max_batch=max_batch,
-                             max_wait_s=max_wait_s, verbose=verbose)
+                             max_wait_s=max_wait_s, verbose=verbose, max_topk=max_topk,
+                             read_timeout_s=read_timeout_s)
     print(f"retrieval server on {server.url} ({len(retriever) if hasattr(retriever, '__len__') else '?'} docs)",
           flush=True)
     try:

@@ -4,9 +4,9 @@ A 2-hop trajectory (1-hop stops after the first fact)::
 
     question : in which country was zalgros gakdru born ?
     <think> i need to search </think> <search> zalgros gakdru born </search>
-    <information> Doc 1: zalgros gakdru was born in funmar . Doc 2: ... </information>
+    <information>Doc 1(Title: zalgros gakdru was born in funmar .) \nDoc 2(Title: ...) \n</information>
     <think> zalgros gakdru was born in funmar . </think> <search> funmar country </search>
-    <information> Doc 1: funmar is a city in the country teldia . ... </information>
+    <information>Doc 1(Title: funmar is a city in the country teldia .) \n...</information>
     <think> funmar is a city in the country teldia . </think> <answer> teldia </answer>
 
 The thought after each information block restates the fact that answers the query, so the answer or the next
@@ -84,4 +84,5 @@ def vocab_texts(world, prompt_template: str = TINY_PROMPT) -> list[str]:
     texts.append(FIRST_THOUGHT)
     texts.append(format_passages([{"contents": "x"}] * 10))
     texts.append(format_passages([{"contents": "title\ntext"}]))
+    texts.append(format_passages([{"contents": "a passage ."}]))  # a one-line passage ends in ".)" (one word)
     return texts

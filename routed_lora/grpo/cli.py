@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+
+from routed_lora.argtypes import check_template, finite_float, int_at_least
+from routed_lora.errors import UsageError, for_flag, one_line
 
 from .trainer import DEFAULT_TARGETS, GRPOConfig
 
@@ -24,7 +28,7 @@ def make_retriever(spec: str, *, timeout: float = 30.0):
         return BM25Retriever(spec[len("bm25:"):])
     if spec.startswith(("http://", "https://")):
         return HTTPRetriever(spec, timeout=timeout)
-    raise ValueError(f"--retriever: expected bm25:PATH or http://host:port, got {spec!r}")
+    raise ValueError(f"expected bm25:PATH or http://host:port, got {spec!r}")
 
 
 def _init_distributed() -> bool:
@@ -39,54 +43,173 @@ def _init_distributed() -> bool:
     return True
 
 
+# GRPOConfig fields whose flag is not ``--`` + the field name with ``-`` for ``_``
+_FLAG_OF = {"group_size": "--group-size/-G"}
+
+
+def flag_of(field_name: str) -> str:
+    return _FLAG_OF.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 def config_from_args(args) -> GRPOConfig:
-    return GRPOConfig(
-        mode=args.mode, r=args.r, lora_alpha=args.lora_alpha, target_modules=tuple(args.target_modules),
-        group_size=args.group_size, prompts_per_step=args.prompts_per_step, steps=args.steps,
-        max_turns=args.max_turns, topk=args.topk, max_new_tokens=args.max_new_tokens,
-        max_total_tokens=args.max_total_tokens, temperature=args.temperature, lr=args.lr, lr_tool=args.lr_tool,
-        weight_decay=args.weight_decay, beta=args.beta, eps_low=args.eps_low,
-        eps_high=args.eps_high if args.eps_high is not None else args.eps_low, aggregation=args.aggregation,
-        scale_rewards=not args.no_scale_rewards, format_reward=args.format_reward, epochs=args.epochs,
-        mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm,
-        seed=args.seed, save_every=args.save_every, eval_every=args.eval_every,
-    ).check()
+    from .trainer import ConfigError
+
+    try:
+        return GRPOConfig(
+            mode=args.mode, r=args.r, lora_alpha=args.lora_alpha, target_modules=tuple(args.target_modules),
+            group_size=args.group_size, prompts_per_step=args.prompts_per_step, steps=args.steps,
+            max_turns=args.max_turns, topk=args.topk, max_new_tokens=args.max_new_tokens,
+            max_total_tokens=args.max_total_tokens, temperature=args.temperature, lr=args.lr, lr_tool=args.lr_tool,
+            weight_decay=args.weight_decay, beta=args.beta, eps_low=args.eps_low,
+            eps_high=args.eps_high if args.eps_high is not None else args.eps_low, aggregation=args.aggregation,
+            scale_rewards=not args.no_scale_rewards, format_reward=args.format_reward, epochs=args.epochs,
+            mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
+            max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
+            eval_every=args.eval_every,
+        ).check()
+    except ConfigError as exc:
+        raise UsageError(f"{flag_of(exc.field)}: {exc.message}") from exc
+
+
+def run_settings(args, template: str) -> dict:
+    """The settings outside :class:`GRPOConfig` that change what a run computes (stored with each checkpoint)."""
+    return {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
+            "limit": args.limit, "prompt": template, "retriever": _retriever_id(args.retriever)}
+
+
+def _retriever_id(spec: str) -> str:
+    return f"bm25:{Path(spec[5:]).resolve()}" if spec.startswith("bm25:") else spec
+
+
+# settings that fix the adapters' tensors: a checkpoint cannot continue under others, even with --allow-changes
+_SHAPE_SETTINGS = ("mode", "r", "target_modules")
+
+
+def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) -> None:
+    """Refuse ``--resume`` when a setting that changes the run differs from the checkpoint's (all of them
+    listed), unless ``allow_changes``."""
+    import torch
+
+    from routed_lora.state import setting_differences
+
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise UsageError(f"--resume: no checkpoint at {ckpt} (start without --resume)")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # a checkpoint is written atomically, so this is another file or another format
+        raise UsageError(f"--resume: cannot read {ckpt} ({type(exc).__name__}: {exc})") from exc
+    saved = dict(state.get("config") or {})
+    saved.update((state.get("extra") or {}).get("run") or {})
+    now = {**cfg.to_dict(), **run}
+    diffs = setting_differences(saved, now)
+    if not diffs:
+        return
+    listed = ", ".join(f"{flag_of(k) if k in cfg.to_dict() else '--' + k} {_show(a)} -> {_show(b)}"
+                       for k, a, b in diffs)
+    fixed = [flag_of(k) for k, _, _ in diffs if k in _SHAPE_SETTINGS]
+    if fixed:  # the checkpoint's tensors would not fit
+        raise UsageError(f"--resume: {ckpt} (step {state.get('step')}) was trained with other settings: {listed}; "
+                         f"{', '.join(fixed)} cannot change on resume (the adapters' shapes depend on it)")
+    if allow_changes:
+        print(f"--resume: continuing {ckpt} (step {state.get('step')}) with changed settings: {listed}",
+              file=sys.stderr)
+        return
+    raise UsageError(f"--resume: {ckpt} (step {state.get('step')}) was trained with other settings: {listed}; "
+                     "pass --allow-changes to continue with the new ones")
+
+
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return repr(v) if isinstance(v, str) and len(v) < 60 else (f"{v[:40]!r}..." if isinstance(v, str) else str(v))
+
+
+def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a folder")
+    if not resume and not overwrite and (out / "checkpoint.pt").exists():
+        raise UsageError(f"--out: {out} already holds a run (checkpoint.pt); pass --resume to continue it, "
+                         "--overwrite to start again there, or another --out")
+
+
+def check_model_folder(model_dir: str, target_modules, *, flag: str = "--model") -> None:
+    """A model folder whose config builds a causal LM (on the meta device: no weights read, no memory) with at
+    least one ``nn.Linear`` matched by ``target_modules``; checked before anything is loaded or written."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from routed_lora.hf import target_matches
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UsageError(f"{flag}: {model_dir} is not a model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # an unknown model type, a broken config.json
+        raise UsageError(f"{flag}: {model_dir}: not a causal LM folder transformers can build "
+                         f"({type(exc).__name__}: {one_line(exc)})") from exc
+    linear = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
+    if not any(target_matches(list(target_modules), n) for n in linear):
+        shown = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise UsageError(f"--target-modules: {' '.join(target_modules)} matches no nn.Linear of {model_dir}; "
+                         f"its linear layers are named {shown[:12]}")
 
 
 def _run(args) -> int:
     import torch
 
     from routed_lora.env.data import SEARCH_R1_PROMPT, TINY_PROMPT, load_qa
+    from routed_lora.state import atomic_write_text
 
     from .evaluate import format_eval
     from .trainer import Trainer, build_policy, load_model_and_tokenizer, world_info
+
+    # 1. everything given is checked before anything is written to --out
+    cfg = config_from_args(args)
+    template = {"tiny": TINY_PROMPT, "search-r1": SEARCH_R1_PROMPT}.get(args.prompt, args.prompt)
+    with for_flag("--prompt"):
+        check_template(template)
+    out = Path(args.out)
+    _check_out(out, resume=args.resume, overwrite=args.overwrite)
+    run = run_settings(args, template)
+    if args.resume:
+        check_resume(out, cfg, run, allow_changes=args.allow_changes)
+    check_model_folder(args.model, cfg.target_modules)
+    if args.adapters and not Path(args.adapters).exists():
+        raise UsageError(f"--adapters: {args.adapters}: no such file or folder")
+    with for_flag("--data"):
+        train_rows = load_qa(args.data, limit=args.limit)
+    with for_flag("--eval-data"):
+        eval_rows = load_qa(args.eval_data, limit=args.eval_n) if args.eval_data else []
+    with for_flag("--retriever"):
+        retriever = make_retriever(args.retriever)
+        retriever.search([train_rows[0]["question"]], topk=cfg.topk)  # reachable, and speaks the protocol
 
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = _init_distributed()
     rank, _ = world_info()
-    cfg = config_from_args(args)
-    out = Path(args.out)
-    if args.resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
-        if saved.get("mode") != cfg.mode:
-            raise SystemExit(f"--resume: {out} was trained with --mode {saved.get('mode')}, not {cfg.mode}")
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
-    model, tok = load_model_and_tokenizer(args.model)
-    model, router = build_policy(model, tok, cfg)
+    with for_flag("--model"):
+        model, tok = load_model_and_tokenizer(args.model)
+    with for_flag("--target-modules"):
+        model, router = build_policy(model, tok, cfg)
     if args.adapters:
         import routed_lora as rl
 
-        rl.load_adapters(model, args.adapters)
-    retriever = make_retriever(args.retriever)
-    train_rows = load_qa(args.data, limit=args.limit)
-    eval_rows = load_qa(args.eval_data, limit=args.eval_n) if args.eval_data else []
-    template = {"tiny": TINY_PROMPT, "search-r1": SEARCH_R1_PROMPT}.get(args.prompt, args.prompt)
+        with for_flag("--adapters"):
+            rl.load_adapters(model, args.adapters)
+
+    # 2. the run
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), "run": run}, indent=1) + "\n")
     trainer = Trainer(cfg, model, tok, router, retriever, train_rows, out=out, eval_rows=eval_rows,
                       eval_samples=args.eval_samples, prompt_template=template, progress=not args.no_progress)
+    trainer.checkpoint_extra = {"run": run}
     result = trainer.train(resume=args.resume or None, evaluate_before=not args.no_eval_before)
     if rank == 0:
         if cfg.mode != "base":
@@ -113,50 +236,56 @@ def _run(args) -> int:
 
 def add_train_arguments(p) -> None:
     d = GRPOConfig()
+    pos, nonneg, pos_f, nonneg_f = int_at_least(1), int_at_least(0), finite_float(0, low_open=True), finite_float(0)
     p.add_argument("--mode", choices=("dart", "joint", "base"), default=d.mode,
                    help="dart: two routed adapters; joint: one rank-2r adapter on every token; base: evaluate only")
     p.add_argument("--model", required=True, help="local Hugging Face model folder (with its tokenizer)")
-    p.add_argument("--data", required=True, help="training questions: JSONL or parquet with question, golden_answers")
+    p.add_argument("--data", required=True,
+                   help="training questions: JSONL or parquet with question, golden_answers (or veRL-style rows: "
+                        "prompt, reward_model.ground_truth.target)")
     p.add_argument("--eval-data", default=None, help="held-out questions for EM before / after (optional)")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out questions evaluated")
-    p.add_argument("--eval-samples", type=int, default=None, help="samples per question for sampled EM (default G)")
+    p.add_argument("--eval-n", type=pos, default=200, help="held-out questions evaluated")
+    p.add_argument("--eval-samples", type=pos, default=None, help="samples per question for sampled EM (default G)")
     p.add_argument("--retriever", required=True, help="bm25:CORPUS.jsonl or http://host:port (Search-R1 server)")
     p.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint.pt, adapters/, plot)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue even if run-changing settings differ from the checkpoint's")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
     p.add_argument("--adapters", default=None, help="load adapters (our folder or PEFT's) before training / eval")
     p.add_argument("--prompt", default="tiny", help="'tiny' (built-in world), 'search-r1', or a template with {question}")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training questions")
-    p.add_argument("--r", type=int, default=d.r, help="LoRA rank per adapter (joint mode: 2r)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--limit", type=pos, default=None, help="use only the first N training questions")
+    p.add_argument("--r", type=pos, default=d.r, help="LoRA rank per adapter (joint mode: 2r)")
+    p.add_argument("--lora-alpha", type=pos_f, default=d.lora_alpha)
     p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS))
-    p.add_argument("--group-size", "-G", type=int, default=d.group_size, help="rollouts per question (G)")
-    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--max-turns", type=int, default=d.max_turns, help="tool calls per rollout")
-    p.add_argument("--topk", type=int, default=d.topk, help="passages per search")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per generation turn")
-    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
+    p.add_argument("--group-size", "-G", type=int_at_least(2), default=d.group_size, help="rollouts per question (G)")
+    p.add_argument("--prompts-per-step", type=pos, default=d.prompts_per_step)
+    p.add_argument("--steps", type=pos, default=d.steps)
+    p.add_argument("--max-turns", type=nonneg, default=d.max_turns, help="tool calls per rollout")
+    p.add_argument("--topk", type=pos, default=d.topk, help="passages per search")
+    p.add_argument("--max-new-tokens", type=pos, default=d.max_new_tokens, help="per generation turn")
+    p.add_argument("--max-total-tokens", type=pos, default=d.max_total_tokens,
                    help="response cap (and Dr.GRPO's constant normaliser)")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (reasoning / joint adapter)")
-    p.add_argument("--lr-tool", type=float, default=None, help="learning rate of the tool adapter (default --lr)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--beta", type=float, default=d.beta, help="k3 KL coefficient (0: no reference pass)")
-    p.add_argument("--eps-low", type=float, default=d.eps_low, help="clip range below 1")
-    p.add_argument("--eps-high", type=float, default=None, help="clip range above 1 (default --eps-low)")
+    p.add_argument("--temperature", type=pos_f, default=d.temperature)
+    p.add_argument("--lr", type=pos_f, default=d.lr, help="learning rate (reasoning / joint adapter)")
+    p.add_argument("--lr-tool", type=nonneg_f, default=None, help="learning rate of the tool adapter (default --lr)")
+    p.add_argument("--weight-decay", type=nonneg_f, default=d.weight_decay)
+    p.add_argument("--beta", type=nonneg_f, default=d.beta, help="k3 KL coefficient (0: no reference pass)")
+    p.add_argument("--eps-low", type=nonneg_f, default=d.eps_low, help="clip range below 1")
+    p.add_argument("--eps-high", type=nonneg_f, default=None, help="clip range above 1 (default --eps-low)")
     p.add_argument("--aggregation", choices=("token-mean", "seq-mean-token-mean", "dr-grpo"), default=d.aggregation)
     p.add_argument("--no-scale-rewards", action="store_true", help="advantages without the std (Dr.GRPO)")
-    p.add_argument("--format-reward", type=float, default=d.format_reward,
+    p.add_argument("--format-reward", type=finite_float(), default=d.format_reward,
                    help="reward for a well-formed but wrong answer (0: plain EM)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over each rollout batch")
-    p.add_argument("--mini-batches", type=int, default=d.mini_batches, help="optimiser steps per pass")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out EM every N steps (0: before/after)")
+    p.add_argument("--epochs", type=pos, default=d.epochs, help="passes over each rollout batch")
+    p.add_argument("--mini-batches", type=pos, default=d.mini_batches, help="optimiser steps per pass")
+    p.add_argument("--micro-batch-size", type=pos, default=d.micro_batch_size)
+    p.add_argument("--max-grad-norm", type=pos_f, default=d.max_grad_norm)
+    p.add_argument("--seed", type=nonneg, default=d.seed)
+    p.add_argument("--save-every", type=nonneg, default=d.save_every, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--eval-every", type=nonneg, default=d.eval_every, help="held-out EM every N steps (0: before/after)")
     p.add_argument("--no-eval-before", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--threads", type=nonneg, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--no-progress", action="store_true")
 
 

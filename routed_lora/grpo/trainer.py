@@ -40,11 +40,21 @@ from torch import nn
 from .logprobs import disable_dropout, reference_logprobs, routes_for, token_logprobs
 from .loss import group_advantages, grpo_loss, step_normalizer, zero_std_fraction
 
-__all__ = ["GRPOConfig", "RolloutBatch", "routed_layers", "adapter_names", "AdapterOptimizer", "grpo_update",
+__all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapter_names", "AdapterOptimizer", "grpo_update",
            "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
 
 MODES = ("dart", "joint", "base")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A :class:`GRPOConfig` value is out of range; ``field`` names the setting (the CLI flag is
+    ``--`` + ``field`` with ``-`` for ``_``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 @dataclass
@@ -83,17 +93,39 @@ class GRPOConfig:
     log_every: int = 1
 
     def check(self) -> "GRPOConfig":
+        """Refuse values that cannot give a meaningful run (:class:`ConfigError`, a ``ValueError`` naming the
+        field): non-finite numbers (``nan`` passes every ``<=`` test, so each bound is written ``not (v > 0)``),
+        counts out of range, unknown choices."""
         if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+            raise ConfigError("mode", f"expected one of {MODES}, got {self.mode!r}")
         from .loss import AGGREGATIONS
 
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size: GRPO needs at least 2 rollouts per prompt, got {self.group_size}")
-        for name in ("temperature", "lr", "prompts_per_step", "micro_batch_size", "epochs", "mini_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+            raise ConfigError("aggregation", f"expected one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if not _is_int(self.group_size) or self.group_size < 2:
+            raise ConfigError("group_size", f"GRPO needs at least 2 rollouts per prompt, got {self.group_size!r}")
+        # integers: (name, smallest allowed)
+        for name, low in (("r", 1), ("prompts_per_step", 1), ("steps", 1), ("max_turns", 0), ("topk", 1),
+                          ("max_new_tokens", 1), ("max_total_tokens", 1), ("epochs", 1), ("mini_batches", 1),
+                          ("micro_batch_size", 1), ("save_every", 0), ("eval_every", 0), ("log_every", 1)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                raise ConfigError(name, f"expected an integer >= {low}, got {v!r}")
+        # floats: (name, must be > 0 (True) or >= 0 (False))
+        for name, strict in (("lr", True), ("temperature", True), ("lora_alpha", True), ("max_grad_norm", True),
+                             ("adv_eps", True), ("weight_decay", False), ("beta", False), ("eps_low", False),
+                             ("eps_high", False)):
+            v = getattr(self, name)
+            if not _is_finite(v) or not (v > 0 if strict else v >= 0):
+                raise ConfigError(name, f"expected a finite number {'>' if strict else '>='} 0, got {v!r}")
+        if self.lr_tool is not None and (not _is_finite(self.lr_tool) or not self.lr_tool >= 0):
+            raise ConfigError("lr_tool", f"expected a finite number >= 0 (or None: same as lr), got {self.lr_tool!r}")
+        if not _is_finite(self.format_reward):
+            raise ConfigError("format_reward", f"expected a finite number, got {self.format_reward!r}")
+        if not _is_int(self.seed):
+            raise ConfigError("seed", f"expected an integer, got {self.seed!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError("target_modules", f"expected non-empty module names, got {self.target_modules!r}")
         return self
 
     def adapters(self) -> tuple[str, ...]:
@@ -116,6 +148,14 @@ class GRPOConfig:
         if "target_modules" in d:
             d["target_modules"] = tuple(d["target_modules"])
         return cls(**d)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -434,11 +474,14 @@ class _null:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    from routed_lora.state import fsync_dir, tmp_name
+
+    tmp = tmp_name(path)  # checkpoint.pt.tmp<pid>: removed at the next start if a kill leaves it
     torch.save(obj, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def rng_state() -> dict:
@@ -503,30 +546,34 @@ def load_checkpoint(path: Path, *, model, optimizer: AdapterOptimizer) -> dict:
 
 
 class MetricsWriter:
-    """Append JSON rows to ``metrics.jsonl`` (rank 0 only). On resume, rows after the resumed step are dropped."""
+    """Append JSON rows to ``metrics.jsonl`` (rank 0 only), each with flush and fsync (:func:`routed_lora.state.
+    append_line`): a kill loses at most the row being written. On resume, rows after the resumed step are dropped
+    and so is a truncated last line (with a warning), and the kept rows are rewritten atomically; a fresh run
+    (``resume_step=None``) starts a new file."""
 
     def __init__(self, path: Path, *, resume_step: int | None = None, enabled: bool = True):
+        from routed_lora.state import atomic_write_text, read_jsonl_rows
+
         self.path = Path(path)
         self.enabled = enabled
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = []
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    if row.get("step", 0) <= resume_step:
-                        keep.append(line)
-            self.path.write_text("".join(k + "\n" for k in keep))
+            rows, dropped = read_jsonl_rows(self.path)
+            keep = [r for r in rows if r.get("step", 0) <= resume_step]
+            torn = not self.path.read_bytes().endswith(b"\n")  # a last row without its newline
+            if dropped or torn or len(keep) != len(rows):
+                atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 
     def write(self, row: dict) -> None:
+        from routed_lora.state import append_line
+
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        append_line(self.path, json.dumps(row, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,6 +677,7 @@ class Trainer:
         self.optimizer = AdapterOptimizer(model, cfg.adapter_lrs(), weight_decay=cfg.weight_decay) \
             if cfg.mode != "base" else None
         self.step = 0
+        self.checkpoint_extra: dict | None = None  # stored with every checkpoint (the CLI's run settings)
 
     # -- one batch of rollouts -----------------------------------------------------------------------------------
     def collect(self, rows: Sequence[dict], group_offset: int = 0) -> tuple[RolloutBatch, torch.Tensor, dict]:
@@ -686,6 +734,10 @@ class Trainer:
 
         cfg = self.cfg
         start = 0
+        if self.rank == 0:  # temporaries of a killed writer (checkpoint.pt.tmp<pid>, .adapters.tmp<pid>-...)
+            from routed_lora.state import remove_stale_temporaries
+
+            remove_stale_temporaries(self.out, names=("checkpoint.pt", "config.json", "metrics.jsonl", "adapters"))
         if resume:
             path = self.out / "checkpoint.pt" if resume is True else Path(resume)
             if path.is_dir():
@@ -738,7 +790,8 @@ class Trainer:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', float('nan')):.4f}",
                             clip=f"{metrics['clip_frac']:.3f}", refresh=False)
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == steps:
-                save_checkpoint(self.out, model=self.model, optimizer=self.optimizer, step=self.step, cfg=cfg)
+                save_checkpoint(self.out, model=self.model, optimizer=self.optimizer, step=self.step, cfg=cfg,
+                                extra=self.checkpoint_extra)
         bar.close()
         train_seconds = time.perf_counter() - t_start
         if evaluate_after and self.eval_rows:
