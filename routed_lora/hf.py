@@ -382,12 +382,52 @@ def _route_call(st: _State, signature, args, kwargs):
     mask = None
     if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         mask = attention_mask[:, -T:] if attention_mask.shape[1] >= T else None
+    starts = _packed_starts(bound, kwargs, args, ids, mask)
+    if starts is not None:
+        if past > 0:
+            raise RuntimeError(
+                "routed_lora: a call with a KV cache has position_ids that restart inside a row (packed "
+                "sequences); the router cannot continue cached state across them. Pass routes=... explicitly."
+            )
+        from .router import route_packed
+
+        routes = route_packed(lambda i, m: st.router(i, m), ids, mask, starts=starts)
+        if input_ids.dim() == 1:
+            routes = routes[0]
+        _assign(st, routes)
+        return args, kwargs  # no router state is kept for a packed call (a later cached call is an error)
     routes = stream.step(ids, mask)
     if input_ids.dim() == 1:
         routes = routes[0]
     _assign(st, routes)
     st.pending = (cache, stream)
     return args, kwargs
+
+
+def _packed_starts(bound, kwargs, args, ids, mask):
+    """Sequence starts (B, T) if the call packs several sequences in a row (position_ids that restart after a
+    real token of the same row, or flash-attention's ``cu_seq_lens_q``), else None. Restarts at padding, or at
+    the first real token after left padding (``generate`` gives left padding position 1), change nothing."""
+    from .router import sequence_starts
+
+    B, T = ids.shape
+    if T < 2:
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    pos = _get_arg(bound, kwargs, (), "position_ids", 10**9)
+    if cu is not None:
+        starts = sequence_starts((B, T), cu_seqlens=cu, device=ids.device)
+    elif isinstance(pos, torch.Tensor) and pos.shape[-1] == T and pos.numel() == B * T:
+        starts = sequence_starts((B, T), position_ids=pos.reshape(B, T), device=ids.device)
+    else:
+        return None
+    if mask is None:
+        effective = starts[:, 1:]
+    else:
+        real = mask.to(ids.device).bool()
+        before = (real.long().cumsum(1) - real.long()) > 0
+        effective = (starts & real & before)[:, 1:]
+    return starts if bool(effective.any()) else None
 
 
 def _register_cache(st: _State, output) -> None:

@@ -75,19 +75,35 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def routes_for(
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     *,
     router: Callable | None = None,
     joint_adapter: int | None = None,
     pad_route: int = -1,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Routes (B, L) for a padded batch: ``router(input_ids, attention_mask)`` (DART), or adapter
-    ``joint_adapter`` on every real token (joint mode). Padding gets ``pad_route`` (it carries no loss)."""
+    ``joint_adapter`` on every real token (joint mode). Padding gets ``pad_route`` (it carries no loss).
+
+    Packed rows (several sequences per row): give ``position_ids`` or ``cu_seqlens`` and each sequence is
+    routed on its own (:func:`routed_lora.router.route_packed`); ``packed=True`` without them is an error.
+    ``attention_mask`` may be None (every position real)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
     real = attention_mask.bool()
     if joint_adapter is not None:
         routes = torch.full_like(input_ids, int(joint_adapter))
     elif router is not None:
-        routes = router(input_ids, attention_mask).to(input_ids.device).long()
+        if packed or position_ids is not None or cu_seqlens is not None:
+            from routed_lora.router import route_packed
+
+            routes = route_packed(router, input_ids, attention_mask, position_ids=position_ids,
+                                  cu_seqlens=cu_seqlens)
+        else:
+            routes = router(input_ids, attention_mask)
+        routes = routes.to(input_ids.device).long()
     else:
         raise ValueError("routes_for: give a router (dart mode) or joint_adapter (joint mode)")
     return torch.where(real, routes, torch.full_like(routes, pad_route))
@@ -105,10 +121,18 @@ def _model_kwargs(model, input_ids, attention_mask, routes, position_ids=None):
     return dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_for(attention_mask) if position_ids is None else position_ids,
+        position_ids=_positions(attention_mask, position_ids),
         use_cache=False,
         **kw,
     )
+
+
+def _positions(attention_mask, position_ids):
+    if position_ids is not None:
+        return position_ids
+    if attention_mask is None:
+        raise ValueError("attention_mask: None is only allowed with position_ids (packed rows)")
+    return position_ids_for(attention_mask)
 
 
 def _forward_logits(model, input_ids, attention_mask, routes, position_ids=None):
@@ -123,7 +147,7 @@ def _unwrap(model):
 def token_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     *,
     routes: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -138,7 +162,10 @@ def token_logprobs(
     the model (a model patched with a router routes by itself). Gradients flow when grad mode is on.
     ``chunk_tokens``: positions per chunk of the output layer (module doc); None: ``CHUNK_ELEMENTS // V``;
     0: materialise the whole fp32 logits (the reference the chunked path is tested against).
-    ``position_ids``: default ``cumsum(attention_mask) - 1``; packed rows pass their own (restarting at 0).
+    ``position_ids``: default ``cumsum(attention_mask) - 1``. Packed rows (several sequences per row, e.g.
+    veRL's remove-padding) pass their own, restarting at 0 for each sequence, with ``attention_mask=None``:
+    transformers then keeps attention inside each sequence (its packed-sequence mask). The log-prob at the last
+    position of a sequence is that of the next sequence's first token (mask it out).
     """
     if temperature <= 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
@@ -305,7 +332,7 @@ def chunked_head_logprobs(
 def reference_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     *,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
