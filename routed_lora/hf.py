@@ -134,6 +134,9 @@ def apply_routed_lora(
         raise TypeError(f"adapter_dtype: expected a floating torch.dtype or None, got {adapter_dtype!r}")
     if _state(model, required=False) is not None or any(isinstance(m, RoutedLoRALinear) for m in model.modules()):
         raise ValueError("model: already has routed LoRA layers; call routed_lora.remove_routed_lora(model) first")
+    from .fsdp import check_not_sharded
+
+    check_not_sharded(model, "apply_routed_lora")
     names = _check_config(r, lora_alpha, adapters)
     if isinstance(target_modules, str):
         if target_modules != "all-linear":
@@ -237,7 +240,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def remove_routed_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_routed_lora`: plain ``nn.Linear`` modules sharing the same weight and bias tensors,
     hooks removed, ``requires_grad`` flags as they were before. The adapters are dropped (save them first)."""
+    from .fsdp import check_not_sharded
+
     st = _state(model)
+    check_not_sharded(model, "remove_routed_lora")
     for h in st.handles:
         h.remove()
     for module in st.ckpt_modules:
@@ -612,21 +618,30 @@ def set_adapter_lr(optimizer: torch.optim.Optimizer, lr: Mapping[str, float]):
         return optimizer._routed_lora_lr_hooks
     snapshots: dict[int, list[torch.Tensor]] = {}
 
+    from .fsdp import local_part
+
+    # Under FSDP2 the parameters are DTensor shards along dim 0, the adapter dimension: each rank scales the
+    # adapter rows it holds (local_part gives the rows and their global offset), with no communication.
+    @torch.no_grad()
     def pre(opt, args, kwargs):
         snapshots.clear()
         for i, g in enumerate(opt.param_groups):
             scale = g.get("adapter_lr_scale")
             if scale is not None and any(s != 1.0 for s in scale):
-                snapshots[i] = [p.detach().clone() for p in g["params"]]
+                snapshots[i] = [local_part(p)[0].clone() for p in g["params"]]
 
     @torch.no_grad()
     def post(opt, args, kwargs):
         for i, old in snapshots.items():
             g = opt.param_groups[i]
             for p, p0 in zip(g["params"], old):
-                s = torch.tensor(g["adapter_lr_scale"], dtype=p.dtype, device=p.device)
-                s = s.view(-1, *([1] * (p.dim() - 1)))
-                p.copy_(p0 + (p - p0) * s)
+                local, offset = local_part(p)
+                if local.numel() == 0:
+                    continue
+                rows = g["adapter_lr_scale"][offset[0]:offset[0] + local.shape[0]]
+                s = torch.tensor(rows, dtype=local.dtype, device=local.device)
+                s = s.view(-1, *([1] * (local.dim() - 1)))
+                local.copy_(p0 + (local - p0) * s)
         snapshots.clear()
 
     handles = (optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post))
