@@ -75,7 +75,7 @@ class _State:
         self.ckpt_modules: list[nn.Module] = []
         self.streams: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> (length, stream)
         self.pending = None  # (cache or None, stream) between the pre-hook and the forward hook
-        self.depth = 0  # > 0 inside a call of the model itself (its inner base model then does not route again)
+        self.depth = 0  # hooked calls in progress: only the outermost routes (module doc)
 
     @property
     def modules(self) -> list[RoutedLoRALinear]:
@@ -196,13 +196,21 @@ def apply_routed_lora(
         use_rslora=bool(use_rslora),
         adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
     )
-    st = _State(model, layers, config, router, requires_grad)
+    _attach_state(model, _State(model, layers, config, router, requires_grad))
+    return model
+
+
+def _attach_state(model: nn.Module, st: _State, *, callers: Sequence[nn.Module] = ()) -> _State:
+    """Keep ``st`` on ``model`` and install the routing hooks (module doc) on it, its inner base model and
+    ``callers`` (wrappers such as a PEFT model whose call reaches ``model.forward`` without its hooks)."""
     model.__dict__[_STATE_ATTR] = st  # a plain attribute, not a submodule
-    _install_call_hooks(st, model, outer=True)
+    for wrapper in callers:
+        _install_call_hooks(st, wrapper)
+    _install_call_hooks(st, model)
     inner = getattr(model, "base_model", None)
     if isinstance(inner, nn.Module) and inner is not model and "input_ids" in _parameters(inner):
         # model.model(...) called directly (hidden states only) routes by itself too
-        _install_call_hooks(st, inner, outer=False)
+        _install_call_hooks(st, inner)
     for module in model.modules():
         if hasattr(module, "gradient_checkpointing") and module is not model:
             inner = [m for m in module.modules() if isinstance(m, RoutedLoRALinear)]
@@ -210,7 +218,7 @@ def apply_routed_lora(
                 module._routed_lora_inner = inner
                 st.ckpt_modules.append(module)
                 st.handles.append(module.register_forward_pre_hook(_ckpt_pre_hook))
-    return model
+    return st
 
 
 def _match(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
@@ -301,9 +309,10 @@ def _parameters(module: nn.Module) -> dict:
         return {}
 
 
-def _install_call_hooks(st: _State, module: nn.Module, *, outer: bool) -> None:
-    """Routing hooks on ``module``: the model itself (``outer``) or its inner base model, which routes only
-    when called directly (not from within a call of the model)."""
+def _install_call_hooks(st: _State, module: nn.Module) -> None:
+    """Routing hooks on ``module`` (the model, its inner base model, or a wrapper calling the model). Only the
+    outermost hooked call routes: a hooked module called from within another hooked call (the inner base
+    model from the model, the model from a PEFT wrapper) leaves the routes alone."""
     try:
         signature = inspect.signature(module.forward)
     except (TypeError, ValueError):  # pragma: no cover
@@ -311,17 +320,15 @@ def _install_call_hooks(st: _State, module: nn.Module, *, outer: bool) -> None:
 
     @torch.compiler.disable
     def pre_hook(mod, args, kwargs):
-        if outer:
-            st.depth += 1
-        elif st.depth > 0:
+        st.depth += 1
+        if st.depth > 1:
             return None
         return _route_call(st, signature, args, kwargs)
 
     @torch.compiler.disable
     def post_hook(mod, args, kwargs, output):
-        if outer:
-            st.depth = max(0, st.depth - 1)
-        elif st.depth > 0:
+        st.depth = max(0, st.depth - 1)
+        if st.depth > 0:
             return None
         _register_cache(st, output)
         return None

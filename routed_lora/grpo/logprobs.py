@@ -205,8 +205,9 @@ def token_logprobs(
                                           temperature=temperature, chunk_tokens=chunk_tokens,
                                           with_entropy=with_entropy)
         seen["called"] = True
-        out = torch.stack([logp, ent if ent is not None else torch.zeros_like(logp).detach()], dim=-1)
-        return out.view(B, L - 1, 2)
+        ent = ent if ent is not None else torch.zeros_like(logp).detach()
+        # a new tensor, not a view (FSDP2 warns about views returned by a sharded module)
+        return torch.stack([logp.view(B, L - 1), ent.view(B, L - 1)], dim=-1)
 
     had = "forward" in head.__dict__
     previous = head.__dict__.get("forward")
