@@ -12,6 +12,8 @@ from .layer import RoutedLoRALinear, clear_routes, routed_lora_linear, set_route
 from .hf import apply_routed_lora, disable_adapters, remove_routed_lora, set_adapter_lr, trainable_parameters
 from .router import TagRouter
 from .adapter_io import load_adapters, save_adapters
+from .peft_convert import peft_to_routed
+from .router import route_packed, sequence_starts
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,9 @@ __all__ = [
     "TagRouter",
     "save_adapters",
     "load_adapters",
+    "peft_to_routed",
+    "route_packed",
+    "sequence_starts",
     "set_backend",
     "get_backend",
     "__version__",

@@ -19,6 +19,7 @@ error, raised before anything is copied, so a failed load leaves the model exact
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .fsdp import copy_row_into, full_tensor, is_sharded
 from .hf import _state, routed_layers, target_matches
 
 __all__ = ["save_adapters", "load_adapters", "MANIFEST", "FORMAT_VERSION"]
@@ -104,6 +106,34 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _writes(model: nn.Module) -> bool:
+    """False on the ranks other than 0 of an FSDP2-sharded model (rank 0 writes the gathered tensors)."""
+    if not is_sharded(model):
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
+
+
+def _collective_under_fsdp(save):
+    """Under FSDP2 every rank calls ``save`` and all leave it together (a barrier after rank 0 has written,
+    also when it failed), so no rank reads a folder still being written."""
+
+    @functools.wraps(save)
+    def wrapper(model, *args, **kwargs):
+        if not is_sharded(model):
+            return save(model, *args, **kwargs)
+        import torch.distributed as dist
+
+        try:
+            return save(model, *args, **kwargs)
+        finally:
+            dist.barrier()
+
+    return wrapper
+
+
+@_collective_under_fsdp
 def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequence[str] | None = None) -> Path:
     """Write every adapter (or those named in ``adapters``) of ``model`` as a PEFT LoRA folder under ``path``,
     plus ``routed_lora.json``. Returns ``Path(path)``.
@@ -112,6 +142,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
     swapped in by rename (:func:`routed_lora.state.swap_folder`; one atomic exchange on Linux), so a reader or a
     kill sees the old set or the new one, never a mix. Files of the old folder that are not part of the new set
     go with it.
+
+    FSDP2 (``fully_shard``): call it on every rank; the full tensors are gathered, rank 0 alone writes.
     """
     from safetensors.torch import save as st_save
 
@@ -147,6 +179,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
     st = _state(model, required=False)
     router = None if st is None or st.router is None else _router_dict(st.router)
 
+    # FSDP2: the adapters are DTensor shards; every rank gathers the full tensors (a collective), rank 0 writes.
+    full = {n: (full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())) for n, layer in layers}
+    if not _writes(model):
+        return path
     files: dict[str, bytes] = {}
     for name in chosen:
         e = all_names.index(name)
@@ -173,8 +209,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
         }
         tensors = {}
         for n, layer in layers:
-            tensors[f"base_model.model.{n}.lora_A.weight"] = layer.lora_A.detach()[e].contiguous().cpu().clone()
-            tensors[f"base_model.model.{n}.lora_B.weight"] = layer.lora_B.detach()[e].contiguous().cpu().clone()
+            A, B = full[n]
+            tensors[f"base_model.model.{n}.lora_A.weight"] = A[e].contiguous().cpu().clone()
+            tensors[f"base_model.model.{n}.lora_B.weight"] = B[e].contiguous().cpu().clone()
         files[f"{name}/{CONFIG}"] = _json_bytes(config)
         files[f"{name}/{WEIGHTS}"] = st_save(tensors, metadata={"format": "pt"})
     manifest = {
@@ -437,6 +474,6 @@ def _load_into(model, path, adapter) -> list[str]:
         for _, e, per_layer in plan:
             for n, (A, B) in per_layer.items():
                 layer = by_name[n]
-                layer.lora_A[e].copy_(A)
-                layer.lora_B[e].copy_(B)
+                copy_row_into(layer.lora_A, e, A)  # plain or FSDP2-sharded (each rank its own rows)
+                copy_row_into(layer.lora_B, e, B)
     return [name for name, _, _ in plan]

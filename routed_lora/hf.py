@@ -39,6 +39,7 @@ from .layer import RoutedLoRALinear, _check_config
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "FUSED_TARGET_MODULES",
     "apply_routed_lora",
     "remove_routed_lora",
     "disable_adapters",
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# With the default targets, fused projections (Phi-3's qkv_proj and gate_up_proj) are routed too.
+FUSED_TARGET_MODULES = ("qkv_proj", "gate_up_proj")
 
 _STATE_ATTR = "_routed_lora_state"
 
@@ -75,7 +78,7 @@ class _State:
         self.ckpt_modules: list[nn.Module] = []
         self.streams: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> (length, stream)
         self.pending = None  # (cache or None, stream) between the pre-hook and the forward hook
-        self.depth = 0  # > 0 inside a call of the model itself (its inner base model then does not route again)
+        self.depth = 0  # hooked calls in progress: only the outermost routes (module doc)
 
     @property
     def modules(self) -> list[RoutedLoRALinear]:
@@ -120,6 +123,11 @@ def apply_routed_lora(
 
     ``target_modules`` follows PEFT: a list of names matching a module's full name or its dotted suffix, a
     regex string matching the whole name, or ``"all-linear"`` (every ``nn.Linear`` but the output layer).
+    The default (:data:`DEFAULT_TARGET_MODULES`) also routes fused projections (:data:`FUSED_TARGET_MODULES`,
+    Phi-3) and warns naming every linear module it leaves out.
+    transformers' ``Conv1D`` (GPT-2) is routed too, through a transposed view of its weight (no copy; PEFT's
+    ``fan_in_fan_out``); :func:`remove_routed_lora` puts the original Conv1D back (do that before saving the
+    whole model with ``save_pretrained``: while patched, its state dict holds the (out, in) view).
     Every other parameter is frozen. With ``router`` (e.g. a :class:`~routed_lora.TagRouter`) the model routes
     by itself in ``model(input_ids=...)`` and ``model.generate(...)``; without one, set routes with
     :func:`routed_lora.set_routes` or pass ``routes=`` to the model call. Returns ``model``.
@@ -134,6 +142,9 @@ def apply_routed_lora(
         raise TypeError(f"adapter_dtype: expected a floating torch.dtype or None, got {adapter_dtype!r}")
     if _state(model, required=False) is not None or any(isinstance(m, RoutedLoRALinear) for m in model.modules()):
         raise ValueError("model: already has routed LoRA layers; call routed_lora.remove_routed_lora(model) first")
+    from .fsdp import check_not_sharded
+
+    check_not_sharded(model, "apply_routed_lora")
     names = _check_config(r, lora_alpha, adapters)
     if isinstance(target_modules, str):
         if target_modules != "all-linear":
@@ -146,22 +157,26 @@ def apply_routed_lora(
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"target_modules: expected non-empty module names, got {target_modules!r}")
 
+    default = target_modules is DEFAULT_TARGET_MODULES or (
+        not isinstance(target_modules, str) and tuple(target_modules) == DEFAULT_TARGET_MODULES)
+    if default:
+        fused = [t for t in FUSED_TARGET_MODULES if any(target_matches([t], n) for n, _ in model.named_modules())]
+        target_modules = DEFAULT_TARGET_MODULES + tuple(fused)
     matched = _match(model, target_modules)
     if not matched:
-        linear = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        linear = [n for n, m in model.named_modules() if _is_linear(m)]
         raise ValueError(
             f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
-            f"its nn.Linear modules include {linear[:8]}{' ...' if len(linear) > 8 else ''}"
+            f"its linear modules include {linear[:8]}{' ...' if len(linear) > 8 else ''}"
         )
     for name, module in matched:
-        if type(module) is not nn.Linear:
-            hint = ""
-            if type(module).__name__ == "Conv1D":
-                hint = " (GPT-2 style Conv1D stores its weight transposed; it is not supported)"
+        if not _is_linear(module):
             raise TypeError(
                 f"target_modules: module {name!r} is a {type(module).__module__}.{type(module).__name__}, not an "
-                f"nn.Linear{hint}; only plain nn.Linear modules can be routed"
+                "nn.Linear (or transformers' Conv1D); only linear layers can be routed"
             )
+    if default:
+        _warn_left_out(model, matched)
     if router is not None:
         if not callable(getattr(router, "stream", None)):
             raise TypeError(f"router: expected a TagRouter-like object with .stream(), got {type(router).__name__}")
@@ -172,7 +187,11 @@ def apply_routed_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     layers = []
+    originals = {}
     for name, linear in matched:
+        if _is_conv1d(linear):
+            originals[name] = linear  # restored by remove_routed_lora
+            linear = _conv1d_as_linear(linear)
         new = RoutedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, adapters=names, use_rslora=use_rslora)
         dtype = adapter_dtype
         if dtype is None and linear.weight.dtype in (torch.float16, torch.bfloat16):
@@ -194,12 +213,62 @@ def apply_routed_lora(
         adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
     )
     st = _State(model, layers, config, router, requires_grad)
+    st.originals = originals
+    _attach_state(model, st)
+    return model
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with W (in, out), i.e. a linear with W transposed."""
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor) \
+        and m.weight.dim() == 2 and hasattr(m, "nf")
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear or _is_conv1d(m)
+
+
+def _conv1d_as_linear(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` whose weight is the transposed view (out, in) of ``conv.weight`` (same storage, no
+    copy), so ``F.linear(x, W.T) = x W``, the Conv1D. PEFT routes Conv1D the same way (``fan_in_fan_out``);
+    its LoRA A (r, in) and B (out, r) have the nn.Linear layout, so the saved folders load in PEFT."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = conv.weight.shape
+    lin.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+    lin.register_parameter("bias", conv.bias)
+    lin.train(conv.training)
+    return lin
+
+
+def _warn_left_out(model: nn.Module, matched) -> None:
+    """With the default targets, warn naming every linear module of the decoder that is left out (an
+    architecture whose projections have other names would otherwise train only part of its layers)."""
+    import warnings
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    chosen = {id(m) for _, m in matched}
+    left = [n for n, m in model.named_modules() if _is_linear(m) and m is not out_emb and id(m) not in chosen
+            and not any(n.startswith(t + ".") for t, _ in matched)]
+    if left:
+        warnings.warn(
+            f"apply_routed_lora: the default target_modules leave out {len(left)} linear modules of "
+            f"{type(model).__name__}: {left}; pass target_modules=... (e.g. 'all-linear') to route them",
+            stacklevel=3,
+        )
+
+
+def _attach_state(model: nn.Module, st: _State, *, callers: Sequence[nn.Module] = ()) -> _State:
+    """Keep ``st`` on ``model`` and install the routing hooks (module doc) on it, its inner base model and
+    ``callers`` (wrappers such as a PEFT model whose call reaches ``model.forward`` without its hooks)."""
     model.__dict__[_STATE_ATTR] = st  # a plain attribute, not a submodule
-    _install_call_hooks(st, model, outer=True)
+    for wrapper in callers:
+        _install_call_hooks(st, wrapper)
+    _install_call_hooks(st, model)
     inner = getattr(model, "base_model", None)
     if isinstance(inner, nn.Module) and inner is not model and "input_ids" in _parameters(inner):
         # model.model(...) called directly (hidden states only) routes by itself too
-        _install_call_hooks(st, inner, outer=False)
+        _install_call_hooks(st, inner)
     for module in model.modules():
         if hasattr(module, "gradient_checkpointing") and module is not model:
             inner = [m for m in module.modules() if isinstance(m, RoutedLoRALinear)]
@@ -207,13 +276,13 @@ def apply_routed_lora(
                 module._routed_lora_inner = inner
                 st.ckpt_modules.append(module)
                 st.handles.append(module.register_forward_pre_hook(_ckpt_pre_hook))
-    return model
+    return st
 
 
 def _match(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     if target_modules == "all-linear":
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
+        return [(n, m) for n, m in model.named_modules() if _is_linear(m) and m is not out_emb]
     out = []
 
     def walk(module: nn.Module, prefix: str):
@@ -237,7 +306,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def remove_routed_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_routed_lora`: plain ``nn.Linear`` modules sharing the same weight and bias tensors,
     hooks removed, ``requires_grad`` flags as they were before. The adapters are dropped (save them first)."""
+    from .fsdp import check_not_sharded
+
     st = _state(model)
+    check_not_sharded(model, "remove_routed_lora")
     for h in st.handles:
         h.remove()
     for module in st.ckpt_modules:
@@ -245,7 +317,11 @@ def remove_routed_lora(model: nn.Module) -> nn.Module:
         if f is not None and getattr(f, "_routed_lora", False):
             module._gradient_checkpointing_func = f.__wrapped__
         module.__dict__.pop("_routed_lora_inner", None)
+    originals = getattr(st, "originals", {})
     for name, layer in st.layers:
+        if name in originals:  # a Conv1D: put the original module (its own weight Parameter) back
+            _set_submodule(model, name, originals[name])
+            continue
         linear = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = layer.in_features, layer.out_features
@@ -295,33 +371,67 @@ def _parameters(module: nn.Module) -> dict:
         return {}
 
 
-def _install_call_hooks(st: _State, module: nn.Module, *, outer: bool) -> None:
-    """Routing hooks on ``module``: the model itself (``outer``) or its inner base model, which routes only
-    when called directly (not from within a call of the model)."""
+def _install_call_hooks(st: _State, module: nn.Module) -> None:
+    """Routing hooks on ``module`` (the model, its inner base model, or a wrapper calling the model). Only the
+    outermost hooked call routes: a hooked module called from within another hooked call (the inner base
+    model from the model, the model from a PEFT wrapper) leaves the routes alone."""
     try:
         signature = inspect.signature(module.forward)
     except (TypeError, ValueError):  # pragma: no cover
         signature = None
 
-    @torch.compiler.disable
+    # Traceable by torch.compile: the depth count, and explicit routes= (set on the layers without reading
+    # their values); the router and the KV-cache bookkeeping run eagerly (compiler-disabled helpers), so a
+    # whole patched model called with routes= compiles with fullgraph=True.
     def pre_hook(mod, args, kwargs):
-        if outer:
-            st.depth += 1
-        elif st.depth > 0:
+        st.depth += 1
+        if st.depth > 1:
             return None
-        return _route_call(st, signature, args, kwargs)
+        if _is_compiling() and ("routes" in kwargs or st.router is None):
+            return _route_call_compiled(st, args, kwargs)
+        return _route_call_eager(st, signature, args, kwargs)  # the router: a graph break under compile
 
-    @torch.compiler.disable
     def post_hook(mod, args, kwargs, output):
-        if outer:
-            st.depth = max(0, st.depth - 1)
-        elif st.depth > 0:
+        st.depth = max(0, st.depth - 1)
+        if st.depth > 0 or (_is_compiling() and st.pending is None):
             return None
-        _register_cache(st, output)
+        _register_cache_eager(st, output)
         return None
 
     st.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     st.handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def _route_call_compiled(st: _State, args, kwargs):
+    """The pre-hook under torch.compile with explicit routes (checked for dtype, not values: reading values is
+    a graph break; the layer's op asserts them on a GPU), or without router and routes (nothing to do). A model
+    with a router called without routes= routes eagerly: a graph break, so fullgraph=True needs routes=."""
+    st.pending = None
+    explicit = kwargs.pop("routes", None)
+    if explicit is None:
+        return args, kwargs
+    if isinstance(explicit, torch.Tensor):
+        if explicit.dtype.is_floating_point or explicit.dtype == torch.bool:
+            raise TypeError(f"routes: expected an integer tensor, got {explicit.dtype}")
+    _assign(st, explicit)
+    return args, kwargs
+
+
+@torch.compiler.disable
+def _register_cache_eager(st: _State, output) -> None:
+    _register_cache(st, output)
+
+
+@torch.compiler.disable
+def _route_call_eager(st: _State, signature, args, kwargs):
+    return _route_call(st, signature, args, kwargs)
 
 
 def _route_call(st: _State, signature, args, kwargs):
@@ -382,12 +492,52 @@ def _route_call(st: _State, signature, args, kwargs):
     mask = None
     if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         mask = attention_mask[:, -T:] if attention_mask.shape[1] >= T else None
+    starts = _packed_starts(bound, kwargs, args, ids, mask)
+    if starts is not None:
+        if past > 0:
+            raise RuntimeError(
+                "routed_lora: a call with a KV cache has position_ids that restart inside a row (packed "
+                "sequences); the router cannot continue cached state across them. Pass routes=... explicitly."
+            )
+        from .router import route_packed
+
+        routes = route_packed(lambda i, m: st.router(i, m), ids, mask, starts=starts)
+        if input_ids.dim() == 1:
+            routes = routes[0]
+        _assign(st, routes)
+        return args, kwargs  # no router state is kept for a packed call (a later cached call is an error)
     routes = stream.step(ids, mask)
     if input_ids.dim() == 1:
         routes = routes[0]
     _assign(st, routes)
     st.pending = (cache, stream)
     return args, kwargs
+
+
+def _packed_starts(bound, kwargs, args, ids, mask):
+    """Sequence starts (B, T) if the call packs several sequences in a row (position_ids that restart after a
+    real token of the same row, or flash-attention's ``cu_seq_lens_q``), else None. Restarts at padding, or at
+    the first real token after left padding (``generate`` gives left padding position 1), change nothing."""
+    from .router import sequence_starts
+
+    B, T = ids.shape
+    if T < 2:
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    pos = _get_arg(bound, kwargs, (), "position_ids", 10**9)
+    if cu is not None:
+        starts = sequence_starts((B, T), cu_seqlens=cu, device=ids.device)
+    elif isinstance(pos, torch.Tensor) and pos.shape[-1] == T and pos.numel() == B * T:
+        starts = sequence_starts((B, T), position_ids=pos.reshape(B, T), device=ids.device)
+    else:
+        return None
+    if mask is None:
+        effective = starts[:, 1:]
+    else:
+        real = mask.to(ids.device).bool()
+        before = (real.long().cumsum(1) - real.long()) > 0
+        effective = (starts & real & before)[:, 1:]
+    return starts if bool(effective.any()) else None
 
 
 def _register_cache(st: _State, output) -> None:
@@ -572,21 +722,30 @@ def set_adapter_lr(optimizer: torch.optim.Optimizer, lr: Mapping[str, float]):
         return optimizer._routed_lora_lr_hooks
     snapshots: dict[int, list[torch.Tensor]] = {}
 
+    from .fsdp import local_part
+
+    # Under FSDP2 the parameters are DTensor shards along dim 0, the adapter dimension: each rank scales the
+    # adapter rows it holds (local_part gives the rows and their global offset), with no communication.
+    @torch.no_grad()
     def pre(opt, args, kwargs):
         snapshots.clear()
         for i, g in enumerate(opt.param_groups):
             scale = g.get("adapter_lr_scale")
             if scale is not None and any(s != 1.0 for s in scale):
-                snapshots[i] = [p.detach().clone() for p in g["params"]]
+                snapshots[i] = [local_part(p)[0].clone() for p in g["params"]]
 
     @torch.no_grad()
     def post(opt, args, kwargs):
         for i, old in snapshots.items():
             g = opt.param_groups[i]
             for p, p0 in zip(g["params"], old):
-                s = torch.tensor(g["adapter_lr_scale"], dtype=p.dtype, device=p.device)
-                s = s.view(-1, *([1] * (p.dim() - 1)))
-                p.copy_(p0 + (p - p0) * s)
+                local, offset = local_part(p)
+                if local.numel() == 0:
+                    continue
+                rows = g["adapter_lr_scale"][offset[0]:offset[0] + local.shape[0]]
+                s = torch.tensor(rows, dtype=local.dtype, device=local.device)
+                s = s.view(-1, *([1] * (local.dim() - 1)))
+                local.copy_(p0 + (local - p0) * s)
         snapshots.clear()
 
     handles = (optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post))

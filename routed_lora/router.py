@@ -23,6 +23,13 @@ Batch form: ``router(input_ids, attention_mask=None) -> routes`` (positions with
 skipped by the state machine and get the default route; left and right padding both work). Streaming form:
 ``stream = router.stream(batch_size)``, then ``stream.step(new_ids)`` with (batch,) or (batch, n) new tokens
 returns their routes and keeps per-sequence state.
+
+Packed rows (several sequences in one row, as flash-attention varlen and veRL's remove-padding use): pass
+``position_ids`` (restarting at each sequence) or ``cu_seqlens`` (the sequence offsets in the flattened row)
+and the router restarts at every sequence boundary, so a ``<search>`` left open at the end of one sequence
+does not carry into the next. A boundary is where ``position_ids[t] - position_ids[t-1] != 1``, the rule
+transformers uses to build the attention mask of packed rows (``find_packed_sequence_indices``).
+:func:`route_packed` does this for any router callable: each sequence is routed on its own.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["TagRouter", "RouterStream"]
+__all__ = ["TagRouter", "RouterStream", "sequence_starts", "route_packed"]
 
 _NO_SPAN = -1
 
@@ -166,8 +173,25 @@ class TagRouter:
         """A fresh streaming state for ``batch_size`` sequences (all outside every span)."""
         return RouterStream(self, batch_size, device)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Routes (same shape as ``input_ids``, int64) for whole sequences, (seq,) or (batch, seq)."""
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        packed: bool = False,
+    ) -> torch.Tensor:
+        """Routes (same shape as ``input_ids``, int64) for whole sequences, (seq,) or (batch, seq).
+
+        Packed rows: give ``position_ids`` or ``cu_seqlens`` (module doc); ``packed=True`` makes giving
+        neither an error (instead of routing the row as one sequence)."""
+        if position_ids is not None or cu_seqlens is not None or packed:
+            return route_packed(self._route_rows, input_ids, attention_mask, position_ids=position_ids,
+                                cu_seqlens=cu_seqlens)
+        return self._route_rows(input_ids, attention_mask)
+
+    def _route_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         ids = _check_ids(input_ids)
         squeeze = ids.dim() == 1
         ids2 = ids.unsqueeze(0) if squeeze else ids
@@ -331,6 +355,90 @@ class RouterStream:
                 row[t] = table[span]
             self.state[b] = [span, tail]
         return torch.tensor(out, dtype=torch.long, device=ids.device).view(B, T)
+
+
+def sequence_starts(
+    shape: tuple[int, ...],
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Bool (batch, seq) tensor, True at the first position of every sequence of packed rows of ``shape``.
+
+    ``position_ids`` (batch, seq) or (seq,): a sequence starts where ``position_ids[t] - position_ids[t-1] != 1``
+    (transformers' rule) and at t = 0. ``cu_seqlens`` (n + 1,) increasing offsets from 0 to batch * seq into the
+    flattened rows (flash-attention's ``cu_seqlens``; veRL's nested-tensor ``offsets()``); rows also start a
+    sequence. Raises a clear error if neither is given or they do not fit ``shape``."""
+    if len(shape) == 1:
+        shape = (1, shape[0])
+    B, T = int(shape[0]), int(shape[1])
+    if position_ids is None and cu_seqlens is None:
+        raise ValueError(
+            "packed rows need sequence boundaries: pass position_ids (restarting at 0 for each sequence) or "
+            "cu_seqlens (offsets of each sequence in the flattened rows, starting at 0)"
+        )
+    if position_ids is not None:
+        pos = position_ids if position_ids.dim() == 2 else position_ids.reshape(1, -1)
+        if tuple(pos.shape) != (B, T):
+            raise ValueError(f"position_ids: expected shape {(B, T)} (input_ids'), got {tuple(position_ids.shape)}")
+        if pos.dtype.is_floating_point or pos.dtype == torch.bool:
+            raise TypeError(f"position_ids: expected an integer tensor, got {pos.dtype}")
+        starts = torch.ones(B, T, dtype=torch.bool, device=pos.device)
+        if T > 1:
+            starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+        return starts if device is None else starts.to(device)
+    cu = torch.as_tensor(cu_seqlens).reshape(-1).long().cpu()
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != B * T or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(
+            f"cu_seqlens: expected strictly increasing offsets from 0 to {B * T} (batch * seq), got {cu.tolist()}"
+        )
+    starts = torch.zeros(B * T, dtype=torch.bool)
+    starts[cu[:-1]] = True
+    starts = starts.view(B, T)
+    starts[:, 0] = True
+    return starts.to(device if device is not None else "cpu")
+
+
+def route_packed(
+    router,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Routes of packed rows: each sequence (see :func:`sequence_starts`) routed by ``router(ids, mask)`` on its
+    own, as if it were a row of a padded batch. Same shape as ``input_ids``; int64."""
+    ids = _check_ids(input_ids)
+    squeeze = ids.dim() == 1
+    ids2 = ids.unsqueeze(0) if squeeze else ids
+    B, T = ids2.shape
+    if starts is None:
+        starts = sequence_starts((B, T), position_ids=position_ids, cu_seqlens=cu_seqlens, device=ids2.device)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.unsqueeze(0) if attention_mask.dim() == 1 else attention_mask
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(f"attention_mask: expected shape {(B, T)} (input_ids'), got {tuple(attention_mask.shape)}")
+    if T == 0 or not bool(starts[:, 1:].any()):
+        out = router(ids2, mask)
+    else:
+        flat = starts.reshape(-1)
+        seg = flat.long().cumsum(0) - 1  # sequence index of every position (rows start sequences)
+        first = flat.nonzero().flatten()
+        off = torch.arange(B * T, device=ids2.device) - first[seg]
+        lens = torch.diff(torch.cat([first, first.new_tensor([B * T])]))
+        S, Lmax = int(first.numel()), int(lens.max())
+        pid = torch.zeros(S, Lmax, dtype=ids2.dtype, device=ids2.device)
+        pm = torch.zeros(S, Lmax, dtype=torch.long, device=ids2.device)
+        pid[seg, off] = ids2.reshape(-1)
+        pm[seg, off] = 1 if mask is None else mask.reshape(-1).long().to(ids2.device)
+        routes = torch.as_tensor(router(pid, pm)).to(ids2.device).long()
+        out = routes[seg, off].view(B, T)
+    out = torch.as_tensor(out).long()
+    return out[0] if squeeze else out
 
 
 def _check_target(target, what):

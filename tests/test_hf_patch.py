@@ -112,13 +112,14 @@ def test_target_modules_peft_rule_and_errors():
         rl.apply_routed_lora(m)
 
 
-def test_gpt2_conv1d_is_refused_clearly():
+def test_non_linear_target_is_refused_clearly():
+    # (issue 12 made GPT-2's Conv1D routable, tests/test_arch.py; a non-linear target is still refused)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32))
     before = {n: type(x) for n, x in m.named_modules()}
-    with pytest.raises(TypeError, match="Conv1D.*not supported"):
-        rl.apply_routed_lora(m, target_modules=["c_attn"])
+    with pytest.raises(TypeError, match="Embedding, not an nn.Linear"):
+        rl.apply_routed_lora(m, target_modules=["c_attn", "wte"])
     assert {n: type(x) for n, x in m.named_modules()} == before  # untouched
     assert all(p.requires_grad for p in m.parameters())
 

@@ -3,7 +3,9 @@
     routed-lora train --mode dart --model runs/demo/sft --data runs/demo/world/train.jsonl \\
         --eval-data runs/demo/world/test.jsonl --retriever bm25:runs/demo/world/corpus.jsonl --out runs/grpo
 
-Under ``torchrun --nproc-per-node N`` the loop runs with DistributedDataParallel (gloo on CPU, nccl on GPUs).
+Under ``torchrun --nproc-per-node N`` the loop runs with DistributedDataParallel (``--strategy ddp``, the
+default) or torch's ``fully_shard`` (``--strategy fsdp2``), gloo on CPU, nccl on GPUs. Each process takes
+prompts_per_step / N questions; mini_batches must divide that number (see ``trainer.mini_batch_rows``).
 """
 
 from __future__ import annotations
@@ -208,15 +210,17 @@ def _run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), "run": run}, indent=1) + "\n")
     trainer = Trainer(cfg, model, tok, router, retriever, train_rows, out=out, eval_rows=eval_rows,
-                      eval_samples=args.eval_samples, prompt_template=template, progress=not args.no_progress)
+                      eval_samples=args.eval_samples, prompt_template=template, progress=not args.no_progress,
+                      strategy=args.strategy)
     trainer.checkpoint_extra = {"run": run}
     result = trainer.train(resume=args.resume or None, evaluate_before=not args.no_eval_before)
-    if rank == 0:
-        if cfg.mode != "base":
-            import routed_lora as rl
+    if cfg.mode != "base" and (rank == 0 or (distributed and args.strategy == "fsdp2")):
+        import routed_lora as rl
 
-            rl.save_adapters(model, out / "adapters")
+        rl.save_adapters(model, out / "adapters")  # FSDP2: every rank gathers, rank 0 writes
+        if rank == 0:
             print(f"adapters (PEFT format): {out / 'adapters'}")
+    if rank == 0:
         for k, ev in result["evals"].items():
             print(f"held-out {k}: {format_eval(ev)}")
         try:
@@ -285,6 +289,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--save-every", type=nonneg, default=d.save_every, help="checkpoint every N steps (and at the end)")
     p.add_argument("--eval-every", type=nonneg, default=d.eval_every, help="held-out EM every N steps (0: before/after)")
     p.add_argument("--no-eval-before", action="store_true")
+    p.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
+                   help="under torchrun: DistributedDataParallel, or torch's fully_shard (FSDP2: each decoder layer "
+                        "and the root sharded; rollouts run with the parameters gathered)")
     p.add_argument("--threads", type=nonneg, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--no-progress", action="store_true")
 

@@ -37,6 +37,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from routed_lora.fsdp import full_tensor
+
 from .logprobs import disable_dropout, reference_logprobs, routes_for, token_logprobs
 from .loss import group_advantages, grpo_loss, step_normalizer, zero_std_fraction
 
@@ -44,6 +46,7 @@ __all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapte
            "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
 
 MODES = ("dart", "joint", "base")
+STRATEGIES = ("ddp", "fsdp2")  # multi-process training: DistributedDataParallel or torch's fully_shard
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -220,34 +223,46 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def adapter_grad_norms(model: nn.Module) -> dict[str, float]:
     """L2 norm of each adapter's gradient over all layers (slices e of lora_A and lora_B)."""
+    from routed_lora.fsdp import is_dtensor, local_part
+
     names = adapter_names(model)
     sq = [0.0] * len(names)
+    sharded = False
     for layer in routed_layers(model):
         for p in (layer.lora_A, layer.lora_B):
             if p.grad is None:
                 continue
-            g = p.grad.detach().double()
-            for e in range(len(names)):
-                sq[e] += float((g[e] * g[e]).sum())
+            sharded = sharded or is_dtensor(p.grad)
+            g, offset = local_part(p.grad.detach())  # FSDP2: this rank's adapter rows, summed over ranks below
+            g = g.double()
+            for i in range(g.shape[0]):
+                sq[offset[0] + i] += float((g[i] * g[i]).sum())
+    if sharded:
+        sq = all_reduce_sum(sq)
     return {n: math.sqrt(s) for n, s in zip(names, sq)}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors by module name (exact copies; for checkpoints and tests)."""
+    from routed_lora.fsdp import full_tensor
+
     out = {}
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and hasattr(mod, "adapter_names"):
-            out[f"{name}.lora_A"] = mod.lora_A.detach().clone()
-            out[f"{name}.lora_B"] = mod.lora_B.detach().clone()
+            # FSDP2: the full tensors (an all-gather; every rank calls this)
+            out[f"{name}.lora_A"] = full_tensor(mod.lora_A.detach()).clone()
+            out[f"{name}.lora_B"] = full_tensor(mod.lora_B.detach()).clone()
     return out
 
 
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from routed_lora.fsdp import copy_full_into
+
     mods = dict(model.named_modules())
     for key, value in state.items():
         name, attr = key.rsplit(".", 1)
-        getattr(mods[name], attr).copy_(value)
+        copy_full_into(getattr(mods[name], attr), value)  # plain, or this rank's FSDP2 shard
 
 
 class AdapterOptimizer:
@@ -279,10 +294,36 @@ class AdapterOptimizer:
         self.optimizer.step()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        """The optimiser state with full tensors: under FSDP2 each sharded state tensor (exp_avg, ...) is
+        gathered (every rank calls this), so a checkpoint has one format whatever the strategy and number of
+        processes."""
+        from routed_lora.fsdp import full_tensor, is_dtensor
+
+        sd = self.optimizer.state_dict()
+        sd["state"] = {i: {k: full_tensor(v) if is_dtensor(v) else v for k, v in st.items()}
+                       for i, st in sd["state"].items()}
+        return {"optimizer": sd}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Inverse of :meth:`state_dict`: full state tensors are cut to this rank's shard of their parameter."""
+        from routed_lora.fsdp import is_dtensor, local_slice
+
+        sd = dict(state["optimizer"])
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if any(is_dtensor(p) for p in params):
+            from torch.distributed.tensor import DTensor
+
+            local = {}
+            for i, st in sd["state"].items():
+                p = params[int(i)]
+                local[i] = {}
+                for k, v in st.items():
+                    if is_dtensor(p) and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape):
+                        v = DTensor.from_local(local_slice(v, p).to(p.device).clone(), p.device_mesh, p.placements,
+                                               shape=p.shape, stride=p.stride(), run_check=False)
+                    local[i][k] = v
+            sd["state"] = local
+        self.optimizer.load_state_dict(sd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,12 +350,52 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _broadcast_adapters(model: nn.Module) -> None:
+    """Copy rank 0's adapter tensors to every rank (before sharding)."""
+    dist = _dist()
+    if dist is None:
+        return
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            dist.broadcast(p.data, src=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the update
 
 
 def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def mini_batch_rows(group_ids: torch.Tensor, mini_batches: int) -> list[list[int]]:
+    """Rows of each mini-batch (optimiser step), by the rule that makes an update independent of the number
+    of processes: question ``q`` of the step (its group id, numbered over the whole step: the trainer gives
+    rank r's questions the ids r * Q/N ... (r+1) * Q/N - 1) goes to mini-batch ``q mod mini_batches`` with all
+    its G rollouts. One process with the whole batch and N processes with Q/N questions each build the same
+    global mini-batches when ``(Q / N) % mini_batches == 0`` (the trainer checks it); the loss of a mini-batch
+    is normalised over all its tokens on all ranks, so the update is the same up to float summation order.
+    Empty mini-batches (fewer questions than mini_batches) are skipped."""
+    g = group_ids.long().tolist()
+    out = [[i for i, q in enumerate(g) if q % mini_batches == k] for k in range(mini_batches)]
+    return [rows for rows in out if rows]
+
+
+def _check_same_plan(plan, world: int) -> None:
+    """Every rank must run the same number of mini- and micro-batches (each forward and backward is a
+    collective under DDP and FSDP2): a clear error on every rank instead of a hang or a silent mismatch."""
+    dist = _dist()
+    if world <= 1 or dist is None:
+        return
+    mine = [len(m) for m in plan]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if any(e != every[0] for e in every):
+        raise ValueError(
+            f"grpo_update: the ranks split their rollouts into different mini-/micro-batches (micro-batches per "
+            f"mini-batch on each rank: {every}); give every rank the same number of questions and rollouts, "
+            "with (questions per rank) % mini_batches == 0"
+        )
 
 
 class _Prepared:
@@ -355,16 +436,16 @@ def grpo_update(
     max_len = cfg.max_total_tokens
 
     # a fixed split into mini-batches (optimiser steps) and micro-batches, used by every pass
-    mb_rows = [list(range(n))[s] for s in _micro_batches(n, math.ceil(n / cfg.mini_batches))]
     plan = []  # list of mini-batches, each a list of _Prepared micro-batches
-    for rows in mb_rows:
+    for rows in mini_batch_rows(batch.group_ids, cfg.mini_batches):
         micro = []
         for s in _micro_batches(len(rows), cfg.micro_batch_size):
-            sl = slice(rows[s.start], rows[s.stop - 1] + 1)
-            p = _Prepared(batch, routes, sl)
-            p.adv = adv[sl]
+            idx = torch.tensor(rows[s], dtype=torch.long)
+            p = _Prepared(batch, routes, idx)
+            p.adv = adv[idx]
             micro.append(p)
         plan.append(micro)
+    _check_same_plan(plan, world)
 
     # old (and reference) log-probs: same micro-batches, same routes, no grad
     with torch.no_grad():
@@ -393,8 +474,7 @@ def grpo_update(
             optimizer.zero_grad()
             for i, p in enumerate(micro):
                 sync = i == len(micro) - 1
-                ctx = ddp_model.no_sync() if (not sync and hasattr(ddp_model, "no_sync")) else _null()
-                with ctx:
+                with _grad_sync(ddp_model, sync):
                     logp, ent = token_logprobs(ddp_model, p.ids, p.att, routes=p.routes,
                                                temperature=cfg.temperature, with_entropy=True)
                     out = grpo_loss(
@@ -416,7 +496,7 @@ def grpo_update(
             gn = adapter_grad_norms(model)
             gnorms.append(gn)
             total = torch.nn.utils.clip_grad_norm_(optimizer.params, cfg.max_grad_norm)
-            pre_clip.append(float(total))
+            pre_clip.append(float(full_tensor(total)))  # FSDP2: a DTensor norm over every rank's shards
             optimizer.step()
     optimizer.zero_grad()
 
@@ -469,6 +549,20 @@ class _null:
         return False
 
 
+def _grad_sync(ddp_model, sync: bool):
+    """Gradient accumulation without communication on all but the last micro-batch: DDP's ``no_sync``, or
+    FSDP2's ``set_requires_gradient_sync``."""
+    if sync:
+        if hasattr(ddp_model, "set_requires_gradient_sync"):
+            ddp_model.set_requires_gradient_sync(True)
+        return _null()
+    if hasattr(ddp_model, "no_sync"):
+        return ddp_model.no_sync()
+    if hasattr(ddp_model, "set_requires_gradient_sync"):
+        ddp_model.set_requires_gradient_sync(False)
+    return _null()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints and metrics
 
@@ -513,11 +607,12 @@ def save_checkpoint(out: Path, *, model, optimizer: AdapterOptimizer, step: int,
     else:
         rngs = [rng]
     path = Path(out) / "checkpoint.pt"
+    adapters, opt_state = adapter_state(model), optimizer.state_dict()  # collectives under FSDP2: every rank
     if rank == 0:
         state = {
             "step": step,
-            "adapters": adapter_state(model),
-            "optimizer": optimizer.state_dict(),
+            "adapters": adapters,
+            "optimizer": opt_state,
             "rng": rngs,
             "config": cfg.to_dict(),
             "extra": extra or {},
@@ -649,7 +744,7 @@ class Trainer:
     def __init__(self, cfg: GRPOConfig, model, tokenizer, router, retriever, train_rows: Sequence[dict], *,
                  out: str | Path, eval_rows: Sequence[dict] | None = None, eval_samples: int | None = None,
                  prompt_template: str | None = None, progress: bool = True,
-                 reward_fn: Callable[[str, list], float] | None = None):
+                 reward_fn: Callable[[str, list], float] | None = None, strategy: str = "ddp"):
         from routed_lora.env.data import TINY_PROMPT
 
         self.reward_fn = reward_fn  # (completion text, golden answers) -> reward; default EM (+ format reward)
@@ -666,14 +761,30 @@ class Trainer:
         self.progress = progress
         self.progress_desc: str | None = None  # the progress bar's label (default "grpo MODE")
         self.rank, self.world = world_info()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
         if cfg.prompts_per_step % self.world:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the {self.world} ranks")
+        share = cfg.prompts_per_step // self.world
+        if self.world > 1 and share % cfg.mini_batches:
+            raise ValueError(
+                f"mini_batches={cfg.mini_batches} must divide the questions per process (prompts_per_step / "
+                f"processes = {cfg.prompts_per_step} / {self.world} = {share}) so that the update equals the "
+                "one-process update on the same global batch (see grpo.trainer.mini_batch_rows)"
+            )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.ddp_model = model
         if self.world > 1 and cfg.mode != "base":
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            if strategy == "fsdp2":
+                from routed_lora.fsdp import shard_model
 
-            self.ddp_model = DDP(model)  # broadcasts rank 0's adapters
+                _broadcast_adapters(model)  # as DDP does: every rank starts from rank 0's adapters
+                shard_model(model)  # the model itself becomes the FSDP2 module
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                self.ddp_model = DDP(model)  # broadcasts rank 0's adapters
         self.optimizer = AdapterOptimizer(model, cfg.adapter_lrs(), weight_decay=cfg.weight_decay) \
             if cfg.mode != "base" else None
         self.step = 0
@@ -690,10 +801,13 @@ class Trainer:
         plen = max(len(self.tok(p)["input_ids"]) for p in prompts)
         t0 = time.perf_counter()
         self.model.eval()
-        rolls = generate_rollouts(self.model, self.tok, prompts, self.retriever, max_turns=self.cfg.max_turns,
-                                  max_new_tokens=self.cfg.max_new_tokens,
-                                  max_length=plen + self.cfg.max_total_tokens, topk=self.cfg.topk,
-                                  do_sample=True, temperature=self.cfg.temperature, return_logprobs=True)
+        from routed_lora.fsdp import full_params
+
+        with full_params(self.model):  # FSDP2: ranks generate different numbers of steps, so no collectives
+            rolls = generate_rollouts(self.model, self.tok, prompts, self.retriever, max_turns=self.cfg.max_turns,
+                                      max_new_tokens=self.cfg.max_new_tokens,
+                                      max_length=plen + self.cfg.max_total_tokens, topk=self.cfg.topk,
+                                      do_sample=True, temperature=self.cfg.temperature, return_logprobs=True)
         t_roll = time.perf_counter() - t0
         golds = [r["golden_answers"] for r in rows for _ in range(G)]
         score = self.reward_fn or (lambda text, g: compute_score(text, g, format_score=self.cfg.format_reward))
@@ -717,15 +831,18 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, rows=None, label: str = "eval") -> dict:
+        from routed_lora.fsdp import full_params
+
         from .evaluate import evaluate_em
 
         rows = self.eval_rows if rows is None else rows
         if not rows:
             return {}
-        return evaluate_em(self.model, self.tok, rows, self.retriever, samples=self.eval_samples,
-                           temperature=self.cfg.temperature, max_turns=self.cfg.max_turns,
-                           max_new_tokens=self.cfg.max_new_tokens, topk=self.cfg.topk,
-                           prompt_template=self.template, seed=self.cfg.seed + 7919)
+        with full_params(self.model):  # FSDP2: no collectives while ranks generate different numbers of steps
+            return evaluate_em(self.model, self.tok, rows, self.retriever, samples=self.eval_samples,
+                               temperature=self.cfg.temperature, max_turns=self.cfg.max_turns,
+                               max_new_tokens=self.cfg.max_new_tokens, topk=self.cfg.topk,
+                               prompt_template=self.template, seed=self.cfg.seed + 7919)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self, *, resume: str | Path | bool | None = None, evaluate_before: bool | dict = True,

@@ -1,0 +1,4 @@
+"""Integrations with RL frameworks (optional: each module imports its framework when imported).
+
+- :mod:`routed_lora.integrations.verl`: a veRL training engine with routed LoRA adapters.
+"""

@@ -1,0 +1,167 @@
+"""veRL integration: an FSDP training engine whose LoRA is routed per token (install ``routed-lora[verl]``).
+
+veRL (0.9.x) builds its actor in ``verl.workers.engine.fsdp.transformer_impl.FSDPEngine``: LoRA with
+``peft.get_peft_model`` in ``_build_lora_module``; each micro-batch packed into one row in
+``prepare_model_inputs`` (remove-padding: nested-tensor ``input_ids`` whose ``offsets()`` are the cu_seqlens,
+position ids restarting per sequence); the reference policy as the actor under ``disable_adapter()``; weights
+sent to the rollout engine by ``get_per_tensor_param``. Importing this module registers
+:class:`RoutedLoRAFSDPEngine` in ``verl.workers.engine.base.EngineRegistry`` under its own backends
+``routed_lora_fsdp`` and ``routed_lora_fsdp2`` (``actor.strategy=routed_lora_fsdp2``; the engine runs veRL's
+``fsdp`` / ``fsdp2`` code paths). It
+
+- builds PEFT LoRA as veRL does, then converts it with :func:`routed_lora.peft_to_routed` into the adapters
+  :attr:`RoutedLoRAFSDPEngine.routed_adapters` (each starts from veRL's LoRA initialisation);
+- routes every sequence on its own before packing (:func:`routed_lora.route_packed` with the micro-batch's
+  offsets as cu_seqlens), or takes the routes recorded at rollout time from the micro-batch key ``"routes"``
+  (nested like ``input_ids``); the packed routes get the same static and sequence-parallel padding and
+  slicing as the packed ids, and go to the model call as ``routes=``;
+- keeps ``disable_adapter()`` (PEFT's context, driven by the routed layers): the reference pass is the
+  backbone;
+- refuses ``get_per_tensor_param`` (weight sync to vLLM / SGLang / TensorRT-LLM): those engines serve one LoRA
+  (or a merged model) per request, so they would roll out another policy than the one trained. Roll out with
+  veRL's ``HFRollout`` (``rollout.name=hf``), which generates with the actor module itself; the model then routes
+  by itself through the router given to ``peft_to_routed``. :func:`check_rollout` gives the same error for a
+  rollout name up front.
+
+Routing: :attr:`routed_router` (a callable ``router(input_ids, attention_mask)``, e.g. a
+:class:`routed_lora.TagRouter`), else a ``TagRouter`` over the engine's tokenizer with :attr:`routed_spans` and
+:attr:`routed_default`. Override them in a subclass, or put ``routed_adapters`` / ``routed_spans`` /
+``routed_default`` in the model config's ``lora`` mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from verl.workers.engine.base import EngineRegistry
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+from ..peft_convert import peft_to_routed
+from ..router import TagRouter, route_packed
+
+__all__ = ["RoutedLoRAFSDPEngine", "BACKENDS", "check_rollout", "packed_routes"]
+
+BACKENDS = {"routed_lora_fsdp": "fsdp", "routed_lora_fsdp2": "fsdp2"}
+_SINGLE_LORA_ROLLOUTS = ("vllm", "sglang", "trtllm")
+
+
+def check_rollout(name: str) -> None:
+    """Raise a clear error for a rollout engine that cannot serve per-token routed adapters."""
+    if str(name).lower() in _SINGLE_LORA_ROLLOUTS:
+        raise ValueError(
+            f"rollout.name={name!r}: {name} serves one LoRA adapter (or a merged model) per request, but routed "
+            "LoRA picks the adapter per token, so it would sample from another policy than the one trained. "
+            "Use rollout.name=hf (veRL's HFRollout generates with the actor module, which routes by itself)."
+        )
+
+
+def packed_routes(router, input_ids_nested: torch.Tensor) -> torch.Tensor:
+    """(1, total_nnz) routes of a nested-tensor micro-batch packed as veRL packs it (``values()``): each
+    sequence routed on its own (the offsets are its cu_seqlens), so no span carries across sequences."""
+    values = input_ids_nested.values().unsqueeze(0)
+    cu = input_ids_nested.offsets()
+    return route_packed(router, values, cu_seqlens=cu)
+
+
+@EngineRegistry.register(model_type="language_model", backend=list(BACKENDS), device=["cuda", "npu", "cpu"])
+class RoutedLoRAFSDPEngine(FSDPEngineWithLMHead):
+    """veRL's FSDP language-model engine with per-token routed LoRA adapters (module doc)."""
+
+    routed_adapters: tuple = ("reasoning", "tool")
+    routed_router = None
+    routed_spans: Mapping = {"tool": ("<search>", "</search>")}
+    routed_default = "reasoning"
+
+    def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
+        strategy = getattr(engine_config, "strategy", None)
+        if strategy in BACKENDS:  # veRL's FSDP code branches on "fsdp" / "fsdp2"
+            try:
+                engine_config.strategy = BACKENDS[strategy]
+            except Exception:  # frozen config: a copy with the plain strategy
+                import dataclasses
+
+                engine_config = dataclasses.replace(engine_config, strategy=BACKENDS[strategy])
+        super().__init__(model_config, engine_config, optimizer_config, checkpoint_config)
+
+    # -- configuration ---------------------------------------------------------------------------------------
+    def _lora_option(self, key, default):
+        lora = getattr(getattr(self, "model_config", None), "lora", None) or {}
+        try:
+            value = lora.get(key, None)
+        except AttributeError:
+            value = None
+        return default if value is None else value
+
+    def _routed_names(self) -> tuple:
+        return tuple(self._lora_option("routed_adapters", self.routed_adapters))
+
+    def _router(self):
+        if self.routed_router is not None:
+            return self.routed_router
+        router = getattr(self, "_routed_router_built", None)
+        if router is None:
+            tok = getattr(self.model_config, "tokenizer", None)
+            if tok is None:
+                raise ValueError("RoutedLoRAFSDPEngine: no router and no tokenizer on the model config; set "
+                                 "routed_router on the engine class")
+            spans = dict(self._lora_option("routed_spans", self.routed_spans))
+            router = TagRouter(tok, {k: tuple(v) for k, v in spans.items()},
+                               self._lora_option("routed_default", self.routed_default), adapters=self._routed_names())
+            self._routed_router_built = router
+        return router
+
+    # -- veRL hooks ------------------------------------------------------------------------------------------
+    def _build_lora_module(self, module):
+        module = super()._build_lora_module(module)
+        return peft_to_routed(module, adapters=self._routed_names(), router=self._router())
+
+    def prepare_model_inputs(self, micro_batch):
+        model_inputs, output_args = super().prepare_model_inputs(micro_batch)
+        model_inputs["routes"] = self.routes_for_micro_batch(micro_batch, model_inputs)
+        return model_inputs, output_args
+
+    def routes_for_micro_batch(self, micro_batch, model_inputs) -> torch.Tensor:
+        """Routes shaped like ``model_inputs["input_ids"]``: per sequence before packing, then padded and
+        sliced exactly as veRL pads and slices the packed ids."""
+        from verl.utils import tensordict_utils as tu
+
+        use_remove_padding = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        ids = micro_batch["input_ids"]
+        given = micro_batch.get("routes", None) if hasattr(micro_batch, "get") else None
+        target = model_inputs["input_ids"]
+        if use_remove_padding:
+            if given is not None:
+                routes = given.values().unsqueeze(0).long()
+            else:
+                routes = packed_routes(self._router(), ids)
+            pad = self._get_packed_pad_size(routes.size(-1)) if hasattr(self, "_get_packed_pad_size") else 0
+            if pad:
+                routes = F.pad(routes, (0, pad), value=-1)
+            if getattr(self, "use_ulysses_sp", False):
+                from verl.utils.ulysses import ulysses_pad_and_slice_inputs
+
+                routes, _, _ = ulysses_pad_and_slice_inputs(routes, position_ids_rmpad=None,
+                                                            sp_size=self.ulysses_sequence_parallel_size, pad_value=-1)
+        else:
+            B, L = target.shape[:2]
+            lens = ids.offsets().diff().tolist()
+            routes = torch.full((B, L), -1, dtype=torch.long, device=target.device)
+            src = given if given is not None else None
+            for b, seq in enumerate(ids.unbind()):
+                n = lens[b]
+                r = src.unbind()[b].long() if src is not None else self._router()(seq.unsqueeze(0)).reshape(-1)
+                routes[b, :n] = r[:n].to(routes.device)
+        if tuple(routes.shape) != tuple(target.shape):
+            raise RuntimeError(f"routes {tuple(routes.shape)} do not match the packed input_ids {tuple(target.shape)}")
+        return routes.to(target.device)
+
+    def get_per_tensor_param(self, *args, **kwargs):
+        raise RuntimeError(
+            "RoutedLoRAFSDPEngine: sending weights to a separate rollout engine (vLLM / SGLang / TensorRT-LLM) is "
+            "refused: they serve one LoRA or a merged model per request, not an adapter per token, so they would "
+            "roll out another policy than the one trained. Use rollout.name=hf (HFRollout). "
+            "Adapters for evaluation: routed_lora.save_adapters(engine.module.get_base_model(), path)."
+        )

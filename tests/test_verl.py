@@ -1,0 +1,129 @@
+"""veRL integration (skipped without verl; run in a venv with `pip install 'routed-lora[verl]'`): the engine is
+registered under its own backends, builds routed adapters from veRL's PEFT LoRA, routes each sequence before
+packing, and veRL's own input preparation, forward and output processing on a tiny model give the per-token
+log-probs of our padded teacher-forced pass; disable_adapter() is the backbone; vLLM/SGLang weight sync refused."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("verl")
+pytest.importorskip("peft")
+os.environ.setdefault("VERL_ENGINE_DEVICE", "cpu")
+
+import routed_lora as rl  # noqa: E402
+from routed_lora.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+verl_int = pytest.importorskip("routed_lora.integrations.verl")
+
+TEXTS = [
+    "who was born in paris ? <search> alice born </search>",
+    "the capital of france <search> paris city",
+    "the river of rome is <answer> yes </answer>",
+]
+
+
+def _engine(tok):
+    """The engine with veRL's own _build_lora_module, prepare_model_inputs and prepare_model_outputs; the
+    distributed set-up of __init__ (device meshes, FSDP wrapping) is skipped: it needs GPUs."""
+    from peft.utils import TaskType  # noqa: F401
+
+    eng = verl_int.RoutedLoRAFSDPEngine.__new__(verl_int.RoutedLoRAFSDPEngine)
+    eng.model_config = types.SimpleNamespace(lora_rank=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             target_parameters=None, exclude_modules=None, lora_adapter_path=None,
+                                             tokenizer=tok, lora={}, use_shm=False)
+    eng.engine_config = types.SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    eng.pad_to_length = False
+    eng.use_ulysses_sp = False
+    eng.ulysses_sequence_parallel_size = 1
+    model = tiny_model("qwen2", vocab_size=len(tok), hidden=32, layers=2, seed=0)
+    eng.module = eng._build_lora_module(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for layer in (m for m in eng.module.modules() if isinstance(m, rl.RoutedLoRALinear)):
+            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
+    return eng
+
+
+def _micro_batch(seqs, remove_padding=True):
+    from tensordict import TensorDict
+
+    from verl.utils import tensordict_utils as tu
+
+    ids = torch.nested.nested_tensor(seqs, layout=torch.jagged)
+    pos = torch.nested.nested_tensor([torch.arange(len(s)) for s in seqs], layout=torch.jagged)
+    td = TensorDict({"input_ids": ids, "position_ids": pos}, batch_size=[len(seqs)])
+    tu.assign_non_tensor(td, temperature=1.0, use_remove_padding=remove_padding, pad_token_id=0)
+    return td
+
+
+def test_registered_under_own_backends():
+    from verl.workers.engine.base import EngineRegistry
+
+    for backend in ("routed_lora_fsdp", "routed_lora_fsdp2"):
+        assert EngineRegistry.get_engine_cls("language_model", backend) is verl_int.RoutedLoRAFSDPEngine
+    assert issubclass(verl_int.RoutedLoRAFSDPEngine, __import__(
+        "verl.workers.engine.fsdp.transformer_impl", fromlist=["x"]).FSDPEngineWithLMHead)
+
+
+@pytest.mark.parametrize("remove_padding", [True, False], ids=["packed", "padded"])
+def test_verl_forward_equals_padded_teacher_forcing(one_thread, remove_padding):
+    from routed_lora.grpo.logprobs import routes_for, token_logprobs
+
+    tok = tiny_tokenizer()
+    eng = _engine(tok)
+    seqs = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    mb = _micro_batch(seqs, remove_padding)
+    inputs, out_args = eng.prepare_model_inputs(mb)
+    router = eng._router()
+    if remove_padding:
+        cut = len(seqs[0]) + len(seqs[1])  # first token of sequence 2 follows a <search> cut by the boundary
+        assert inputs["routes"].shape == inputs["input_ids"].shape == (1, sum(map(len, seqs)))
+        assert int(inputs["routes"][0, cut]) == 0 and int(router(inputs["input_ids"])[0, cut]) == 1
+    with torch.no_grad():
+        raw = eng.module(**inputs, use_cache=False)
+        got = eng.prepare_model_outputs(raw, out_args, mb, None)["log_probs"]
+    # ours: padded batch, router per row, teacher-forced log-probs
+    L = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], att[i, :len(s)] = s, 1
+    ref, _ = token_logprobs(eng.module, ids, att, routes=routes_for(ids, att, router=router))
+    worst = 0.0
+    for i, (s, lp) in enumerate(zip(seqs, got.unbind())):
+        worst = max(worst, float((lp[:len(s) - 1] - ref[i, :len(s) - 1]).abs().max()))
+    assert worst <= 1e-5, f"veRL's log-probs differ from ours by {worst:.3g}"
+    # the reference pass: veRL's disable_adapter() gives the backbone
+    with torch.no_grad(), eng.disable_adapter():
+        base = eng.prepare_model_outputs(eng.module(**inputs, use_cache=False), out_args, mb, None)["log_probs"]
+        ref_base, _ = token_logprobs(eng.module, ids, att, routes=torch.full_like(ids, -1))
+    for i, (s, lp) in enumerate(zip(seqs, base.unbind())):
+        assert float((lp[:len(s) - 1] - ref_base[i, :len(s) - 1]).abs().max()) <= 1e-5
+    assert float((got.values() - base.values()).abs().max()) > 1e-3  # the adapters matter
+
+
+def test_rollout_engines_that_serve_one_lora_are_refused():
+    tok = tiny_tokenizer()
+    eng = _engine(tok)
+    with pytest.raises(RuntimeError, match="rollout.name=hf"):
+        eng.get_per_tensor_param()
+    for name in ("vllm", "sglang"):
+        with pytest.raises(ValueError, match="rollout.name=hf"):
+            verl_int.check_rollout(name)
+    verl_int.check_rollout("hf")
+
+
+def test_recorded_routes_are_used():
+    tok = tiny_tokenizer()
+    eng = _engine(tok)
+    seqs = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    mb = _micro_batch(seqs)
+    recorded = [torch.full((len(s),), i % 2) for i, s in enumerate(seqs)]
+    mb["routes"] = torch.nested.nested_tensor(recorded, layout=torch.jagged)
+    inputs, _ = eng.prepare_model_inputs(mb)
+    assert torch.equal(inputs["routes"][0], torch.cat(recorded))
