@@ -457,7 +457,7 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
     """The 2-Agent loop (module doc): ``reasoner`` writes until ``<search>``, ``tool_agent`` writes the query up to
     ``</search>``, passages are spliced in as ids, and the turn returns. Returns (rollouts, stats) with the
     :class:`routed_lora.env.rollout.Rollout` fields the scorer needs and ``handovers`` / ``foreign_tokens``."""
-    from routed_lora.env.rollout import Rollout, _encode_prompts, _Tags, append_search_results
+    from routed_lora.env.rollout import Rollout, _encode_prompts, _Tags, append_search_results, completion_text
 
     s_open, s_close = _single(tokenizer, "<search>"), _single(tokenizer, "</search>")
     tags = _Tags(tokenizer)  # the query between the last <search> and </search>, as in the one-model rollout
@@ -545,7 +545,7 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
                 stats["handovers"] += 1
     for ro in rolls:
         ro.finish_reason = ro.finish_reason or "max_turns"
-        ro.text = tokenizer.decode(ro.completion_ids, skip_special_tokens=True)
+        ro.text = completion_text(tokenizer, ro.completion_ids)  # tags kept, even as special tokens
     return rolls, stats
 
 

@@ -17,7 +17,7 @@ Contract for the GRPO loop (the signature and these fields are stable):
   template). For G samples per prompt, repeat each prompt G times; the group id is the caller's business.
 - Each :class:`Rollout` holds ``prompt_ids``, ``completion_ids`` (sampled tokens and spliced information blocks,
   in order), ``info_mask`` (1 on spliced tokens, same length as ``completion_ids``), ``num_tool_calls``,
-  ``text`` (decoded completion, reward input), ``finish_reason`` and the ``queries`` sent.
+  ``text`` (decoded completion with the tags kept, :func:`completion_text`; the reward input), ``finish_reason`` and the ``queries`` sent.
 - ``return_logprobs=True`` fills ``Rollout.logprobs``: for each sampled completion token,
   ``log_softmax(logits / temperature)`` at the sampled id, from the raw logits of the generation step
   (``output_logits``; 0.0 on information tokens). With ``do_sample=True`` the sampler draws from exactly that
@@ -96,6 +96,24 @@ def append_search_results(
     return added
 
 
+_TAG_TEXTS = ("<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>",
+              "</answer>")
+
+
+def completion_text(tokenizer, ids: Sequence[int]) -> str:
+    """The text the reward reads: ``ids`` decoded with every tag kept.
+
+    ``decode(skip_special_tokens=True)`` deletes tags that were added to the vocabulary as special tokens (as
+    the public DART code does), and every reward would be 0. So only the special tokens that are not tags (eos,
+    pad, bos, chat markers) are dropped, by id, and the rest is decoded with ``skip_special_tokens=False``."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    if special:
+        keep = {i for i in special if tokenizer.convert_ids_to_tokens(int(i)) in _TAG_TEXTS}
+        drop = special - keep
+        ids = [t for t in ids if t not in drop]
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
 def _single_id(tokenizer, text: str) -> int | None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None
@@ -151,7 +169,7 @@ class _Tags:
                 if self.search_open in completion else -1
             end = len(completion) - 1  # the </search> just generated
             return self.tok.decode(completion[start + 1: end], skip_special_tokens=True).strip()
-        found = _SEARCH_RE.findall(self.tok.decode(completion, skip_special_tokens=True))
+        found = _SEARCH_RE.findall(completion_text(self.tok, completion))
         return found[-1].strip() if found else ""
 
 
@@ -267,7 +285,7 @@ def generate_rollouts(
     for i, ro in enumerate(rolls):
         if not done[i]:  # asked for another search after the last allowed turn's generation
             ro.finish_reason = ro.finish_reason or "max_turns"
-        ro.text = tokenizer.decode(ro.completion_ids, skip_special_tokens=True)
+        ro.text = completion_text(tokenizer, ro.completion_ids)
         if route_fn is not None:
             ro.routes = [int(x) for x in route_fn(ro.ids)]
             if len(ro.routes) != len(ro.ids):
