@@ -8,7 +8,9 @@ One training step:
 2. reward each rollout (exact match on the last ``<answer>``, optional format reward) and compute group-normalised
    advantages (:func:`routed_lora.grpo.loss.group_advantages`);
 3. record the old log-probs (and, when beta > 0, the reference log-probs with adapters off) with the same routes,
-   position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1;
+   position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1; with one
+   epoch and one mini-batch the old policy is the current one and that pass is skipped (the update's own
+   forward, detached, gives the old log-probs: ratio exactly 1);
 4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps; each optimiser step
    accumulates micro-batch losses normalised over the whole step (and over all ranks), clips the global gradient
    norm, and applies per-adapter learning rates;
@@ -292,6 +294,9 @@ class _Prepared:
         self.adv = None
 
 
+_FORCE_OLD_PASS = False  # tests: compute the old-policy pass even when it could be skipped
+
+
 def _route_counts(routes: torch.Tensor, loss_mask: torch.Tensor, names) -> dict[str, float]:
     """Tokens per route among the sampled tokens (route of the position that produced each token)."""
     r = routes[:, :-1][loss_mask.bool()]
@@ -314,32 +319,42 @@ def grpo_update(
     adv = group_advantages(batch.rewards, batch.group_ids, eps=cfg.adv_eps, scale_rewards=cfg.scale_rewards)
     max_len = cfg.max_total_tokens
 
-    # a fixed split into mini-batches (optimiser steps) and micro-batches, used by every pass
+    # a fixed split into mini-batches (optimiser steps) and micro-batches, used by every pass. Within a
+    # mini-batch the rows are sorted by length before the micro-batch split: each micro-batch is trimmed to its
+    # longest row, so similar lengths waste less padding (the step's loss is a sum over rows: order-free)
     mb_rows = [list(range(n))[s] for s in _micro_batches(n, math.ceil(n / cfg.mini_batches))]
+    lengths = batch.attention_mask.sum(1).tolist()
     plan = []  # list of mini-batches, each a list of _Prepared micro-batches
     for rows in mb_rows:
         micro = []
-        for s in _micro_batches(len(rows), cfg.micro_batch_size):
-            sl = slice(rows[s.start], rows[s.stop - 1] + 1)
+        order = sorted(rows, key=lambda i: (lengths[i], i))
+        for s in _micro_batches(len(order), cfg.micro_batch_size):
+            sel = order[s]
+            sl = slice(sel[0], sel[-1] + 1) if sel == list(range(sel[0], sel[-1] + 1)) else torch.tensor(sel)
             p = _Prepared(batch, routes, sl)
             p.adv = adv[sl]
             micro.append(p)
         plan.append(micro)
 
-    # old (and reference) log-probs: same micro-batches, same routes, no grad
+    # old (and reference) log-probs: same micro-batches, same routes, no grad. With one optimiser step on the
+    # batch (one epoch, one mini-batch) the old policy is the current one: the update's own forward gives the
+    # old log-probs (detached, so the ratio is exactly 1) and the separate pass is skipped.
+    on_policy = cfg.epochs == 1 and len(plan) == 1 and not _FORCE_OLD_PASS
     with torch.no_grad():
         for micro in plan:
             for p in micro:
-                p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
+                if not on_policy:
+                    p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
                 if cfg.beta > 0:
                     p.ref = reference_logprobs(model, p.ids, p.att, temperature=cfg.temperature)
     # generation-time vs teacher-forced log-probs of the sampled tokens: same routes, positions and temperature
     # give equal values up to float rounding (the KV-cache path sums in another order)
-    gen_diff = None
-    diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
-             if p.rollout is not None and p.mask.any()]
-    if diffs:
-        gen_diff = max(diffs)
+    def gen_diffs():
+        diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
+                 if p.rollout is not None and p.old is not None and p.mask.any()]
+        return max(diffs) if diffs else None
+
+    gen_diff = None if on_policy else gen_diffs()
 
     sums = dict(loss=0.0, tokens=0.0, kl=0.0, clip=0.0, ratio=0.0, entropy=0.0)
     ratio_max, first_ratio_max_dev = 1.0, None
@@ -357,6 +372,8 @@ def grpo_update(
                 with ctx:
                     logp, ent = token_logprobs(ddp_model, p.ids, p.att, routes=p.routes,
                                                temperature=cfg.temperature, with_entropy=True)
+                    if on_policy:
+                        p.old = logp.detach()
                     out = grpo_loss(
                         logp, p.old, p.adv, p.mask, ref_logp=p.ref, beta=cfg.beta, eps_low=cfg.eps_low,
                         eps_high=cfg.eps_high, aggregation=cfg.aggregation, normalizer=norm, max_len=max_len,
@@ -379,6 +396,8 @@ def grpo_update(
             pre_clip.append(float(total))
             optimizer.step()
     optimizer.zero_grad()
+    if on_policy:
+        gen_diff = gen_diffs()
 
     # metrics, summed over ranks
     rc = _route_counts(routes, batch.loss_mask, adapter_names(model))
@@ -642,10 +661,12 @@ class Trainer:
         plen = max(len(self.tok(p)["input_ids"]) for p in prompts)
         t0 = time.perf_counter()
         self.model.eval()
+        meters: dict = {}
         rolls = generate_rollouts(self.model, self.tok, prompts, self.retriever, max_turns=self.cfg.max_turns,
                                   max_new_tokens=self.cfg.max_new_tokens,
                                   max_length=plen + self.cfg.max_total_tokens, topk=self.cfg.topk,
-                                  do_sample=True, temperature=self.cfg.temperature, return_logprobs=True)
+                                  do_sample=True, temperature=self.cfg.temperature, return_logprobs=True,
+                                  meters=meters)
         t_roll = time.perf_counter() - t0
         golds = [r["golden_answers"] for r in rows for _ in range(G)]
         score = self.reward_fn or (lambda text, g: compute_score(text, g, format_score=self.cfg.format_reward))
@@ -664,7 +685,8 @@ class Trainer:
         )
         routes = routes_for(ids, att, joint_adapter=0) if self.cfg.mode == "joint" else \
             routes_for(ids, att, router=self.router)
-        info = {"rollout_seconds": t_roll, "finish_answer": sum(ro.finish_reason == "answer" for ro in rolls) / len(rolls)}
+        info = {"rollout_seconds": t_roll, "finish_answer": sum(ro.finish_reason == "answer" for ro in rolls) / len(rolls),
+                "prefill_tokens": meters.get("prefill_tokens", 0), "decode_tokens": meters.get("decode_tokens", 0)}
         return batch, routes, info
 
     # -- evaluation ----------------------------------------------------------------------------------------------
@@ -726,7 +748,8 @@ class Trainer:
             self.model.eval()
             t2 = time.perf_counter()
             row = {"step": step + 1, **metrics, "rollout_s": t1 - t0, "update_s": t2 - t1,
-                   "finish_answer": info["finish_answer"]}
+                   "finish_answer": info["finish_answer"], "prefill_tokens": info["prefill_tokens"],
+                   "decode_tokens": info["decode_tokens"]}
             self.step = step + 1
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < steps and self.eval_rows:
                 ev = self.evaluate()
