@@ -16,6 +16,9 @@ One training step:
    norm, and applies per-adapter learning rates;
 5. write one metrics row (JSONL) and, every ``save_every`` steps, an atomic checkpoint.
 
+``loss_on`` ("reasoning" / "tool", default "all") keeps the loss on one role's sampled tokens only
+(:func:`role_mask`): the role-masked RL of LEAS's M_Reas and M_Tool (DESIGN.md §5).
+
 Modes: ``dart`` (adapters ``reasoning`` and ``tool``, routed per token by the tag router), ``joint`` (one adapter of
 rank 2r on every token: the Search-R1 LoRA baseline, same layer), ``base`` (no adapters trained: evaluation only).
 
@@ -46,6 +49,7 @@ __all__ = ["GRPOConfig", "RolloutBatch", "routed_layers", "adapter_names", "Adap
            "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
 
 MODES = ("dart", "joint", "base")
+LOSS_ON = ("all", "reasoning", "tool")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,6 +76,7 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     aggregation: str = "token-mean"
+    loss_on: str = "all"  # "reasoning" | "tool": the loss only on that role's sampled tokens (LEAS M_Reas / M_Tool)
     scale_rewards: bool = True  # False: Dr.GRPO advantages (no std)
     adv_eps: float = 1e-6
     format_reward: float = 0.0
@@ -93,6 +98,8 @@ class GRPOConfig:
             raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.group_size < 2:
             raise ValueError(f"group_size: GRPO needs at least 2 rollouts per prompt, got {self.group_size}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on: expected one of {LOSS_ON}, got {self.loss_on!r}")
         for name in ("temperature", "lr", "prompts_per_step", "micro_batch_size", "epochs", "mini_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
@@ -597,6 +604,19 @@ def build_policy(model, tokenizer, cfg: GRPOConfig):
     return model, router
 
 
+def role_mask(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str) -> torch.Tensor:
+    """(B, L-1) bool, aligned with the targets: True where the target token belongs to ``role`` ("tool": written
+    by a position inside ``<search>`` ... ``</search>``, i.e. the query and the closing tag, DESIGN.md §2;
+    "reasoning": every other token). The roles come from the DART tag router whatever the adapter layout, so a
+    joint adapter can be trained with the loss on one role only (``--loss-on``, LEAS's M_Reas / M_Tool)."""
+    import routed_lora as rl
+
+    router = rl.TagRouter(tokenizer, spans={"tool": ("<search>", "</search>")}, default="reasoning",
+                          adapters=("reasoning", "tool"))
+    roles = router(input_ids, attention_mask)[:, :-1]
+    return roles == (1 if role == "tool" else 0)
+
+
 def rows_for_step(n_rows: int, step: int, per_step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
     """Indices of the questions of ``step`` for ``rank``: consecutive slices of a reshuffled order per epoch
     (a pure function of the step, so a resumed run sees the same questions)."""
@@ -675,6 +695,8 @@ class Trainer:
         c = collate(rolls, self.pad_id)
         ids, att = c["input_ids"], c["attention_mask"]
         loss_mask = c["loss_mask"][:, 1:].bool()
+        if self.cfg.loss_on != "all":
+            loss_mask = loss_mask & role_mask(self.tok, ids, att, self.cfg.loss_on)
         batch = RolloutBatch(
             input_ids=ids, attention_mask=att, loss_mask=loss_mask, rewards=rewards,
             group_ids=torch.arange(len(rows)).repeat_interleave(G) + group_offset, em=em.float(),
