@@ -111,7 +111,7 @@ def build_batch(model, tokenizer, rows, retriever, *, source="rollouts", group_s
         attn = _pad([[1] * len(t["input_ids"]) for t in trajs], 0)
         loss = _pad([t["loss_mask"] for t in trajs], 0).float()
         batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
-                 "advantages": torch.ones(len(trajs))}
+                 "advantages": torch.ones(len(trajs)), "group_ids": torch.arange(len(trajs))}
     elif source == "rollouts":
         from routed_lora.env.data import make_prompt
         from routed_lora.env.reward import compute_score
@@ -128,6 +128,7 @@ def build_batch(model, tokenizer, rows, retriever, *, source="rollouts", group_s
                                 for i, ro in enumerate(rolls)], dtype=torch.float32)
         batch = collate(rolls, pad)
         batch["advantages"] = group_advantages(rewards, gids)
+        batch["group_ids"] = gids
         info.update(group_size=group_size, reward_mean=float(rewards.mean()),
                     zero_std_group_fraction=zero_std_fraction(rewards, gids),
                     tool_calls_per_rollout=sum(r.num_tool_calls for r in rolls) / len(rolls))
@@ -176,7 +177,9 @@ def run_grad_angle(args) -> dict:
         routes = torch.where(batch["attention_mask"].bool(), 0, -1)
     report = grad_angle_from_batch(model, batch, which="full" if args.mode == "full" else "lora", routes=routes,
                                    objective=objective, temperature=args.temperature,
-                                   max_rollouts=args.max_rollouts, max_pairs=args.max_pairs)
+                                   max_rollouts=args.max_rollouts, max_pairs=args.max_pairs,
+                                   paper=getattr(args, "paper", False), splits=getattr(args, "splits", 8),
+                                   seed=args.seed)
     report["mode"] = args.mode
     report["batch_info"] = info
     report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
@@ -188,6 +191,18 @@ def run_grad_angle(args) -> dict:
     for role, blk in report.get("across_rollouts", {}).items():
         line += f"; across {role} median {_fmt(blk['angle_deg']['median'])} deg (n={blk['angle_deg']['n']})"
     print(line)
+    pp = report.get("paper")
+    if pp is not None:
+        print(f"  the paper's way: {pp['rollouts_kept']} distinct rollouts ({pp['duplicates_removed']} duplicates "
+              f"removed), {pp['groups_with_signal']} of {pp['groups']} groups with signal, {pp['splits']} splits "
+              "into disjoint halves")
+        for k in ("same_reasoning", "same_tool", "cross"):
+            if k in pp:
+                f, t = pp[k]["flat"]["angle_deg"], pp[k]["per_tensor"]["angle_deg"]
+                print(f"    {k:15s} flattened median {_fmt(f['median'])} deg (IQR {_fmt(f['q3'])}-{_fmt(f['q1'])}); "
+                      f"per tensor median {_fmt(t['median'])} deg (IQR {_fmt(t['q3'])}-{_fmt(t['q1'])})")
+        if pp.get("note"):
+            print(f"    {pp['note']}", file=sys.stderr)
     for a, ct in report.get("cross_talk", {}).items():
         print(f"  cross-talk {a}: {_fmt(ct['cross_talk'], 3)} (share {_fmt(ct['cross_talk_share'], 3)})")
     if objective == "grpo" and info.get("zero_std_group_fraction") == 1.0:
@@ -341,6 +356,10 @@ def register(subparsers) -> None:
     g.add_argument("--r", type=int, default=8, help="rank of fresh adapters (ignored with --adapters)")
     g.add_argument("--random-b", type=float, default=0.0,
                    help="fresh adapters: draw B ~ N(0, STD^2) so A gets gradients too (0: PEFT init, B = 0)")
+    g.add_argument("--paper", action="store_true",
+                   help="the paper's comparison: de-duplicated rollouts, same-role baseline from disjoint halves "
+                        "of the groups, per-tensor cosines summarised (docs/diagnostics.md)")
+    g.add_argument("--splits", type=int, default=8, help="random disjoint splits of the groups (--paper)")
     g.add_argument("--out", required=True, help="folder for grad_angle.json and grad_angle.png")
     g.set_defaults(func=lambda a: (run_grad_angle(a), 0)[1])
 
