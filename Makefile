@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.routed-lora-installed
 OUT ?= runs/demo
 
-.PHONY: setup test demo bench bench-quick gpu-check clean
+.PHONY: setup test demo study bench bench-quick gpu-check clean
 
 $(STAMP): pyproject.toml setup.py scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -17,6 +17,10 @@ test: setup
 
 demo: setup
 	$(PY) -m routed_lora.cli demo --out $(OUT)
+
+# the DART study (docs/study.md); STUDY_ARGS=--quick for the short one; rerun to resume
+study: setup
+	$(PY) -m routed_lora.cli study --out runs/study $(STUDY_ARGS)
 
 bench-quick: setup
 	$(PY) -m routed_lora.cli bench --quick --out runs/bench

@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "routed_lora.bench.cli",
     "routed_lora.grpo.cli",
     "routed_lora.diagnostics.cli",
+    "routed_lora.study.cli",
 )
 
 

@@ -10,7 +10,9 @@ Steps (each writes under ``--out``, default ``runs/demo``):
 3. ``grpo/``: GRPO in DART mode: the backbone frozen, a ``reasoning`` and a ``tool`` LoRA adapter routed per token
    by the tag router (tool inside ``<search>`` ... ``</search>``), rollouts with the real tool loop;
 4. held-out exact match before and after GRPO, greedy and sampled at the training temperature (mean over G
-   samples), 1-hop and 2-hop apart; adapters saved in PEFT format; ``metrics.jsonl`` and ``metrics.png``.
+   samples), 1-hop and 2-hop apart, with the exact McNemar p-value of the greedy results (paired: the same
+   questions before and after; :mod:`routed_lora.study.stats`); per-question results in
+   ``per_question.jsonl``; adapters saved in PEFT format; ``metrics.jsonl`` and ``metrics.png``.
 
 The whole run is sized for about 5-8 minutes on 2 CPU cores; ``--quick`` is a ~1 minute smoke version. The
 GRPO phase stops early when ``--grpo-budget`` seconds are spent (the summary says so).
@@ -122,7 +124,15 @@ def run_demo(out: Path, *, quick: bool = False, threads: int = 2, progress: bool
     trainer = Trainer(cfg, model, tok, router, retriever, train_rows, out=grpo_dir, eval_rows=eval_rows,
                       eval_samples=cfg.group_size, progress=progress)
 
-    ev_before = trainer.evaluate()
+    def evaluate(records: list) -> dict:  # the trainer's evaluation, with per-question records
+        from routed_lora.grpo.evaluate import evaluate_em
+
+        return evaluate_em(model, tok, eval_rows, retriever, samples=trainer.eval_samples,
+                           temperature=cfg.temperature, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                           topk=cfg.topk, prompt_template=trainer.template, seed=cfg.seed + 7919, records=records)
+
+    recs_before, recs_after = [], []
+    ev_before = evaluate(recs_before)
     print(f"      held-out before GRPO: {format_eval(ev_before)} ({ev_before['eval_seconds']:.0f} s)", flush=True)
 
     # stop GRPO early (with a checkpoint and the same final evaluation) when the time runs out: the GRPO budget,
@@ -149,18 +159,19 @@ def run_demo(out: Path, *, quick: bool = False, threads: int = 2, progress: bool
         if stopped_early["at"]:
             raise _Stop
 
-    try:
-        result = trainer.train(callback=on_step, evaluate_before=ev_before)
-    except _Stop:
-        from routed_lora.grpo.trainer import MetricsWriter, save_checkpoint
+    from routed_lora.grpo.trainer import MetricsWriter, save_checkpoint
 
+    try:
+        result = trainer.train(callback=on_step, evaluate_before=ev_before, evaluate_after=False)
+    except _Stop:
         save_checkpoint(grpo_dir, model=model, optimizer=trainer.optimizer, step=trainer.step, cfg=cfg)
-        ev_after = trainer.evaluate()
-        MetricsWriter(grpo_dir / "metrics.jsonl", resume_step=10**9).write({"eval": "after", "step": trainer.step,
-                                                                            **ev_after})
-        rows = [json.loads(x) for x in (grpo_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        result = {"steps": trainer.step, "evals": {"before": ev_before, "after": ev_after},
-                  "last": [r for r in rows if "eval" not in r][-1]}
+        result = {"steps": trainer.step}
+    ev_after = evaluate(recs_after)
+    MetricsWriter(grpo_dir / "metrics.jsonl", resume_step=10**9).write({"eval": "after", "step": trainer.step,
+                                                                        **ev_after})
+    result["evals"] = {"before": ev_before, "after": ev_after}
+    _write_jsonl(out / "per_question.jsonl",
+                 [{"when": w, **r} for w, rs in (("before", recs_before), ("after", recs_after)) for r in rs])
     timings["grpo_s"] = time.perf_counter() - t
     steps_done = result["steps"]
     print(f"[3/4] GRPO (dart): {steps_done} steps x {cfg.prompts_per_step} questions x G={cfg.group_size} in "
@@ -183,10 +194,12 @@ def run_demo(out: Path, *, quick: bool = False, threads: int = 2, progress: bool
         "config": cfg.to_dict(), "sft_eval": sft["eval"],
         "before": {k: v for k, v in before.items() if k.startswith(("em_", "n/", "tool_calls"))},
         "after": {k: v for k, v in after.items() if k.startswith(("em_", "n/", "tool_calls"))},
+        "paired": _paired(recs_before, recs_after),
         "train_reward_first": _mean([r["reward_mean"] for r in train_rows_m[:5]]),
         "train_reward_last": _mean([r["reward_mean"] for r in train_rows_m[-5:]]),
         "paths": {"world": str(world_dir), "sft_model": str(sft_dir), "adapters": str(adapters_dir),
-                  "metrics": str(out / "metrics.jsonl"), "plot": str(png), "checkpoint": str(grpo_dir / "checkpoint.pt")},
+                  "metrics": str(out / "metrics.jsonl"), "plot": str(png), "checkpoint": str(grpo_dir / "checkpoint.pt"),
+                  "per_question": str(out / "per_question.jsonl")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[4/4] adapters (PEFT format, one folder per adapter): {adapters_dir}")
@@ -200,19 +213,44 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _write_jsonl(path: Path, rows) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _paired(before: list, after: list) -> dict:
+    """Exact McNemar p-value of greedy EM before vs after, per hop count and overall (same questions, paired)."""
+    from routed_lora.study.stats import mcnemar_exact
+
+    out = {}
+    for h in ("1hop", "2hop", "all"):
+        sel = [i for i, r in enumerate(before) if h == "all" or f"{r.get('hops')}hop" == h]
+        if sel:
+            out[h] = mcnemar_exact([before[i]["greedy"] for i in sel], [after[i]["greedy"] for i in sel])
+    return out
+
+
 def _report(summary, before, after, format_eval) -> str:
     lines = ["Summary (held-out questions, exact match):",
              f"  before GRPO: {format_eval(before)}",
              f"  after GRPO:  {format_eval(after)}"]
+    from routed_lora.study.stats import format_p
+
+    paired = summary.get("paired", {})
     for kind in ("greedy", "sampled"):
         for h in ("1hop", "2hop", "all"):
             k = f"em_{kind}/{h}"
             if k in before and k in after:
                 d = after[k] - before[k]
                 n = before.get(f"n/{h}", 0)
-                se = (0.25 / max(n, 1)) ** 0.5  # rough binomial standard error at p = 0.5
-                verdict = "improved" if d > 2 * se else ("got worse" if d < -2 * se else "no clear change")
-                lines.append(f"  {kind:7s} {h}: {before[k]:.3f} -> {after[k]:.3f} ({d:+.3f}, {verdict}; n={n})")
+                if kind == "greedy" and h in paired:  # paired exact test on the same questions
+                    t = paired[h]
+                    extra = (f"exact McNemar p = {format_p(t['p'])}: {t['n01']} questions gained, {t['n10']} lost; "
+                             f"n={n}")
+                else:
+                    extra = f"mean over {summary['config']['group_size']} samples a question; n={n}"
+                lines.append(f"  {kind:7s} {h}: {before[k]:.3f} -> {after[k]:.3f} ({d:+.3f}; {extra})")
     lines.append(f"  training reward (sampled, first 5 -> last 5 steps): {summary['train_reward_first']:.3f} -> "
                  f"{summary['train_reward_last']:.3f}")
     lines.append(f"  wall time: {summary['timings']['total_s']:.0f} s (world {summary['timings']['world_s']:.0f}, "

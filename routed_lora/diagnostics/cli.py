@@ -128,7 +128,7 @@ def build_batch(model, tokenizer, rows, retriever, *, source="rollouts", group_s
         attn = _pad([[1] * len(t["input_ids"]) for t in trajs], 0)
         loss = _pad([t["loss_mask"] for t in trajs], 0).float()
         batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
-                 "advantages": torch.ones(len(trajs))}
+                 "advantages": torch.ones(len(trajs)), "group_ids": torch.arange(len(trajs))}
     elif source == "rollouts":
         from routed_lora.env.data import make_prompt
         from routed_lora.env.reward import compute_score
@@ -145,6 +145,7 @@ def build_batch(model, tokenizer, rows, retriever, *, source="rollouts", group_s
                                 for i, ro in enumerate(rolls)], dtype=torch.float32)
         batch = collate(rolls, pad)
         batch["advantages"] = group_advantages(rewards, gids)
+        batch["group_ids"] = gids
         info.update(group_size=group_size, reward_mean=float(rewards.mean()),
                     zero_std_group_fraction=zero_std_fraction(rewards, gids),
                     tool_calls_per_rollout=sum(r.num_tool_calls for r in rolls) / len(rolls))
@@ -196,7 +197,9 @@ def run_grad_angle(args) -> dict:
         routes = torch.where(batch["attention_mask"].bool(), 0, -1)
     report = grad_angle_from_batch(model, batch, which="full" if args.mode == "full" else "lora", routes=routes,
                                    objective=objective, temperature=args.temperature,
-                                   max_rollouts=args.max_rollouts, max_pairs=args.max_pairs)
+                                   max_rollouts=args.max_rollouts, max_pairs=args.max_pairs,
+                                   paper=getattr(args, "paper", False), splits=getattr(args, "splits", 8),
+                                   seed=args.seed)
     report["mode"] = args.mode
     report["batch_info"] = info
     report["config"] = {k: v for k, v in vars(args).items() if k != "func"}
@@ -208,6 +211,18 @@ def run_grad_angle(args) -> dict:
     for role, blk in report.get("across_rollouts", {}).items():
         line += f"; across {role} median {_fmt(blk['angle_deg']['median'])} deg (n={blk['angle_deg']['n']})"
     print(line)
+    pp = report.get("paper")
+    if pp is not None:
+        print(f"  the paper's way: {pp['rollouts_kept']} distinct rollouts ({pp['duplicates_removed']} duplicates "
+              f"removed), {pp['groups_with_signal']} of {pp['groups']} groups with signal, {pp['splits']} splits "
+              "into disjoint halves")
+        for k in ("same_reasoning", "same_tool", "cross"):
+            if k in pp:
+                f, t = pp[k]["flat"]["angle_deg"], pp[k]["per_tensor"]["angle_deg"]
+                print(f"    {k:15s} flattened median {_fmt(f['median'])} deg (IQR {_fmt(f['q3'])}-{_fmt(f['q1'])}); "
+                      f"per tensor median {_fmt(t['median'])} deg (IQR {_fmt(t['q3'])}-{_fmt(t['q1'])})")
+        if pp.get("note"):
+            print(f"    {pp['note']}", file=sys.stderr)
     for a, ct in report.get("cross_talk", {}).items():
         print(f"  cross-talk {a}: {_fmt(ct['cross_talk'], 3)} (share {_fmt(ct['cross_talk_share'], 3)})")
     if objective == "grpo" and info.get("zero_std_group_fraction") == 1.0:
@@ -255,7 +270,49 @@ def run_leas(args) -> dict:
 # ----------------------------------------------------------------------------------------------- eval
 
 
+def run_paper_leas(args) -> dict:
+    """``routed-lora eval leas --paper``: the six variants as separately trained models (leas_paper)."""
+    from .evaluate import load_datasets
+    from .leas import write_leas
+    from .leas_paper import check_runs, paper_leas
+
+    if not args.paper:
+        raise SystemExit("eval leas: give --paper (separately trained M_Reas / M_Tool / M_Unified, the paper's "
+                         "LEAS). The route-choice analysis on one DART model is `eval --variant all` followed by "
+                         "`diagnose leas`.")
+    runs = {"reasoning": args.reasoning_run, "tool": args.tool_run, "unified": args.unified_run}
+    check_runs(runs)  # wrong rank / mode: an error before any model is loaded
+    _threads(args.threads)
+    model_dir, data, corpus = _resolve_env(args)
+    datasets = load_datasets(data, limit=args.limit)
+    rows = [dict(r, id=f"{name}/{r.get('id', i)}") for name, rs in datasets.items() for i, r in enumerate(rs)]
+    retriever = _retriever(args, corpus)
+    samples = 50 if args.samples is None else args.samples
+    print(f"LEAS (paper): {len(rows)} questions x {samples} sampled decodes x 6 variants")
+    out = paper_leas(model_dir, runs, rows, retriever, samples=samples, temperature=args.temperature,
+                     batch_size=args.batch_size, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                     max_length=args.max_length, topk=args.topk, seed=args.seed, n_boot=args.bootstrap,
+                     progress=print)
+    res = out.pop("_result")
+    d = Path(args.out)
+    paths = write_leas(res, d)
+    (d / "leas_paper.json").write_text(json.dumps(out, indent=1) + "\n")
+    ci = out["negative_interaction_share_ci95"]
+    share = out["negative_interaction_share"]
+    print(f"  kept {out['leas']['kept']} of {len(rows)} questions ({out['leas']['dropped_never_solved']} never "
+          f"solved); negative tool*reasoning interaction on {_fmt(share, 3)} of them"
+          + (f" (95% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
+    for h, b in out["by_hops"].items():
+        print(f"    {h}: {_fmt(b['negative_interaction_share'], 3)} of {b['kept']}")
+    print(f"wrote {d / 'leas_paper.json'}, {paths['csv']} and {paths['summary']}")
+    return out
+
+
 def run_eval(args) -> dict:
+    if getattr(args, "what", None) == "leas":
+        return run_paper_leas(args)
+    if args.samples is None:
+        args.samples = 4
     from .evaluate import (VARIANTS, compare_two_agent, evaluate_variant, load_datasets, load_policy, summarize,
                            write_records)
 
@@ -329,6 +386,10 @@ def register(subparsers) -> None:
     g.add_argument("--r", type=pos, default=8, help="rank of fresh adapters (ignored with --adapters)")
     g.add_argument("--random-b", type=finite_float(0), default=0.0,
                    help="fresh adapters: draw B ~ N(0, STD^2) so A gets gradients too (0: PEFT init, B = 0)")
+    g.add_argument("--paper", action="store_true",
+                   help="the paper's comparison: de-duplicated rollouts, same-role baseline from disjoint halves "
+                        "of the groups, per-tensor cosines summarised (docs/diagnostics.md)")
+    g.add_argument("--splits", type=int, default=8, help="random disjoint splits of the groups (--paper)")
     g.add_argument("--out", required=True, help="folder for grad_angle.json and grad_angle.png")
     g.set_defaults(func=lambda a: (run_grad_angle(a), 0)[1])
 
@@ -343,13 +404,23 @@ def register(subparsers) -> None:
 
     e = subparsers.add_parser("eval", help="EM per data set with the tool loop: LEAS variants and the 2-Agent baseline",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("what", nargs="?", choices=("leas",), default=None,
+                   help="'leas' with --paper: LEAS the paper's way (separately trained models, docs/diagnostics.md)")
     _add_env_args(e)
+    e.add_argument("--paper", action="store_true", help="with 'leas': the paper's six variants")
+    e.add_argument("--reasoning-run", default=None,
+                   help="M_Reas: a `train --mode joint --loss-on reasoning --out` folder (or its adapters/)")
+    e.add_argument("--tool-run", default=None, help="M_Tool: a `train --mode joint --loss-on tool` folder")
+    e.add_argument("--unified-run", default=None, help="M_Unified: a `train --mode joint --loss-on all` folder")
+    e.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the negative share")
     e.add_argument("--variant", nargs="+", default=["unified"],
                    choices=("base", "reasoning", "tool", "unified", "hybrid_tool", "hybrid_reasoning", "two-agent",
                             "all"),
-                   help="route choices on the one routed model (see docs/diagnostics.md); 'all' = the six LEAS "
-                        "variants; two-agent also runs DART (unified) on the same questions for the comparison")
-    e.add_argument("--samples", type=nonneg, default=4, help="sampled rollouts per question (correctness rate)")
+                   help="route choices on the one routed model (see docs/diagnostics.md); 'all' = the six "
+                        "route-choice LEAS variants (how two adapters combine at inference; the paper's LEAS is "
+                        "`eval leas --paper`); two-agent also runs DART (unified) on the same questions")
+    e.add_argument("--samples", type=nonneg, default=None,
+                   help="sampled rollouts per question (correctness rate); default 4, 50 for leas --paper")
     e.add_argument("--no-greedy", action="store_true", help="skip the greedy rollout per question")
     e.add_argument("--batch-size", type=pos, default=64)
     e.add_argument("--random-b", type=finite_float(0), default=0.0,

@@ -35,10 +35,11 @@ own adapter and its own KV cache.
 Cost accounting (the same agent loop and HF ``generate`` for both systems, same questions, seed and settings):
 
 - ``wall_s``: wall-clock time of all rollouts of the system;
-- ``generate_calls``: ``model.generate`` calls; each builds a KV cache from scratch over the whole transcript of
-  each of its rows (this loop does not keep caches across calls); ``cache_rebuilds``: summed over rollouts, the
-  calls after a rollout's first one (its context re-encoded: after each tool result in both systems, and at
-  every hand-over between agents in 2-Agent);
+- ``generate_calls``: prefill calls. DART keeps one KV cache per rollout across its turns
+  (:func:`routed_lora.env.rollout.generate_rollouts`): one call per turn feeds the prompt, then each tool
+  result. The 2-Agent loop calls ``model.generate`` per turn, and each call builds a KV cache from scratch over
+  the whole transcript of each of its rows; ``cache_rebuilds``: summed over rollouts, the calls after a
+  rollout's first one (its context re-encoded; 0 for DART, which never re-encodes);
 - ``prefill_tokens``: real (non-pad) tokens encoded by those prefills, the compute the rebuilds cost;
 - ``handovers`` and ``foreign_tokens`` (2-Agent): turn changes between agents, and the tokens an agent must
   encode that the other agent wrote since its last turn (with persistent per-agent caches, the least extra
@@ -170,6 +171,12 @@ class _VariantStream:
 
     def step(self, input_ids, attention_mask=None):
         return self.router.remap(self.inner.step(input_ids, attention_mask))
+
+    def select(self, index) -> "_VariantStream":  # rows leaving a shared KV cache
+        return _VariantStream(self.router, self.inner.select(index))
+
+    def repeat_interleave(self, repeats: int) -> "_VariantStream":
+        return _VariantStream(self.router, self.inner.repeat_interleave(repeats))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -334,13 +341,17 @@ def _model_bytes(*models) -> int:
 
 @torch.no_grad()
 def _metered_rollouts(model, meter: _Meter, *args, **kwargs):
+    """DART rollouts (one KV cache per rollout for all its turns) with their costs added to ``meter``: one
+    cache build per rollout, the prefill calls and their real tokens (prompts, then each tool result)."""
     from routed_lora.env.rollout import generate_rollouts
 
-    model.generate = meter.wrap(model)  # an instance attribute, removed below
-    try:
-        return generate_rollouts(model, *args, **kwargs)
-    finally:
-        del model.generate
+    m: dict = {}
+    rolls = generate_rollouts(model, *args, meters=m, **kwargs)
+    meter.calls += m["prefill_calls"]
+    meter.row_calls += len(rolls)
+    meter.prefill_tokens += m["prefill_real_tokens"]
+    meter.kv_peak = max(meter.kv_peak, m["kv_peak_tokens"] * meter.kv_bytes_per_token)
+    return rolls
 
 
 # ----------------------------------------------------------------------------------------------- one variant
@@ -457,7 +468,7 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
     """The 2-Agent loop (module doc): ``reasoner`` writes until ``<search>``, ``tool_agent`` writes the query up to
     ``</search>``, passages are spliced in as ids, and the turn returns. Returns (rollouts, stats) with the
     :class:`routed_lora.env.rollout.Rollout` fields the scorer needs and ``handovers`` / ``foreign_tokens``."""
-    from routed_lora.env.rollout import Rollout, _encode_prompts, _Tags, append_search_results
+    from routed_lora.env.rollout import Rollout, _encode_prompts, _Tags, append_search_results, completion_text
 
     s_open, s_close = _single(tokenizer, "<search>"), _single(tokenizer, "</search>")
     tags = _Tags(tokenizer)  # the query between the last <search> and </search>, as in the one-model rollout
@@ -545,7 +556,7 @@ def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, m
                 stats["handovers"] += 1
     for ro in rolls:
         ro.finish_reason = ro.finish_reason or "max_turns"
-        ro.text = tokenizer.decode(ro.completion_ids, skip_special_tokens=True)
+        ro.text = completion_text(tokenizer, ro.completion_ids)  # tags kept, even as special tokens
     return rolls, stats
 
 

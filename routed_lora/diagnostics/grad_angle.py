@@ -62,6 +62,8 @@ __all__ = [
     "gradient_conflict",
     "grpo_per_token_loss",
     "grad_angle_from_batch",
+    "dedup_rows",
+    "split_conflict",
     "write_report",
     "plot_histogram",
 ]
@@ -389,6 +391,85 @@ def grpo_per_token_loss(
     return per_token
 
 
+def dedup_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
+    """Indices of the first occurrence of each distinct trajectory (the real tokens of a row)."""
+    seen, keep = set(), []
+    for b in range(input_ids.shape[0]):
+        key = tuple(input_ids[b][attention_mask[b].bool()].tolist())
+        if key not in seen:
+            seen.add(key)
+            keep.append(b)
+    return keep
+
+
+def _quartiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0, "median": None, "q1": None, "q3": None}
+    t = torch.tensor(values, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"n": len(values), "median": q[1], "q1": q[0], "q3": q[2]}
+
+
+def split_conflict(
+    per_token_loss: torch.Tensor,
+    roles: Mapping[str, torch.Tensor],
+    views: Sequence[ParamView],
+    group_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    role_a: str = "reasoning",
+    role_b: str = "tool",
+    splits: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Same-role and cross-role cosines over disjoint halves of the groups (module doc, the paper's way)."""
+    masks = {k: roles[k].to(device=per_token_loss.device, dtype=torch.bool) for k in (role_a, role_b)}
+    N = max(float((masks[role_a] | masks[role_b]).sum()), 1.0)
+    zero = torch.zeros((), dtype=per_token_loss.dtype, device=per_token_loss.device)
+    gids = group_ids.tolist()
+    live = sorted({g for g, a in zip(gids, advantages.tolist()) if a != 0.0})
+    out: dict = {"groups_with_signal": len(live), "groups": len(set(gids)), "splits": 0}
+    if len(live) < 2:
+        out["note"] = "fewer than 2 groups with a non-zero advantage: no disjoint halves"
+        return out
+    rng = torch.Generator().manual_seed(seed)
+    offs = _offsets(views)
+    kinds = {"same_" + role_a: [], "same_" + role_b: [], "cross": []}
+    flat = {k: [] for k in kinds}
+    per = {k: [] for k in kinds}
+    with _grad_enabled_for(_unique_params(views)):
+        for _ in range(int(splits)):
+            perm = [live[i] for i in torch.randperm(len(live), generator=rng).tolist()]
+            half = len(perm) // 2
+            sets = (set(perm[:half]), set(perm[half:2 * half]))
+            g = {}
+            for h, S in enumerate(sets):
+                rows = torch.tensor([gi in S for gi in gids], device=per_token_loss.device)[:, None]
+                for k in (role_a, role_b):
+                    m = masks[k] & rows
+                    g[(k, h)] = flat_gradient(torch.where(m, per_token_loss, zero).sum() / N, views)
+            pairs = {"same_" + role_a: [(g[(role_a, 0)], g[(role_a, 1)])],
+                     "same_" + role_b: [(g[(role_b, 0)], g[(role_b, 1)])],
+                     "cross": [(g[(role_a, 0)], g[(role_b, 1)]), (g[(role_a, 1)], g[(role_b, 0)])]}
+            for k, lst in pairs.items():
+                for a, b in lst:
+                    c = _cos(a, b)
+                    if c is not None:
+                        flat[k].append(c)
+                    for s_, e_ in offs:
+                        ck = _cos(a[s_:e_], b[s_:e_])
+                        if ck is not None:
+                            per[k].append(ck)
+            out["splits"] += 1
+    for k in kinds:
+        f, p = _quartiles(flat[k]), _quartiles(per[k])
+        out[k] = {"flat": {"cosine": f, "angle_deg": {q: (_angle(max(-1.0, min(1.0, v))) if v is not None else None)
+                                                      for q, v in f.items() if q != "n"}},
+                  "per_tensor": {"cosine": p, "angle_deg": {q: (_angle(max(-1.0, min(1.0, v))) if v is not None else None)
+                                                            for q, v in p.items() if q != "n"}}}
+    return out
+
+
 def grad_angle_from_batch(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -398,6 +479,9 @@ def grad_angle_from_batch(
     role_routes: torch.Tensor | None = None,
     objective: str = "grpo",
     temperature: float = 1.0,
+    paper: bool = False,
+    splits: int = 8,
+    seed: int = 0,
     **kwargs,
 ) -> dict:
     """Teacher-forced pass over a collated batch (``input_ids``, ``attention_mask``, ``loss_mask`` (B, L),
@@ -413,6 +497,15 @@ def grad_angle_from_batch(
     has_routed = any(isinstance(m, RoutedLoRALinear) for m in model.modules())
     if routes is None and has_routed:
         routes = batch["routes"]
+    dup = 0
+    if paper:  # identical trajectories once (module doc)
+        keep = dedup_rows(batch["input_ids"], batch["attention_mask"])
+        dup = batch["input_ids"].shape[0] - len(keep)
+        idx = torch.tensor(keep)
+        batch = {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(idx) + dup else v)
+                 for k, v in batch.items()}
+        routes = routes[idx] if isinstance(routes, torch.Tensor) else routes
+        role_routes = role_routes[idx] if isinstance(role_routes, torch.Tensor) else role_routes
     views = select_params(model, which)
     with _grad_enabled_for(_unique_params(views)), torch.enable_grad():
         logp, _ = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
@@ -420,6 +513,14 @@ def grad_angle_from_batch(
         per_token = grpo_per_token_loss(logp, batch["advantages"], objective=objective)
         roles = role_masks_from_routes(batch["routes"] if role_routes is None else role_routes, batch["loss_mask"])
         report = gradient_conflict(per_token, roles, views, **kwargs)
+        if paper:
+            gids = batch.get("group_ids")
+            if gids is None:
+                gids = torch.arange(batch["input_ids"].shape[0])
+            adv = batch["advantages"] if objective == "grpo" else torch.ones(batch["input_ids"].shape[0])
+            report["paper"] = split_conflict(per_token, roles, views, gids, adv, splits=splits, seed=seed)
+            report["paper"]["duplicates_removed"] = dup
+            report["paper"]["rollouts_kept"] = int(batch["input_ids"].shape[0])
     report["objective"] = objective
     report["which"] = which
     return report

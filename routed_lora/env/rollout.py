@@ -2,8 +2,11 @@
 
 One call, :func:`generate_rollouts`, runs up to ``max_turns`` tool calls for a batch of prompts:
 
-1. all unfinished rows are left-padded into one batch and ``model.generate`` (KV cache) samples until each row
-   emits ``</search>`` or ``</answer>`` (or eos, or ``max_new_tokens``); each row is cut at its first stop token;
+1. every unfinished row feeds what is not yet in its KV cache (the prompt; after a search, the ``</search>``
+   token and the ``<information>`` ids) and decodes, sampling until it emits ``</search>`` or ``</answer>``
+   (or eos, or ``max_new_tokens``). One cache serves all turns (:class:`_Decoder`): the transcript is never
+   encoded again; rows that stopped leave holes (masked pad ids) until the batch moves on, and finished rows
+   leave the batch;
 2. a row that stopped at ``</search>`` has its query (the text between its last ``<search>`` and ``</search>``)
    sent to the retriever, all rows in one ``retriever.search`` call;
 3. the passages are appended as token ids, ``<information> ... </information>``, built by
@@ -17,13 +20,15 @@ Contract for the GRPO loop (the signature and these fields are stable):
   template). For G samples per prompt, repeat each prompt G times; the group id is the caller's business.
 - Each :class:`Rollout` holds ``prompt_ids``, ``completion_ids`` (sampled tokens and spliced information blocks,
   in order), ``info_mask`` (1 on spliced tokens, same length as ``completion_ids``), ``num_tool_calls``,
-  ``text`` (decoded completion, reward input), ``finish_reason`` and the ``queries`` sent.
+  ``text`` (decoded completion with the tags kept, :func:`completion_text`; the reward input), ``finish_reason`` and the ``queries`` sent.
 - ``return_logprobs=True`` fills ``Rollout.logprobs``: for each sampled completion token,
-  ``log_softmax(logits / temperature)`` at the sampled id, from the raw logits of the generation step
-  (``output_logits``; 0.0 on information tokens). With ``do_sample=True`` the sampler draws from exactly that
-  distribution (``top_k=0``, ``top_p=1.0`` unless overridden). These come from the KV-cache path, so they can
-  differ from a teacher-forced forward by float rounding; for a ratio of exactly 1 on the first update, recompute
-  old log-probs with the same teacher-forced forward used for training (:func:`collate` gives the tensors).
+  ``log_softmax(logits / temperature)`` at the sampled id, from the raw logits of the decoding step (0.0 on
+  information tokens). With ``do_sample=True`` the sampler draws from exactly that distribution (no top-k, no
+  top-p); logits processors given in ``generation_kwargs`` change what is sampled, not the recorded log-probs.
+  The cached decode sees each token at the position and with the routes a teacher-forced pass of
+  ``prompt_ids + completion_ids`` gives it, so the two agree to float rounding (<= 1e-5 in float32, over
+  multi-turn rollouts, tests/test_rollout_kv_cache.py). The GRPO trainer uses them only as a check (a step with
+  one optimiser step uses its own forward as the old policy, others recompute the old pass teacher-forced).
 - Routing: a model whose router is attached (``routed_lora.hf``) routes itself during ``generate``; nothing here
   needs to know. ``route_fn(ids) -> routes`` (optional) is called on each finished ``prompt_ids +
   completion_ids`` and its result stored in ``Rollout.routes`` (one int per token), so rollout and training can
@@ -96,6 +101,24 @@ def append_search_results(
     return added
 
 
+_TAG_TEXTS = ("<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>",
+              "</answer>")
+
+
+def completion_text(tokenizer, ids: Sequence[int]) -> str:
+    """The text the reward reads: ``ids`` decoded with every tag kept.
+
+    ``decode(skip_special_tokens=True)`` deletes tags that were added to the vocabulary as special tokens (as
+    the public DART code does), and every reward would be 0. So only the special tokens that are not tags (eos,
+    pad, bos, chat markers) are dropped, by id, and the rest is decoded with ``skip_special_tokens=False``."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    if special:
+        keep = {i for i in special if tokenizer.convert_ids_to_tokens(int(i)) in _TAG_TEXTS}
+        drop = special - keep
+        ids = [t for t in ids if t not in drop]
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
 def _single_id(tokenizer, text: str) -> int | None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None
@@ -151,7 +174,7 @@ class _Tags:
                 if self.search_open in completion else -1
             end = len(completion) - 1  # the </search> just generated
             return self.tok.decode(completion[start + 1: end], skip_special_tokens=True).strip()
-        found = _SEARCH_RE.findall(self.tok.decode(completion, skip_special_tokens=True))
+        found = _SEARCH_RE.findall(completion_text(self.tok, completion))
         return found[-1].strip() if found else ""
 
 
@@ -165,6 +188,75 @@ def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
         if not out[-1]:
             raise ValueError("empty prompt")
     return out
+
+
+class _Decoder:
+    """One KV cache for a batch of rows, kept across turns (the transcript is never fed twice).
+
+    Every row owns one line of the cache. A forward call feeds each row a block of new tokens; rows with fewer
+    tokens than the block (and rows that stopped while others decode) get *holes*: pad ids with attention mask 0.
+    The 2-D mask over the whole cache keeps holes out of every later query's keys, position ids count real tokens
+    only (``npos``), and causality is by cache index, so each real token sees exactly the tokens before it in its
+    own transcript, at the positions a teacher-forced pass of ``prompt_ids + completion_ids`` gives them. A
+    router attached to the model (:mod:`routed_lora.hf`) reads the same mask: holes do not change its state.
+    ``meters`` counts the tokens fed: ``prefill_tokens`` (multi-token calls, holes included; their real tokens
+    ``prefill_real_tokens``, their number ``prefill_calls``), ``decode_tokens`` (one-token calls, holes
+    included), ``fed_tokens`` (real tokens only: each transcript token at most once), ``forward_calls`` and
+    ``kv_peak_tokens`` (the largest rows x cache length, holes included)."""
+
+    def __init__(self, model, pad_id: int, device, meters: dict | None):
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_kw = "logits_to_keep" in params
+        self.cache = None
+        self.seq = torch.empty((0, 0), dtype=torch.long, device=device)  # ids in cache order (pad in holes)
+        self.mask = torch.empty((0, 0), dtype=torch.long, device=device)
+        self.npos = torch.empty((0,), dtype=torch.long, device=device)  # real tokens per row so far
+        self.meters = meters if meters is not None else {}
+        for k in ("prefill_tokens", "prefill_real_tokens", "prefill_calls", "decode_tokens", "fed_tokens",
+                  "forward_calls", "kv_peak_tokens"):
+            self.meters.setdefault(k, 0)
+
+    def feed(self, block: torch.Tensor, bmask: torch.Tensor) -> torch.Tensor:
+        """Append ``block`` (B, T) with mask ``bmask`` (B, T) to every row; return the logits of the last
+        column (B, V): the next-token logits of each row whose last block token is real."""
+        B, T = block.shape
+        if self.cache is None:
+            self.seq = torch.empty((B, 0), dtype=torch.long, device=self.device)
+            self.mask = torch.empty((B, 0), dtype=torch.long, device=self.device)
+            self.npos = torch.zeros((B,), dtype=torch.long, device=self.device)
+        pos = self.npos[:, None] + bmask.cumsum(-1) - 1
+        pos = torch.where(bmask.bool(), pos, torch.zeros_like(pos))
+        self.seq = torch.cat([self.seq, block], 1)
+        self.mask = torch.cat([self.mask, bmask], 1)
+        self.npos = self.npos + bmask.sum(-1)
+        kw = {self.cache_kw: self.cache, "use_cache": True}
+        if self.keep_kw:
+            kw["logits_to_keep"] = 1
+        out = self.model(input_ids=block, attention_mask=self.mask, position_ids=pos, **kw)
+        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        fed = int(bmask.sum())
+        self.meters["prefill_tokens" if T > 1 else "decode_tokens"] += B * T
+        if T > 1:
+            self.meters["prefill_real_tokens"] += fed
+            self.meters["prefill_calls"] += 1
+        self.meters["fed_tokens"] += fed
+        self.meters["kv_peak_tokens"] = max(self.meters["kv_peak_tokens"], int(self.mask.numel()))
+        self.meters["forward_calls"] += 1
+        return out.logits[:, -1]
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only cache rows ``rows`` (finished rows leave the batch)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if self.cache is not None:
+            self.cache.batch_select_indices(idx)
+        self.seq, self.mask, self.npos = self.seq[idx], self.mask[idx], self.npos[idx]
+
+
+_ALLOWED_GEN_KW = ("logits_processor",)
 
 
 @torch.no_grad()
@@ -184,90 +276,138 @@ def generate_rollouts(
     route_fn: Callable[[list[int]], list[int]] | None = None,
     generation_kwargs: dict | None = None,
     info_template: str = INFO_TEMPLATE,
+    meters: dict | None = None,
 ) -> list[Rollout]:
     """Run the search agent on ``prompts``; see the module docstring for the contract.
 
     ``max_turns``: searches allowed per rollout (a rollout asking for one more ends with ``finish_reason =
     "max_turns"``); ``max_new_tokens``: per generation turn; ``max_length``: prompt + completion cap;
-    ``topk``: passages per search; ``generation_kwargs``: passed on to ``model.generate`` (override anything)."""
+    ``topk``: passages per search; ``generation_kwargs``: ``{"logits_processor": [...]}`` (HF logits
+    processors, called as ``proc(ids so far, scores)`` on the raw logits before sampling; the recorded
+    log-probs stay those of the raw logits at the temperature, i.e. of the policy the trainer scores);
+    ``meters``: a dict that receives the token counts of :class:`_Decoder` (prefill and decode tokens).
+
+    One KV cache serves all turns (:class:`_Decoder`): after a search, only the stop token and the
+    ``<information>`` ids are fed; the transcript is not encoded again."""
     tags = _Tags(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
+    extra = sorted(set(generation_kwargs or {}) - set(_ALLOWED_GEN_KW))
+    if extra:
+        raise ValueError(f"generation_kwargs: supported keys are {list(_ALLOWED_GEN_KW)}, got {extra}")
+    procs = list((generation_kwargs or {}).get("logits_processor") or [])
     device = next(model.parameters()).device
     prompt_ids = _encode_prompts(tokenizer, prompts)
     rolls = [Rollout(p, [], [], logprobs=[] if return_logprobs else None) for p in prompt_ids]
-    done = [False] * len(rolls)
     temp = float(temperature) if do_sample else 1.0
+    if temp <= 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    stop_ids = [t for t in (tags.search_close, tags.answer_close, tags.eos) if t is not None]
+    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
 
-    gen_kw = dict(do_sample=do_sample, pad_token_id=pad_id, return_dict_in_generate=True,
-                  output_logits=return_logprobs, use_cache=True)
-    if do_sample:
-        gen_kw.update(temperature=temp, top_k=0, top_p=1.0)
-    gen_kw.update(tags.generate_kwargs())
-    gen_kw.update(generation_kwargs or {})
+    dec = _Decoder(model, pad_id, device, meters)
+    for ro in rolls:
+        if len(ro.ids) >= max_length:
+            ro.finish_reason = "length"  # never enters the cache
+    live = [i for i, ro in enumerate(rolls) if not ro.finish_reason]  # rollout index of each cache row
+    pending = [list(prompt_ids[i]) for i in live]  # per cache row: ids not yet in the cache
 
     for _turn in range(max_turns + 1):
-        for i, d in enumerate(done):
-            if not d and len(rolls[i].ids) >= max_length:
-                done[i], rolls[i].finish_reason = True, "length"
-        active = [i for i, d in enumerate(done) if not d]
-        if not active:
+        if not live:
             break
-        seqs = [rolls[i].ids for i in active]
-        longest = max(len(s) for s in seqs)
-        budget = min(max_new_tokens, max_length - longest)  # >= 1: every active row is shorter than max_length
-        input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            input_ids[r, longest - len(s):] = torch.tensor(s)
-            attn[r, longest - len(s):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                             max_new_tokens=budget, **gen_kw)
-        new = out.sequences[:, longest:].tolist()
-        if return_logprobs:
-            steps = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab)
-            lp = torch.log_softmax(steps / temp, dim=-1)
-            chosen = torch.tensor([row + [pad_id] * (lp.shape[1] - len(row)) for row in new], device=lp.device)
-            tok_lp = lp.gather(-1, chosen[:, : lp.shape[1], None]).squeeze(-1).tolist()
-
-        searches: list[tuple[int, str]] = []
-        for r, i in enumerate(active):
-            ro = rolls[i]
-            cut, why = tags.cut(new[r])
-            keep = min(cut, max_length - len(ro.ids))
-            if keep < cut:
-                why = "length"
-            ro.completion_ids += new[r][:keep]
-            ro.info_mask += [0] * keep
+        # 1. feed what each row has not fed yet (prompt, or stop token + information block), left-padded
+        B, P = len(live), max(len(x) for x in pending)
+        block = torch.full((B, P), pad_id, dtype=torch.long)
+        bmask = torch.zeros((B, P), dtype=torch.long)
+        for r, x in enumerate(pending):
+            block[r, P - len(x):] = torch.tensor(x, dtype=torch.long)
+            bmask[r, P - len(x):] = 1
+        logits = dec.feed(block.to(device), bmask.to(device))
+        # 2. decode until every row stops (stop tag, eos) or uses its budget
+        budget = torch.tensor([min(max_new_tokens, max_length - len(rolls[i].ids)) for i in live], device=device)
+        steps = int(budget.max())
+        new = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
+        new_lp = torch.zeros((B, steps), dtype=torch.float32, device=device) if return_logprobs else None
+        running = torch.ones(B, dtype=torch.bool, device=device)
+        n_new = torch.zeros(B, dtype=torch.long, device=device)
+        text_stops = [False] * B
+        for t in range(steps):
+            raw = logits.float()
+            scores = raw
+            for proc in procs:
+                scores = proc(dec.seq, scores)
+            if do_sample:
+                tok = torch.multinomial(torch.softmax(scores / temp, dim=-1), 1).squeeze(1)
+            else:
+                tok = scores.argmax(-1)
+            tok = torch.where(running, tok, torch.full_like(tok, pad_id))
+            new[:, t] = tok
             if return_logprobs:
-                ro.logprobs += tok_lp[r][:keep]
+                new_lp[:, t] = torch.log_softmax(raw / temp, dim=-1).gather(-1, tok[:, None]).squeeze(1)
+            n_new += running.long()
+            if tags.single:
+                stopped = torch.isin(tok, stop_t)
+            else:  # multi-token tags: stop once the decoded turn holds a stop string (or at eos)
+                stopped = torch.zeros_like(running)
+                for r in running.nonzero().flatten().tolist():
+                    row = new[r, : t + 1].tolist()
+                    if row[-1] == tags.eos or tags.cut(row)[1] in ("search", "answer"):
+                        stopped[r] = True
+                        text_stops[r] = True
+            running = running & ~stopped & (n_new < budget)
+            if not bool(running.any()):
+                break
+            # the sampled token of a row that stopped is not fed now: it leads the row's next block
+            logits = dec.feed(torch.where(running, tok, torch.full_like(tok, pad_id))[:, None], running.long()[:, None])
+        new_l, n_l = new.tolist(), n_new.tolist()
+        lp_l = new_lp.tolist() if return_logprobs else None
+
+        # 3. keep each row's turn, collect searches
+        searches: list[tuple[int, str]] = []
+        nxt: list[int] = []
+        for r, i in enumerate(live):
+            ro = rolls[i]
+            turn = new_l[r][: n_l[r]]
+            cut, why = tags.cut(turn)
+            ro.completion_ids += turn[:cut]
+            ro.info_mask += [0] * cut
+            if return_logprobs:
+                ro.logprobs += lp_l[r][:cut]
             if why == "search":
                 if ro.num_tool_calls >= max_turns:
-                    done[i], ro.finish_reason = True, "max_turns"
+                    ro.finish_reason = "max_turns"
                 else:
                     q = tags.query(ro.completion_ids)
                     ro.queries.append(q)
                     searches.append((i, q))
+                    nxt.append(r)
             elif why in ("answer", "eos"):
-                done[i], ro.finish_reason = True, why
+                ro.finish_reason = why
             else:
-                done[i], ro.finish_reason = True, "length"
-
+                ro.finish_reason = "length"
         added = append_search_results(
             rolls, searches, retriever, tokenizer, topk=topk, max_length=max_length, info_template=info_template
         )
-        for (i, _q), n in zip(searches, added):
+        keep_rows, pending = [], []
+        for (i, _q), n, r in zip(searches, added, nxt):
             ro = rolls[i]
             if return_logprobs:
                 ro.logprobs += [0.0] * n
             if len(ro.ids) >= max_length:
-                done[i], ro.finish_reason = True, "length"
+                ro.finish_reason = "length"
+                continue
+            keep_rows.append(r)
+            # the stop token (sampled, not yet fed) and the information block
+            pending.append([ro.completion_ids[-n - 1]] + (ro.completion_ids[-n:] if n else []))
+        if len(keep_rows) < len(live) and keep_rows:
+            dec.select(keep_rows)
+        live = [live[r] for r in keep_rows]
 
-    for i, ro in enumerate(rolls):
-        if not done[i]:  # asked for another search after the last allowed turn's generation
-            ro.finish_reason = ro.finish_reason or "max_turns"
-        ro.text = tokenizer.decode(ro.completion_ids, skip_special_tokens=True)
+    for ro in rolls:
+        # a row still live after the last turn asked for another search: "max_turns"
+        ro.finish_reason = ro.finish_reason or "max_turns"
+        ro.text = completion_text(tokenizer, ro.completion_ids)
         if route_fn is not None:
             ro.routes = [int(x) for x in route_fn(ro.ids)]
             if len(ro.routes) != len(ro.ids):

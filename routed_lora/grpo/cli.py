@@ -67,7 +67,7 @@ def config_from_args(args) -> GRPOConfig:
             scale_rewards=not args.no_scale_rewards, format_reward=args.format_reward, epochs=args.epochs,
             mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
             max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
-            eval_every=args.eval_every,
+            eval_every=args.eval_every, loss_on=getattr(args, "loss_on", "all"),
         ).check()
     except ConfigError as exc:
         raise UsageError(f"{flag_of(exc.field)}: {exc.message}") from exc
@@ -281,6 +281,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--no-scale-rewards", action="store_true", help="advantages without the std (Dr.GRPO)")
     p.add_argument("--format-reward", type=finite_float(), default=d.format_reward,
                    help="reward for a well-formed but wrong answer (0: plain EM)")
+    p.add_argument("--loss-on", choices=("all", "reasoning", "tool"), default="all",
+                   help="loss on every sampled token, or only on one role's (tool: inside <search>...</search>; "
+                        "reasoning: the rest): LEAS's M_Reas / M_Tool")
     p.add_argument("--epochs", type=pos, default=d.epochs, help="passes over each rollout batch")
     p.add_argument("--mini-batches", type=pos, default=d.mini_batches, help="optimiser steps per pass")
     p.add_argument("--micro-batch-size", type=pos, default=d.micro_batch_size)

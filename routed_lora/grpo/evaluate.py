@@ -36,10 +36,15 @@ def evaluate_em(
     topk: int = 3,
     prompt_template: str | None = None,
     seed: int = 1234,
+    records: list | None = None,
 ) -> dict:
     """EM on ``rows`` (``question``, ``golden_answers``, optional ``hops``). Returns a flat dict:
     ``em_greedy/all``, ``em_greedy/<h>hop``, ``em_sampled/all``, ``em_sampled/<h>hop``, ``n/all``, ``n/<h>hop``,
-    ``tool_calls_greedy``, ``tool_calls_sampled``, ``answered_greedy``, ``eval_seconds``."""
+    ``tool_calls_greedy``, ``tool_calls_sampled``, ``answered_greedy``, ``eval_seconds``.
+
+    ``records``: a list that receives one dict per question, in the order of ``rows`` (``id``, ``question``,
+    ``hops``, ``greedy`` 0/1, ``greedy_answer``, ``sampled`` mean EM over the samples), the input of paired tests
+    (:mod:`routed_lora.study.stats`)."""
     from routed_lora.env.data import TINY_PROMPT, make_prompt
     from routed_lora.env.reward import exact_match, extract_answer
     from routed_lora.env.rollout import generate_rollouts
@@ -53,8 +58,12 @@ def evaluate_em(
     for h in sorted({h for h in hops if h}):
         out[f"n/{h}"] = hops.count(h)
 
+    per: dict = {}
+    answers = [None] * len(rows)
+
     def run(kind: str, reps: int, do_sample: bool):
         scores = [0.0] * len(rows)
+        per[kind] = scores
         calls = answered = 0.0
         expanded = [i for i in range(len(rows)) for _ in range(reps)]
         for s in range(0, len(expanded), batch_size):
@@ -66,6 +75,8 @@ def evaluate_em(
             for i, ro in zip(idx, rolls):
                 pred = extract_answer(ro.text)
                 scores[i] += exact_match(pred, rows[i]["golden_answers"]) / reps
+                if kind == "greedy":
+                    answers[i] = pred
                 calls += ro.num_tool_calls / (reps * len(rows))
                 answered += float(pred is not None) / (reps * len(rows))
         out[f"em_{kind}/all"] = sum(scores) / max(1, len(scores))
@@ -83,6 +94,14 @@ def evaluate_em(
             run("sampled", samples, True)
     model.train(was_training)
     out["eval_seconds"] = time.perf_counter() - t0
+    if records is not None:
+        for i, r in enumerate(rows):
+            rec = {"id": r.get("id", i), "question": r["question"], "hops": r.get("hops")}
+            if "greedy" in per:
+                rec.update(greedy=int(per["greedy"][i]), greedy_answer=answers[i])
+            if "sampled" in per:
+                rec["sampled"] = per["sampled"][i]
+            records.append(rec)
     return out
 
 

@@ -8,11 +8,16 @@ One training step:
 2. reward each rollout (exact match on the last ``<answer>``, optional format reward) and compute group-normalised
    advantages (:func:`routed_lora.grpo.loss.group_advantages`);
 3. record the old log-probs (and, when beta > 0, the reference log-probs with adapters off) with the same routes,
-   position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1;
+   position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1; with one
+   epoch and one mini-batch the old policy is the current one and that pass is skipped (the update's own
+   forward, detached, gives the old log-probs: ratio exactly 1);
 4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps; each optimiser step
    accumulates micro-batch losses normalised over the whole step (and over all ranks), clips the global gradient
    norm, and applies per-adapter learning rates;
 5. write one metrics row (JSONL) and, every ``save_every`` steps, an atomic checkpoint.
+
+``loss_on`` ("reasoning" / "tool", default "all") keeps the loss on one role's sampled tokens only
+(:func:`role_mask`): the role-masked RL of LEAS's M_Reas and M_Tool (DESIGN.md §5).
 
 Modes: ``dart`` (adapters ``reasoning`` and ``tool``, routed per token by the tag router), ``joint`` (one adapter of
 rank 2r on every token: the Search-R1 LoRA baseline, same layer), ``base`` (no adapters trained: evaluation only).
@@ -47,6 +52,7 @@ __all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapte
 
 MODES = ("dart", "joint", "base")
 STRATEGIES = ("ddp", "fsdp2")  # multi-process training: DistributedDataParallel or torch's fully_shard
+LOSS_ON = ("all", "reasoning", "tool")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -83,6 +89,7 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     aggregation: str = "token-mean"
+    loss_on: str = "all"  # "reasoning" | "tool": the loss only on that role's sampled tokens (LEAS M_Reas / M_Tool)
     scale_rewards: bool = True  # False: Dr.GRPO advantages (no std)
     adv_eps: float = 1e-6
     format_reward: float = 0.0
@@ -129,6 +136,8 @@ class GRPOConfig:
             raise ConfigError("seed", f"expected an integer, got {self.seed!r}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ConfigError("target_modules", f"expected non-empty module names, got {self.target_modules!r}")
+        if self.loss_on not in LOSS_ON:
+            raise ConfigError("loss_on", f"expected one of {LOSS_ON}, got {self.loss_on!r}")
         return self
 
     def adapters(self) -> tuple[str, ...]:
@@ -413,6 +422,9 @@ class _Prepared:
         self.adv = None
 
 
+_FORCE_OLD_PASS = False  # tests: compute the old-policy pass even when it could be skipped
+
+
 def _route_counts(routes: torch.Tensor, loss_mask: torch.Tensor, names) -> dict[str, float]:
     """Tokens per route among the sampled tokens (route of the position that produced each token)."""
     r = routes[:, :-1][loss_mask.bool()]
@@ -435,32 +447,42 @@ def grpo_update(
     adv = group_advantages(batch.rewards, batch.group_ids, eps=cfg.adv_eps, scale_rewards=cfg.scale_rewards)
     max_len = cfg.max_total_tokens
 
-    # a fixed split into mini-batches (optimiser steps) and micro-batches, used by every pass
+    # a fixed split into mini-batches (optimiser steps) and micro-batches, used by every pass. Within a
+    # mini-batch the rows are sorted by length before the micro-batch split: each micro-batch is trimmed to its
+    # longest row, so similar lengths waste less padding (the step's loss is a sum over rows: order-free)
+    lengths = batch.attention_mask.sum(1).tolist()
     plan = []  # list of mini-batches, each a list of _Prepared micro-batches
     for rows in mini_batch_rows(batch.group_ids, cfg.mini_batches):
         micro = []
-        for s in _micro_batches(len(rows), cfg.micro_batch_size):
-            idx = torch.tensor(rows[s], dtype=torch.long)
-            p = _Prepared(batch, routes, idx)
-            p.adv = adv[idx]
+        order = sorted(rows, key=lambda i: (lengths[i], i))
+        for s in _micro_batches(len(order), cfg.micro_batch_size):
+            sel = order[s]
+            sl = slice(sel[0], sel[-1] + 1) if sel == list(range(sel[0], sel[-1] + 1)) else torch.tensor(sel)
+            p = _Prepared(batch, routes, sl)
+            p.adv = adv[sl]
             micro.append(p)
         plan.append(micro)
     _check_same_plan(plan, world)
 
-    # old (and reference) log-probs: same micro-batches, same routes, no grad
+    # old (and reference) log-probs: same micro-batches, same routes, no grad. With one optimiser step on the
+    # batch (one epoch, one mini-batch) the old policy is the current one: the update's own forward gives the
+    # old log-probs (detached, so the ratio is exactly 1) and the separate pass is skipped.
+    on_policy = cfg.epochs == 1 and len(plan) == 1 and not _FORCE_OLD_PASS
     with torch.no_grad():
         for micro in plan:
             for p in micro:
-                p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
+                if not on_policy:
+                    p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
                 if cfg.beta > 0:
                     p.ref = reference_logprobs(model, p.ids, p.att, temperature=cfg.temperature)
     # generation-time vs teacher-forced log-probs of the sampled tokens: same routes, positions and temperature
     # give equal values up to float rounding (the KV-cache path sums in another order)
-    gen_diff = None
-    diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
-             if p.rollout is not None and p.mask.any()]
-    if diffs:
-        gen_diff = max(diffs)
+    def gen_diffs():
+        diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
+                 if p.rollout is not None and p.old is not None and p.mask.any()]
+        return max(diffs) if diffs else None
+
+    gen_diff = None if on_policy else gen_diffs()
 
     sums = dict(loss=0.0, tokens=0.0, kl=0.0, clip=0.0, ratio=0.0, entropy=0.0)
     ratio_max, first_ratio_max_dev = 1.0, None
@@ -477,6 +499,8 @@ def grpo_update(
                 with _grad_sync(ddp_model, sync):
                     logp, ent = token_logprobs(ddp_model, p.ids, p.att, routes=p.routes,
                                                temperature=cfg.temperature, with_entropy=True)
+                    if on_policy:
+                        p.old = logp.detach()
                     out = grpo_loss(
                         logp, p.old, p.adv, p.mask, ref_logp=p.ref, beta=cfg.beta, eps_low=cfg.eps_low,
                         eps_high=cfg.eps_high, aggregation=cfg.aggregation, normalizer=norm, max_len=max_len,
@@ -499,6 +523,8 @@ def grpo_update(
             pre_clip.append(float(full_tensor(total)))  # FSDP2: a DTensor norm over every rank's shards
             optimizer.step()
     optimizer.zero_grad()
+    if on_policy:
+        gen_diff = gen_diffs()
 
     # metrics, summed over ranks
     rc = _route_counts(routes, batch.loss_mask, adapter_names(model))
@@ -720,6 +746,19 @@ def build_policy(model, tokenizer, cfg: GRPOConfig):
     return model, router
 
 
+def role_mask(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str) -> torch.Tensor:
+    """(B, L-1) bool, aligned with the targets: True where the target token belongs to ``role`` ("tool": written
+    by a position inside ``<search>`` ... ``</search>``, i.e. the query and the closing tag, DESIGN.md §2;
+    "reasoning": every other token). The roles come from the DART tag router whatever the adapter layout, so a
+    joint adapter can be trained with the loss on one role only (``--loss-on``, LEAS's M_Reas / M_Tool)."""
+    import routed_lora as rl
+
+    router = rl.TagRouter(tokenizer, spans={"tool": ("<search>", "</search>")}, default="reasoning",
+                          adapters=("reasoning", "tool"))
+    roles = router(input_ids, attention_mask)[:, :-1]
+    return roles == (1 if role == "tool" else 0)
+
+
 def rows_for_step(n_rows: int, step: int, per_step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
     """Indices of the questions of ``step`` for ``rank``: consecutive slices of a reshuffled order per epoch
     (a pure function of the step, so a resumed run sees the same questions)."""
@@ -803,11 +842,13 @@ class Trainer:
         self.model.eval()
         from routed_lora.fsdp import full_params
 
+        meters: dict = {}
         with full_params(self.model):  # FSDP2: ranks generate different numbers of steps, so no collectives
             rolls = generate_rollouts(self.model, self.tok, prompts, self.retriever, max_turns=self.cfg.max_turns,
                                       max_new_tokens=self.cfg.max_new_tokens,
                                       max_length=plen + self.cfg.max_total_tokens, topk=self.cfg.topk,
-                                      do_sample=True, temperature=self.cfg.temperature, return_logprobs=True)
+                                      do_sample=True, temperature=self.cfg.temperature, return_logprobs=True,
+                                      meters=meters)
         t_roll = time.perf_counter() - t0
         golds = [r["golden_answers"] for r in rows for _ in range(G)]
         score = self.reward_fn or (lambda text, g: compute_score(text, g, format_score=self.cfg.format_reward))
@@ -816,6 +857,8 @@ class Trainer:
         c = collate(rolls, self.pad_id)
         ids, att = c["input_ids"], c["attention_mask"]
         loss_mask = c["loss_mask"][:, 1:].bool()
+        if self.cfg.loss_on != "all":
+            loss_mask = loss_mask & role_mask(self.tok, ids, att, self.cfg.loss_on)
         batch = RolloutBatch(
             input_ids=ids, attention_mask=att, loss_mask=loss_mask, rewards=rewards,
             group_ids=torch.arange(len(rows)).repeat_interleave(G) + group_offset, em=em.float(),
@@ -826,7 +869,8 @@ class Trainer:
         )
         routes = routes_for(ids, att, joint_adapter=0) if self.cfg.mode == "joint" else \
             routes_for(ids, att, router=self.router)
-        info = {"rollout_seconds": t_roll, "finish_answer": sum(ro.finish_reason == "answer" for ro in rolls) / len(rolls)}
+        info = {"rollout_seconds": t_roll, "finish_answer": sum(ro.finish_reason == "answer" for ro in rolls) / len(rolls),
+                "prefill_tokens": meters.get("prefill_tokens", 0), "decode_tokens": meters.get("decode_tokens", 0)}
         return batch, routes, info
 
     # -- evaluation ----------------------------------------------------------------------------------------------
@@ -895,7 +939,8 @@ class Trainer:
             self.model.eval()
             t2 = time.perf_counter()
             row = {"step": step + 1, **metrics, "rollout_s": t1 - t0, "update_s": t2 - t1,
-                   "finish_answer": info["finish_answer"]}
+                   "finish_answer": info["finish_answer"], "prefill_tokens": info["prefill_tokens"],
+                   "decode_tokens": info["decode_tokens"]}
             self.step = step + 1
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < steps and self.eval_rows:
                 ev = self.evaluate()
