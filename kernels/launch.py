@@ -264,9 +264,11 @@ def _tma_operands_ok(a: torch.Tensor, w: torch.Tensor, out_cols: int) -> bool:
 
 
 def _tma_alloc(size: int, alignment: int, stream):
-    """Triton's global-scratch allocator for device-side TMA descriptors: one cached buffer per (stream, size),
-    so a launch allocates nothing (the descriptors are rewritten by each launch, in stream order)."""
-    key = (stream, size)
+    """Triton's global-scratch allocator for device-side TMA descriptors: one cached buffer per size, so a launch
+    allocates nothing (each launch rewrites its descriptors before using them, in stream order; like the scratch
+    arena this assumes the layer's calls are not run concurrently on several streams). Keyed by size only, so a
+    buffer made by a warm-up call is reused inside a CUDA-graph capture (whose stream differs)."""
+    key = (torch.cuda.current_device(), size)
     buf = _TMA_SCRATCH.get(key)
     if buf is None:
         buf = _TMA_SCRATCH[key] = torch.empty(max(size, 1), dtype=torch.int8, device="cuda")
