@@ -823,6 +823,7 @@ VARIANT_CACHE: dict = {}
 VARIANT_ERRORS: dict = {}  # (shape key..., variant) -> the error that ruled the variant out while measuring
 _FORWARD_CALLS: dict = {}
 _BACKWARD_CALLS: dict = {}
+MAX_CACHED_CALLS = 4096  # cached exact keys per direction; a new key costs one JIT-path launch per kernel
 
 
 def device_time_ms(fn, calls: int = 10, replays: int = 3) -> float:
@@ -931,6 +932,8 @@ def forward(x, weight, bias, lora_A, lora_B, routes, scaling):
            x.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
     call = _FORWARD_CALLS.get(key)
     if call is None:
+        if len(_FORWARD_CALLS) >= MAX_CACHED_CALLS:  # e.g. many token counts in RL: start over (cheap to rebuild)
+            _FORWARD_CALLS.clear()
         call = _FORWARD_CALLS[key] = _new_forward(x, weight, bias, lora_A, lora_B, routes, scaling)
     CALLS["forward"] += 1
     return call.forward(x, weight, bias, lora_A, lora_B, routes, scaling)
@@ -949,6 +952,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compu
            x.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
     call = _BACKWARD_CALLS.get(key)
     if call is None:
+        if len(_BACKWARD_CALLS) >= MAX_CACHED_CALLS:
+            _BACKWARD_CALLS.clear()
         call = _BACKWARD_CALLS[key] = _new_backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling,
                                                     compute_dx)
     CALLS["backward"] += 1
