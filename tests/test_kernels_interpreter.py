@@ -220,6 +220,13 @@ def test_autotuned_path():
     for variant in ("fused", "cublas"):
         launch.set_variant(variant)
         run_case(Case(torch.float32, 40, 36, 33, 4, 2, "minus1"), variant=variant)
+        # The same key again: the chosen config is launched directly (no autotuner), with the same result.
+        x, W, b, A, B, routes, gy = make_inputs(Case(torch.float32, 40, 36, 33, 4, 2, "minus1"))
+        y1, h1 = launch.forward(x, W, b, A, B, routes, 2.0)
+        before = launch.CALLS.copy()
+        y2, h2 = launch.forward(x, W, b, A, B, routes, 2.0)
+        assert torch.equal(y1, y2) and torch.equal(h1, h2)
+        assert not any(k.startswith("autotuned_") for k in (launch.CALLS - before)), dict(launch.CALLS - before)
     tuned = {k[0]: t for k, t in launch._AUTOTUNERS.items() if k[1]}
     assert set(tuned) >= {"linear", "linear_lora"}
     assert all(getattr(t, "best_config", None) is not None for t in tuned.values())
