@@ -28,6 +28,7 @@ binary the JIT would have picked.
 
 Variants (``set_variant``):
   * ``"fused"``: the backbone GEMM runs in Triton with the LoRA expand as its epilogue: y (and dx) written once.
+    On sm_90 with Triton >= 3.4 it is the TMA kernel (``tma_supported``), when the operands are TMA-describable.
   * ``"cublas"``: the backbone GEMM stays in cuBLAS: one Triton kernel writes b + s * h_masked B_cat^T (resp.
     s * G A_cat) and ``out.addmm_(x, W^T)`` (resp. ``dx.addmm_(g, W)``) accumulates the GEMM into it with
     beta = 1 (one launch more per GEMM).
@@ -46,8 +47,8 @@ fp32 inputs: ``tl.dot`` runs as tf32 when ``torch.backends.cuda.matmul.allow_tf3
 switch for its fp32 matmuls) and as exact ``ieee`` fp32 otherwise (PyTorch's default). fp16 / bf16 always
 accumulate in fp32.
 
-Autotuning: only the GEMM (``linear``, ``linear_lora``) is autotuned, on (bucketed M, N, K, E) with R a
-constexpr; the memory-bound shrink and grad_ab kernels take the plan's tiles. ``pin_configs(True)`` (env
+Autotuning: only the GEMMs (``linear``, ``linear_lora``, ``linear_tma``) are autotuned, on (bucketed M, N, K,
+E); the memory-bound shrink and grad_ab kernels take the plan's tiles. ``pin_configs(True)`` (env
 ``ROUTED_LORA_PIN_CONFIGS=1``) turns autotuning off (first shipped config; 16-wide tiles under the interpreter);
 ``pin_configs({"linear": {...}})`` pins given ones. ``CALLS`` counts launcher calls and kernel launches.
 """
@@ -545,7 +546,7 @@ class _Launch:
     None, *head, *L.tail)`` launches it; before the first call ``run`` is :meth:`_first_run`."""
 
     __slots__ = ("name", "interpret", "grid_fn", "tail", "tail_names", "meta", "g0", "g1", "g2", "run",
-                 "function", "packed", "tuned")
+                 "function", "packed")
 
     def __init__(self, name: str, interpret: bool, tail: dict, meta: dict | None, grid_fn):
         # tail: the constexpr arguments (in kernel order) known now; meta: tiles / warps / stages, or None to
@@ -553,7 +554,6 @@ class _Launch:
         self.name, self.interpret, self.grid_fn, self.meta = name, interpret, grid_fn, meta
         self.tail_names = tuple(tail)
         self.tail = tuple(tail.values())
-        self.tuned = meta is None
         self.g0 = self.g1 = self.g2 = 1
         self.function = self.packed = None
         self.run = self._first_run
@@ -612,12 +612,6 @@ class _Launch:
         if hasattr(compiled, "result"):  # triton 3.6 may hand back a future
             compiled = compiled.result()
         self.run, self.function, self.packed = compiled.run, compiled.function, compiled.packed_metadata
-
-
-def _jit_fn(fn):
-    from triton.runtime.jit import JITFunction
-
-    return fn if isinstance(fn, JITFunction) else getattr(fn, "fn", fn)
 
 
 def _fallback_metas(name: str, first: dict) -> list[dict]:
