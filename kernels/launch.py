@@ -563,12 +563,17 @@ class _Launch:
         if self.meta is None:  # autotune the GEMM now, then keep the chosen config
             tuner = _autotuner(self.name, self.interpret)
             fixed = {k: v for k, v in zip(self.tail_names, self.tail) if k not in _LINEAR_TUNED}
-            compiled = tuner[self.grid_fn](*head, **fixed)
-            cfg = tuner.best_config
-            CALLS[f"autotuned_{self.name}"] += 1
-            self._set_meta({**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            self._finish(compiled)
-            return
+            try:
+                compiled = tuner[self.grid_fn](*head, **fixed)
+            except OutOfResources:  # no shipped config fits (e.g. fp32 TMA tiles): fewer stages, below
+                cfg = _CONFIG_LISTS[self.name][0]
+                self._set_meta({**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            else:
+                cfg = tuner.best_config
+                CALLS[f"autotuned_{self.name}"] += 1
+                self._set_meta({**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                self._finish(compiled)
+                return
         try:
             self._launch_jit(head)
         except OutOfResources as exc:  # e.g. fp32 at BLOCK_R = 128 on a GPU with less shared memory
