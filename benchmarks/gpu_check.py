@@ -444,7 +444,7 @@ def main(argv=None):
 
     def write(phase):
         best = {}
-        for key, runner in launch._RUNNERS.items():
+        for key, runner in launch._AUTOTUNERS.items():
             cfg = getattr(runner, "best_config", None)
             if cfg is not None:
                 best[str(key)] = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

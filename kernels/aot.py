@@ -63,6 +63,13 @@ def _signature(fn, dtype: str, pointer_types: dict, ints: tuple, floats: tuple, 
     return sig
 
 
+LAYER_K = LAYER_N = 4096  # the benchmark shape; K, N, E are constexprs of the kernels
+
+
+def _constexpr_names(fn) -> set:
+    return {p.name for p in fn.params if p.is_constexpr}
+
+
 def _divisibility(fn, names) -> dict:
     """``tt.divisibility`` 16 hints, as the launcher gives for aligned pointers and sizes / leading strides."""
     return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names if n in fn.arg_names}
@@ -87,8 +94,12 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
             ce = {**cfg.kwargs, **flags, "R": R, "DOT_PRECISION": prec, **{u: 1 for u in unit}}
             if "BLOCK_R" in fn.arg_names:
                 ce["BLOCK_R"] = block_r
+            # Per-layer sizes are constexprs (one compilation per layer shape): the benchmark shape's.
+            for size, value in (("K", LAYER_K), ("N", LAYER_N), ("E", E), ("TILES_A", LAYER_K // launch.GRAD_AB_TILES["BLOCK_K"])):
+                if size in fn.arg_names and size in _constexpr_names(fn):
+                    ce[size] = value
             sig = _signature(fn, dtype, ptrs, (), ("scaling",), ce)
-            out.append((name, variant, fn, sig, ce, _divisibility(fn, hints), cfg))
+            out.append((name, variant, fn, sig, ce, _divisibility(fn, [h for h in hints if h not in ce]), cfg))
 
     ptrs = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, "l_ptr": p, "u_ptr": p, "out_ptr": p}
     common = ["a_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "out_ptr", "M", "N", "K", "stride_am",

@@ -65,8 +65,8 @@ def routed_shrink_kernel(
     lock_ptr,
     # sizes
     M,
-    K,
-    E,
+    K: tl.constexpr,
+    E: tl.constexpr,
     K_PER_SPLIT,
     # strides
     stride_xm,
@@ -156,9 +156,9 @@ def routed_linear_kernel(
     out_ptr,
     # sizes
     M,
-    N,
-    K,
-    E,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    E: tl.constexpr,
     M_BUCKET,
     # strides
     stride_am,
@@ -276,11 +276,11 @@ def routed_grad_ab_kernel(
     lock_ptr,
     # sizes
     M,
-    K,
-    N,
-    E,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    E: tl.constexpr,
     M_PER_SPLIT,
-    TILES_A,
+    TILES_A: tl.constexpr,
     # strides
     stride_xm,
     stride_xk,
@@ -406,9 +406,9 @@ def routed_linear_tma_kernel(
     out_ptr,
     # sizes
     M,
-    N,
-    K,
-    E,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    E: tl.constexpr,
     M_BUCKET,
     # strides
     stride_am,

@@ -28,6 +28,7 @@ binary the JIT would have picked.
 
 Variants (``set_variant``):
   * ``"fused"``: the backbone GEMM runs in Triton with the LoRA expand as its epilogue: y (and dx) written once.
+    On sm_90 with Triton >= 3.4 it is the TMA kernel (``tma_supported``), when the operands are TMA-describable.
   * ``"cublas"``: the backbone GEMM stays in cuBLAS: one Triton kernel writes b + s * h_masked B_cat^T (resp.
     s * G A_cat) and ``out.addmm_(x, W^T)`` (resp. ``dx.addmm_(g, W)``) accumulates the GEMM into it with
     beta = 1 (one launch more per GEMM).
@@ -46,8 +47,8 @@ fp32 inputs: ``tl.dot`` runs as tf32 when ``torch.backends.cuda.matmul.allow_tf3
 switch for its fp32 matmuls) and as exact ``ieee`` fp32 otherwise (PyTorch's default). fp16 / bf16 always
 accumulate in fp32.
 
-Autotuning: only the GEMM (``linear``, ``linear_lora``) is autotuned, on (bucketed M, N, K, E) with R a
-constexpr; the memory-bound shrink and grad_ab kernels take the plan's tiles. ``pin_configs(True)`` (env
+Autotuning: only the GEMMs (``linear``, ``linear_lora``, ``linear_tma``) are autotuned, on (bucketed M, N, K,
+E); the memory-bound shrink and grad_ab kernels take the plan's tiles. ``pin_configs(True)`` (env
 ``ROUTED_LORA_PIN_CONFIGS=1``) turns autotuning off (first shipped config; 16-wide tiles under the interpreter);
 ``pin_configs({"linear": {...}})`` pins given ones. ``CALLS`` counts launcher calls and kernel launches.
 """
@@ -264,9 +265,11 @@ def _tma_operands_ok(a: torch.Tensor, w: torch.Tensor, out_cols: int) -> bool:
 
 
 def _tma_alloc(size: int, alignment: int, stream):
-    """Triton's global-scratch allocator for device-side TMA descriptors: one cached buffer per (stream, size),
-    so a launch allocates nothing (the descriptors are rewritten by each launch, in stream order)."""
-    key = (stream, size)
+    """Triton's global-scratch allocator for device-side TMA descriptors: one cached buffer per size, so a launch
+    allocates nothing (each launch rewrites its descriptors before using them, in stream order; like the scratch
+    arena this assumes the layer's calls are not run concurrently on several streams). Keyed by size only, so a
+    buffer made by a warm-up call is reused inside a CUDA-graph capture (whose stream differs)."""
+    key = (torch.cuda.current_device(), size)
     buf = _TMA_SCRATCH.get(key)
     if buf is None:
         buf = _TMA_SCRATCH[key] = torch.empty(max(size, 1), dtype=torch.int8, device="cuda")
@@ -543,7 +546,7 @@ class _Launch:
     None, *head, *L.tail)`` launches it; before the first call ``run`` is :meth:`_first_run`."""
 
     __slots__ = ("name", "interpret", "grid_fn", "tail", "tail_names", "meta", "g0", "g1", "g2", "run",
-                 "function", "packed", "tuned")
+                 "function", "packed")
 
     def __init__(self, name: str, interpret: bool, tail: dict, meta: dict | None, grid_fn):
         # tail: the constexpr arguments (in kernel order) known now; meta: tiles / warps / stages, or None to
@@ -551,7 +554,6 @@ class _Launch:
         self.name, self.interpret, self.grid_fn, self.meta = name, interpret, grid_fn, meta
         self.tail_names = tuple(tail)
         self.tail = tuple(tail.values())
-        self.tuned = meta is None
         self.g0 = self.g1 = self.g2 = 1
         self.function = self.packed = None
         self.run = self._first_run
@@ -561,12 +563,17 @@ class _Launch:
         if self.meta is None:  # autotune the GEMM now, then keep the chosen config
             tuner = _autotuner(self.name, self.interpret)
             fixed = {k: v for k, v in zip(self.tail_names, self.tail) if k not in _LINEAR_TUNED}
-            compiled = tuner[self.grid_fn](*head, **fixed)
-            cfg = tuner.best_config
-            CALLS[f"autotuned_{self.name}"] += 1
-            self._set_meta({**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            self._finish(compiled)
-            return
+            try:
+                compiled = tuner[self.grid_fn](*head, **fixed)
+            except OutOfResources:  # no shipped config fits (e.g. fp32 TMA tiles): fewer stages, below
+                cfg = _CONFIG_LISTS[self.name][0]
+                self._set_meta({**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            else:
+                cfg = tuner.best_config
+                CALLS[f"autotuned_{self.name}"] += 1
+                self._set_meta({**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                self._finish(compiled)
+                return
         try:
             self._launch_jit(head)
         except OutOfResources as exc:  # e.g. fp32 at BLOCK_R = 128 on a GPU with less shared memory
@@ -610,12 +617,6 @@ class _Launch:
         if hasattr(compiled, "result"):  # triton 3.6 may hand back a future
             compiled = compiled.result()
         self.run, self.function, self.packed = compiled.run, compiled.function, compiled.packed_metadata
-
-
-def _jit_fn(fn):
-    from triton.runtime.jit import JITFunction
-
-    return fn if isinstance(fn, JITFunction) else getattr(fn, "fn", fn)
 
 
 def _fallback_metas(name: str, first: dict) -> list[dict]:
@@ -821,6 +822,7 @@ VARIANT_CACHE: dict = {}
 VARIANT_ERRORS: dict = {}  # (shape key..., variant) -> the error that ruled the variant out while measuring
 _FORWARD_CALLS: dict = {}
 _BACKWARD_CALLS: dict = {}
+MAX_CACHED_CALLS = 4096  # cached exact keys per direction; a new key costs one JIT-path launch per kernel
 
 
 def device_time_ms(fn, calls: int = 10, replays: int = 3) -> float:
@@ -929,6 +931,8 @@ def forward(x, weight, bias, lora_A, lora_B, routes, scaling):
            x.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
     call = _FORWARD_CALLS.get(key)
     if call is None:
+        if len(_FORWARD_CALLS) >= MAX_CACHED_CALLS:  # e.g. many token counts in RL: start over (cheap to rebuild)
+            _FORWARD_CALLS.clear()
         call = _FORWARD_CALLS[key] = _new_forward(x, weight, bias, lora_A, lora_B, routes, scaling)
     CALLS["forward"] += 1
     return call.forward(x, weight, bias, lora_A, lora_B, routes, scaling)
@@ -947,6 +951,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling, compu
            x.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
     call = _BACKWARD_CALLS.get(key)
     if call is None:
+        if len(_BACKWARD_CALLS) >= MAX_CACHED_CALLS:
+            _BACKWARD_CALLS.clear()
         call = _BACKWARD_CALLS[key] = _new_backward(grad_y, x, weight, lora_A, lora_B, routes, h_masked, scaling,
                                                     compute_dx)
     CALLS["backward"] += 1

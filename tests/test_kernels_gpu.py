@@ -133,3 +133,77 @@ def test_layer_compiled_and_autocast():
     assert y.dtype == torch.bfloat16
     assert calls["forward"] >= 1 and calls["backward"] >= 1, dict(calls)
     assert layer.lora_A.grad is not None and x.grad is not None
+
+
+def _kernels_in(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_launch_floor_on_gpu():
+    """Fused forward = 2 kernels, fused backward = 3, nothing else on the device (issue 11, item 1)."""
+    launch.set_variant("fused")
+    x, W, b, A, B, routes, gy = _inputs(4096, 1024, 1024, 16, 2, torch.bfloat16)
+    fwd = _kernels_in(lambda: launch.forward(x, W, b, A, B, routes, 2.0))
+    _, h = launch.forward(x, W, b, A, B, routes, 2.0)
+    bwd = _kernels_in(lambda: launch.backward(gy, x, W, A, B, routes, h, 2.0, True))
+    assert len(fwd) == 2, fwd
+    assert len(bwd) == 3, bwd
+
+
+def test_tma_gemm_on_sm90():
+    if torch.cuda.get_device_capability()[0] != 9 or not launch._device_tma(torch.cuda.current_device()):
+        pytest.skip("TMA GEMM is for sm_90 with a Triton that has tl.make_tensor_descriptor")
+    launch.set_variant("fused")
+    x, W, b, A, B, routes, gy = _inputs(1000, 512, 384, 16, 2, torch.bfloat16)
+    before = launch.CALLS.copy()
+    _compare(x, W, b, A, B, routes, gy, "fused")
+    calls = launch.CALLS - before
+    assert calls["linear_tma"] == 2 and calls["linear"] == 0, dict(calls)
+
+
+def test_non_finite_isolation_on_gpu():
+    x, W, b, A, B, routes, gy = _inputs(1000, 512, 384, 8, 3, torch.bfloat16)
+    routes = torch.where(routes == 2, torch.ones_like(routes), routes)  # adapter 2 owns no token
+    routes[5], routes[6] = 1, -1
+    _, h = launch.forward(x, W, b, A, B, routes, 2.0)
+    _, dA, dB = launch.backward(gy, x, W, A, B, routes, h, 2.0, False)
+    x2, g2 = x.clone(), gy.clone()
+    x2[5, 3] = float("nan")
+    x2[6, 4] = float("inf")
+    g2[5, 7] = float("nan")
+    g2[6, 1] = float("-inf")
+    _, h2 = launch.forward(x2, W, b, A, B, routes, 2.0)
+    _, dA2, dB2 = launch.backward(g2, x2, W, A, B, routes, h2, 2.0, False)
+    assert torch.equal(dA2[0], dA[0]) and torch.equal(dB2[0], dB[0])
+    assert torch.all(dA2[2] == 0) and torch.all(dB2[2] == 0)
+
+
+def test_cuda_graph_training_step_recipe():
+    """The documented recipe: torch.cuda.make_graphed_callables on a routed layer (routes set once), forward and
+    backward replayed from a graph, equal to the eager step."""
+    torch.manual_seed(0)
+    layer = rl.RoutedLoRALinear(512, 384, r=16, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    routes = torch.randint(-1, 2, (256,), device="cuda", dtype=torch.int32)
+    rl.set_routes(layer, routes)
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    eager = (y.detach().clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    layer.zero_grad(set_to_none=True)
+    graphed = torch.cuda.make_graphed_callables(layer, (x.detach().clone().requires_grad_(True),))
+    layer.zero_grad(set_to_none=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = graphed(x2)
+    y2.float().square().sum().backward()
+    torch.cuda.synchronize()
+    assert torch.equal(y2.detach(), eager[0])
+    assert torch.equal(layer.lora_A.grad, eager[1]) and torch.equal(layer.lora_B.grad, eager[2])

@@ -220,6 +220,13 @@ def test_autotuned_path():
     for variant in ("fused", "cublas"):
         launch.set_variant(variant)
         run_case(Case(torch.float32, 40, 36, 33, 4, 2, "minus1"), variant=variant)
+        # The same key again: the chosen config is launched directly (no autotuner), with the same result.
+        x, W, b, A, B, routes, gy = make_inputs(Case(torch.float32, 40, 36, 33, 4, 2, "minus1"))
+        y1, h1 = launch.forward(x, W, b, A, B, routes, 2.0)
+        before = launch.CALLS.copy()
+        y2, h2 = launch.forward(x, W, b, A, B, routes, 2.0)
+        assert torch.equal(y1, y2) and torch.equal(h1, h2)
+        assert not any(k.startswith("autotuned_") for k in (launch.CALLS - before)), dict(launch.CALLS - before)
     tuned = {k[0]: t for k, t in launch._AUTOTUNERS.items() if k[1]}
     assert set(tuned) >= {"linear", "linear_lora"}
     assert all(getattr(t, "best_config", None) is not None for t in tuned.values())
@@ -410,3 +417,35 @@ def test_tma_version_and_arch_gate():
     assert not launch.tma_supported("3.6.0", (8, 0))  # Ampere keeps cp.async
     assert not launch.tma_supported("3.6.0", (10, 0))  # Blackwell: not tuned or tested here
     assert not launch.tma_supported("3.6.0", (9, 0), has_descriptors=False)
+
+
+def test_autotuning_with_no_fitting_config_falls_back_to_fewer_stages(monkeypatch):
+    """Every autotuning config refused for shared memory (fp32 operands in the sm_90 TMA tiles would be): the
+    first shipped config is retried with fewer stages instead of failing the call."""
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise OutOfResources(300000, 232448, "shared memory")
+
+            return run
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages):
+                if num_stages > 2:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                launched.append(num_stages)
+
+            return run
+
+    monkeypatch.setattr(launch, "_autotuner", lambda name, interpret: Refusing())
+    monkeypatch.setattr(launch, "_jit_or_interpreted", lambda name, interpret: FakeKernel())
+    tail = {"BLOCK_M": 0, "BLOCK_N": 0, "BLOCK_K": 0, "GROUP_M": 0}
+    L = launch._Launch("linear_tma", True, tail, None, lambda m: (1,))
+    L.run(L.g0, L.g1, L.g2, None, None, None, None, None, None, "arg", *L.tail)
+    assert launched == [2] and L.meta["num_stages"] == 2
+    assert L.meta["BLOCK_N"] == launch.TMA_CONFIGS[0].kwargs["BLOCK_N"]
