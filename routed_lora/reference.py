@@ -187,7 +187,8 @@ def decode_route_plan(routes: torch.Tensor, flat: torch.Tensor, x: torch.Tensor,
     if used is None or len(used) > 1:
         foreign = foreign_mask(flat, num_adapters)
     plan = (used, foreign)
-    if cacheable:
+    if cacheable and not (flat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        # (a mask made inside a CUDA-graph capture lives in the graph's pool: never kept beyond it)
         _LAST_PLAN[0] = (routes, routes._version, num_adapters, x.shape[0], plan)
     return plan
 
