@@ -17,7 +17,7 @@ from torch import nn
 
 from . import backend as _backend
 from .ops import routed_lora_apply, routed_lora_infer
-from .reference import inference_forward, lora_views
+from .reference import decode_route_plan, inference_forward, lora_views
 
 __all__ = ["RoutedLoRALinear", "routed_lora_linear", "set_routes", "clear_routes", "validate_routes"]
 
@@ -293,10 +293,10 @@ class RoutedLoRALinear(nn.Linear):
         ):
             views = self._views = (*lora_views(A, B), (A.shape, B.shape, A.dtype, B.dtype))
         two_d = x.dim() == 2
-        y = inference_forward(
-            x if two_d else x.reshape(-1, self.in_features), W, self.bias, A, B,
-            routes if routes.dim() == 1 else routes.reshape(-1), self.scaling, views=views[:2],
-        )
+        x2 = x if two_d else x.reshape(-1, self.in_features)
+        r1 = routes if routes.dim() == 1 else routes.reshape(-1)
+        plan = decode_route_plan(routes, r1, x2, A.shape[0])  # keyed on the set_routes tensor: shared by all layers
+        y = inference_forward(x2, W, self.bias, A, B, r1, self.scaling, views=views[:2], plan=plan)
         return y if two_d else y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

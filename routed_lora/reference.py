@@ -83,14 +83,21 @@ def _make_constant(kind, device, dtype, n):
     return torch.zeros((), device=device, dtype=dtype)
 
 
-def apply_route_mask_(t: torch.Tensor, routes: torch.Tensor, num_adapters: int) -> torch.Tensor:
+def foreign_mask(routes: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """(M, E, 1) bool: True where adapter e is not token m's route (every e for -1)."""
+    owner = _constant("owner", routes.device, routes.dtype, num_adapters)
+    return (routes.reshape(-1, 1) != owner).unsqueeze(-1)
+
+
+def apply_route_mask_(t: torch.Tensor, routes: torch.Tensor, num_adapters: int, foreign=None) -> torch.Tensor:
     """Zero, in place, the columns of (M, E*r) ``t`` that belong to adapters other than each row's route.
 
     Two kernels (a comparison and ``masked_fill_``) instead of building a one-hot in ``t``'s dtype and
-    multiplying: on a GPU every op costs host time, and this runs twice per layer call."""
+    multiplying: on a GPU every op costs host time, and this runs twice per layer call. ``foreign``: the mask
+    of :func:`foreign_mask`, if already made."""
     M = t.shape[0]
-    owner = _constant("owner", routes.device, routes.dtype, num_adapters)
-    foreign = (routes.reshape(-1, 1) != owner).unsqueeze(-1)
+    if foreign is None:
+        foreign = foreign_mask(routes, num_adapters)
     t.view(M, num_adapters, t.shape[1] // num_adapters).masked_fill_(foreign, 0)
     return t
 
@@ -156,7 +163,37 @@ def _used_adapters(routes: torch.Tensor, x: torch.Tensor) -> list[int] | None:
     return None
 
 
-def _add_lora_(y, x, lora_A, lora_B, routes, s, used, *, keep_h, views=None):
+_LAST_PLAN: list = [None]
+
+
+def decode_route_plan(routes: torch.Tensor, flat: torch.Tensor, x: torch.Tensor, num_adapters: int) -> tuple:
+    """``(used, foreign)`` for a no-grad call with ``flat`` = ``routes.reshape(-1)``: :func:`_used_adapters` and,
+    when a mask is needed, the :func:`foreign_mask` (else None). Kept for the last routes tensor seen (and its version counter), because
+    every routed layer of a model reads the same routes tensor in a decoding step (``set_routes`` shares it):
+    the first layer makes the plan, the others reuse it. Inference tensors (no version counter) are not kept."""
+    last = _LAST_PLAN[0]
+    cacheable = not routes.is_inference()
+    if (
+        cacheable
+        and last is not None
+        and last[0] is routes
+        and last[1] == routes._version
+        and last[2] == num_adapters
+        and last[3] == x.shape[0]
+    ):
+        return last[4]
+    used = _used_adapters(flat, x)
+    foreign = None
+    if used is None or len(used) > 1:
+        foreign = foreign_mask(flat, num_adapters)
+    plan = (used, foreign)
+    if cacheable and not (flat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        # (a mask made inside a CUDA-graph capture lives in the graph's pool: never kept beyond it)
+        _LAST_PLAN[0] = (routes, routes._version, num_adapters, x.shape[0], plan)
+    return plan
+
+
+def _add_lora_(y, x, lora_A, lora_B, routes, s, used, *, keep_h, views=None, foreign=None):
     """``y += s * (h * mask) B_cat^T`` in place, h = x A_cat^T; returns the masked h if ``keep_h`` else None.
 
     ``used`` (see :func:`_used_adapters`): None gives the masked form (one expand GEMM over all adapters); a
@@ -171,11 +208,11 @@ def _add_lora_(y, x, lora_A, lora_B, routes, s, used, *, keep_h, views=None):
     A_cat_t, B_t = views if views is not None else (concat_lora_A(lora_A).t(), None)
     h = x @ A_cat_t
     if used is None:
-        apply_route_mask_(h, routes, E)
+        apply_route_mask_(h, routes, E, foreign)
         y.addmm_(h, concat_lora_B(lora_B).t(), alpha=s)
         return h
     if keep_h or len(used) > 1:  # when one adapter owns every token, y does not need the mask
-        apply_route_mask_(h, routes, E)
+        apply_route_mask_(h, routes, E, foreign)
     for e in used:
         if e >= 0:
             B_e_t = B_t[e] if B_t is not None else lora_B[e].t()
@@ -204,6 +241,7 @@ def inference_forward(
     scaling: float,
     *,
     views: tuple | None = None,
+    plan: tuple | None = None,
 ) -> torch.Tensor:
     """``y`` alone, for calls that need no gradient (decoding): :func:`reference_forward` without keeping h,
     with the fewest ops (at M = 1 each op's fixed cost is comparable to the LoRA work itself).
@@ -211,10 +249,11 @@ def inference_forward(
     Bit-identical to :func:`reference_forward`'s ``y`` (see :func:`_add_lora_`). Small CPU calls: every token
     on -1 is ``F.linear`` alone; every token on one adapter e is ``y = x W^T + b``, ``y += s (x A_cat^T)[:, e]
     B_e^T`` (three ops, no mask); a mix masks h and expands each used adapter. ``views``: see
-    :func:`lora_views`.
+    :func:`lora_views`; ``plan``: see :func:`decode_route_plan`.
     """
     y = torch.nn.functional.linear(x, weight, bias)
-    _add_lora_(y, x, lora_A, lora_B, routes, float(scaling), _used_adapters(routes, x), keep_h=False, views=views)
+    used, foreign = plan if plan is not None else (_used_adapters(routes, x), None)
+    _add_lora_(y, x, lora_A, lora_B, routes, float(scaling), used, keep_h=False, views=views, foreign=foreign)
     return y
 
 

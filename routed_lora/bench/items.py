@@ -165,15 +165,11 @@ def _isolation_item(case, mode):
         gen = torch.Generator().manual_seed(case.seed + 13)
         x = torch.randn(case.M, case.K, generator=gen).to(case.device, case.torch_dtype).requires_grad_(True)
         g = torch.randn(case.M, case.N, generator=gen).to(case.device, case.torch_dtype)
-        flush = CacheFlusher(case.device)
-
-        def setup():
+        def setup():  # no cache flush, as run_isolation
             x.grad = None
             for p in built.params:
                 p.grad = None
-            y = built.forward(x)
-            flush()
-            return (y,), {}
+            return (built.forward(x),), {}
 
         def target(y):
             old = reference.set_isolation_mode(mode)
@@ -183,7 +179,7 @@ def _isolation_item(case, mode):
                 reference.set_isolation_mode(old)
 
         timing = "cuda_events_eager" if _is_cuda(case.device) else "cpu_perf_counter"
-        return Prepared(target, setup, timing, 7)
+        return Prepared(target, setup, timing, 15)
 
     cid = _case_id(case)
     return BenchItem(
