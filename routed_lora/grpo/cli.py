@@ -283,7 +283,8 @@ def add_train_arguments(p) -> None:
     p.add_argument("--max-grad-norm", type=pos_f, default=d.max_grad_norm)
     p.add_argument("--seed", type=nonneg, default=d.seed)
     p.add_argument("--save-every", type=nonneg, default=d.save_every, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--eval-every", type=nonneg, default=d.eval_every, help="held-out EM every N steps (0: before/after)")
+    p.add_argument("--eval-every", type=nonneg, default=d.eval_every,
+                   help="held-out EM every N steps (0: before/after)")
     p.add_argument("--no-eval-before", action="store_true")
     p.add_argument("--threads", type=nonneg, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--no-progress", action="store_true")

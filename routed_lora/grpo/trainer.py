@@ -40,8 +40,8 @@ from torch import nn
 from .logprobs import disable_dropout, reference_logprobs, routes_for, token_logprobs
 from .loss import group_advantages, grpo_loss, step_normalizer, zero_std_fraction
 
-__all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapter_names", "AdapterOptimizer", "grpo_update",
-           "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
+__all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapter_names", "AdapterOptimizer",
+           "grpo_update", "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
 
 MODES = ("dart", "joint", "base")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
