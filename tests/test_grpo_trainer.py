@@ -46,7 +46,12 @@ def _config(**kw):
     return GRPOConfig(**base).check()
 
 
-def _trainer(world: Path, out: Path, cfg, seed_model=0):
+def distinct_words(text: str, golds) -> float:
+    """A reward with variance in almost every group of a random model's rollouts (their lengths differ)."""
+    return float(len(set(text.split())))
+
+
+def _trainer(world: Path, out: Path, cfg, seed_model=0, reward_fn=toy_reward):
     from routed_lora.env.data import load_qa
     from routed_lora.env.retriever import BM25Retriever
     from routed_lora.grpo.trainer import Trainer, build_policy, load_model_and_tokenizer
@@ -56,7 +61,7 @@ def _trainer(world: Path, out: Path, cfg, seed_model=0):
     model, router = build_policy(model, tok, cfg)
     retriever = BM25Retriever(world / "corpus.jsonl")
     rows = load_qa(world / "train.jsonl")
-    return Trainer(cfg, model, tok, router, retriever, rows, out=out, progress=False, reward_fn=toy_reward)
+    return Trainer(cfg, model, tok, router, retriever, rows, out=out, progress=False, reward_fn=reward_fn)
 
 
 def test_two_steps_change_only_lora_and_log_metrics(tiny_world, tmp_path):
@@ -137,7 +142,9 @@ def _ddp_worker(rank, world_size, port, world_dir, out_dir):
         # two questions per rank (G=4 each): the toy reward then varies inside some group, so the step moves
         cfg = _config(steps=1, prompts_per_step=4, mini_batches=1)
         # different initial adapters per rank: DDP must broadcast rank 0's
-        tr = _trainer(Path(world_dir), Path(out_dir), cfg, seed_model=rank)
+        # the thresholded toy reward can be constant in both groups (one question per rank), so that the step
+        # rightly changes nothing; the distinct-word count is not
+        tr = _trainer(Path(world_dir), Path(out_dir), cfg, seed_model=rank, reward_fn=distinct_words)
         res = tr.train(evaluate_before=False, evaluate_after=False)
         state = adapter_state(tr.model)
         gathered = [None] * world_size

@@ -45,6 +45,7 @@ def files(tmp_path_factory):
     (root / "dup.jsonl").write_text('{"id": "a", "contents": "one"}\n\n{"id": "b", "contents": "two"}\n'
                                     '{"id": "a", "contents": "three"}\n')
     (root / "a_file").write_text("x")
+    (root / "bench.jsonl").write_text('{"run_id": "r1", "provider": "linear"}\n')
     (root / "nowords.jsonl").write_text('{"id": "1", "contents": "a b the"}\n')  # bm25s drops all of it
     (root / "rates.csv").write_text("id,base\n1,0.5\n")
     (root / "empty_dir").mkdir()
@@ -57,7 +58,8 @@ def _fill(args: list[str], f: Path) -> list[str]:
             "{corpus}": str(w / "corpus.jsonl"), "{world}": str(w), "{out}": str(f / "out"),
             "{no_gold}": str(f / "no_gold.jsonl"), "{bad_json}": str(f / "bad_json.jsonl"),
             "{dup}": str(f / "dup.jsonl"), "{file}": str(f / "a_file"), "{missing}": str(f / "missing.jsonl"),
-            "{rates}": str(f / "rates.csv"), "{nowords}": str(f / "nowords.jsonl"), "{empty_dir}": str(f / "empty_dir"),
+            "{rates}": str(f / "rates.csv"), "{nowords}": str(f / "nowords.jsonl"),
+            "{bench_rows}": str(f / "bench.jsonl"), "{empty_dir}": str(f / "empty_dir"),
             "{down}": f"http://127.0.0.1:{_free_port()}/retrieve"}
     out = []
     for a in args:
@@ -158,6 +160,7 @@ CASES = [
     (["bench", "--providers", "linear,foo"], "--providers"),
     (["bench", "--threads", "0"], "--threads"),
     (["bench", "report", "{missing}"], "results: {missing}: no such file"),
+    (["bench", "report", "{bench_rows}", "--run-id", "bogus"], "--run-id: no run 'bogus'"),
     (["bench", "compile-report", "--arch", "x"], "--arch"),
     # the top level
     (["frobnicate"], "invalid choice: 'frobnicate'"),

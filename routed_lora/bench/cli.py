@@ -92,7 +92,17 @@ def _run_report(args) -> int:
     if not Path(args.results).is_file():
         raise UsageError(f"results: {args.results}: no such file (a results.jsonl written by `routed-lora bench`)")
     with for_flag("results", KeyError):
+        if args.run_id is not None:
+            runs = sorted({str(r["run_id"]) for r in _all_rows(args.results)})
+            if args.run_id not in runs:
+                raise UsageError(f"--run-id: no run {args.run_id!r} in {args.results} (runs: {runs[-5:]})")
         return _write_report(args, write_report)
+
+
+def _all_rows(path) -> list[dict]:
+    from routed_lora.state import read_jsonl_rows
+
+    return [r for r in read_jsonl_rows(path)[0] if "run_id" in r]
 
 
 def _write_report(args, write_report) -> int:

@@ -28,7 +28,8 @@ def _resolve_env(args):
     if model is None:
         raise UsageError("give --model DIR (an HF model folder) or --world-dir DIR (from `routed-lora world build`)")
     if not (Path(model) / "config.json").is_file():
-        raise UsageError(f"{'--model' if args.model else '--world-dir'}: {model} is not a model folder (no config.json)")
+        flag = "--model" if args.model else "--world-dir"
+        raise UsageError(f"{flag}: {model} is not a model folder (no config.json)")
     data = list(args.data or [])
     if not data:
         if w is None:
@@ -398,7 +399,8 @@ def register(subparsers) -> None:
                     help="CSV/JSONL file(s): wide (a column per variant) or long (variant, id, rate or correct+n), "
                          "e.g. the eval_<variant>.jsonl files of `routed-lora eval`")
     lp.add_argument("--out", required=True, help="folder for leas.csv and leas_summary.json")
-    lp.add_argument("--eps", type=finite_float(0, 0.5, low_open=True, high_open=True), default=None, help="clip rates to [eps, 1 - eps] (default min(1/(2n), 1/4))")
+    lp.add_argument("--eps", type=finite_float(0, 0.5, low_open=True, high_open=True), default=None,
+                    help="clip rates to [eps, 1 - eps] (default min(1/(2n), 1/4))")
     lp.add_argument("--n-samples", type=pos, default=None, help="samples per question (default: from the files)")
     lp.set_defaults(func=lambda a: (run_leas(a), 0)[1])
 

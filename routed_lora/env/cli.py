@@ -106,7 +106,8 @@ def register(subparsers) -> None:
     rs.add_argument("--topk", type=pos, default=3, help="default topk when a request gives none")
     rs.add_argument("--max-topk", type=pos, default=100, help="largest topk a request may ask for (HTTP 400 above)")
     rs.add_argument("--max-batch", type=pos, default=512, help="most queries searched in one batch")
-    rs.add_argument("--max-wait-ms", type=finite_float(0), default=2.0, help="how long a request waits for others to batch")
+    rs.add_argument("--max-wait-ms", type=finite_float(0), default=2.0,
+                    help="how long a request waits for others to batch")
     rs.add_argument("--read-timeout", type=finite_float(0, low_open=True), default=5.0,
                     help="seconds a request body may take to arrive (a shorter body than its Content-Length: HTTP 400)")
     rs.add_argument("--verbose", action="store_true", help="log every request")

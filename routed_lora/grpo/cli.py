@@ -290,7 +290,8 @@ def add_train_arguments(p) -> None:
     p.add_argument("--max-grad-norm", type=pos_f, default=d.max_grad_norm)
     p.add_argument("--seed", type=nonneg, default=d.seed)
     p.add_argument("--save-every", type=nonneg, default=d.save_every, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--eval-every", type=nonneg, default=d.eval_every, help="held-out EM every N steps (0: before/after)")
+    p.add_argument("--eval-every", type=nonneg, default=d.eval_every,
+                   help="held-out EM every N steps (0: before/after)")
     p.add_argument("--no-eval-before", action="store_true")
     p.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
                    help="under torchrun: DistributedDataParallel, or torch's fully_shard (FSDP2: each decoder layer "

@@ -47,8 +47,8 @@ from routed_lora.fsdp import full_tensor
 from .logprobs import disable_dropout, reference_logprobs, routes_for, token_logprobs
 from .loss import group_advantages, grpo_loss, step_normalizer, zero_std_fraction
 
-__all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapter_names", "AdapterOptimizer", "grpo_update",
-           "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
+__all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapter_names", "AdapterOptimizer",
+           "grpo_update", "save_checkpoint", "load_checkpoint", "MetricsWriter", "Trainer"]
 
 MODES = ("dart", "joint", "base")
 STRATEGIES = ("ddp", "fsdp2")  # multi-process training: DistributedDataParallel or torch's fully_shard
