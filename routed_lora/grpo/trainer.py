@@ -8,9 +8,10 @@ One training step:
 2. reward each rollout (exact match on the last ``<answer>``, optional format reward) and compute group-normalised
    advantages (:func:`routed_lora.grpo.loss.group_advantages`);
 3. record the old log-probs (and, when beta > 0, the reference log-probs with adapters off) with the same routes,
-   position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1; with one
-   epoch and one mini-batch the old policy is the current one and that pass is skipped (the update's own
-   forward, detached, gives the old log-probs: ratio exactly 1);
+   position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1; the first
+   mini-batch is updated before any optimiser step, so its old log-probs come from its own first update forward
+   (detached, the same values) and the separate pass runs only for the later mini-batches (none with one
+   mini-batch and one epoch);
 4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps; each optimiser step
    accumulates micro-batch losses normalised over the whole step (and over all ranks), clips the global gradient
    norm, and applies per-adapter learning rates;
@@ -422,7 +423,7 @@ class _Prepared:
         self.adv = None
 
 
-_FORCE_OLD_PASS = False  # tests: compute the old-policy pass even when it could be skipped
+_FORCE_OLD_PASS = False  # tests: run the old-policy pass for every mini-batch (the first one's is redundant)
 
 
 def _route_counts(routes: torch.Tensor, loss_mask: torch.Tensor, names) -> dict[str, float]:
@@ -464,25 +465,18 @@ def grpo_update(
         plan.append(micro)
     _check_same_plan(plan, world)
 
-    # old (and reference) log-probs: same micro-batches, same routes, no grad. With one optimiser step on the
-    # batch (one epoch, one mini-batch) the old policy is the current one: the update's own forward gives the
-    # old log-probs (detached, so the ratio is exactly 1) and the separate pass is skipped.
-    on_policy = cfg.epochs == 1 and len(plan) == 1 and not _FORCE_OLD_PASS
+    # old (and reference) log-probs: same micro-batches, same routes, no grad. The first mini-batch is updated
+    # before any optimiser step, so its old policy is the current one: its first update forward (detached) gives
+    # its old log-probs, the same values bit for bit, and the separate pass runs only for the later mini-batches
+    # (none with one mini-batch and one epoch). The ratio of every first update stays exactly 1.
+    skip_first = not _FORCE_OLD_PASS
     with torch.no_grad():
-        for micro in plan:
+        for mi, micro in enumerate(plan):
             for p in micro:
-                if not on_policy:
+                if not (skip_first and mi == 0):
                     p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
                 if cfg.beta > 0:
                     p.ref = reference_logprobs(model, p.ids, p.att, temperature=cfg.temperature)
-    # generation-time vs teacher-forced log-probs of the sampled tokens: same routes, positions and temperature
-    # give equal values up to float rounding (the KV-cache path sums in another order)
-    def gen_diffs():
-        diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
-                 if p.rollout is not None and p.old is not None and p.mask.any()]
-        return max(diffs) if diffs else None
-
-    gen_diff = None if on_policy else gen_diffs()
 
     sums = dict(loss=0.0, tokens=0.0, kl=0.0, clip=0.0, ratio=0.0, entropy=0.0)
     ratio_max, first_ratio_max_dev = 1.0, None
@@ -499,7 +493,7 @@ def grpo_update(
                 with _grad_sync(ddp_model, sync):
                     logp, ent = token_logprobs(ddp_model, p.ids, p.att, routes=p.routes,
                                                temperature=cfg.temperature, with_entropy=True)
-                    if on_policy:
+                    if p.old is None:  # the first mini-batch, first epoch: the current policy is the old one
                         p.old = logp.detach()
                     out = grpo_loss(
                         logp, p.old, p.adv, p.mask, ref_logp=p.ref, beta=cfg.beta, eps_low=cfg.eps_low,
@@ -523,8 +517,11 @@ def grpo_update(
             pre_clip.append(float(full_tensor(total)))  # FSDP2: a DTensor norm over every rank's shards
             optimizer.step()
     optimizer.zero_grad()
-    if on_policy:
-        gen_diff = gen_diffs()
+    # generation-time vs teacher-forced log-probs of the sampled tokens: same routes, positions and temperature
+    # give equal values up to float rounding (the KV-cache path sums in another order)
+    diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
+             if p.rollout is not None and p.mask.any()]
+    gen_diff = max(diffs) if diffs else None
 
     # metrics, summed over ranks
     rc = _route_counts(routes, batch.loss_mask, adapter_names(model))
