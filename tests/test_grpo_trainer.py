@@ -134,7 +134,8 @@ def _ddp_worker(rank, world_size, port, world_dir, out_dir):
     try:
         from routed_lora.grpo.trainer import adapter_state
 
-        cfg = _config(steps=1, prompts_per_step=2)
+        # one question per rank: mini_batches must divide it (issue 12's rule; 2 is refused, see test_fsdp2.py)
+        cfg = _config(steps=1, prompts_per_step=2, mini_batches=1)
         # different initial adapters per rank: DDP must broadcast rank 0's
         tr = _trainer(Path(world_dir), Path(out_dir), cfg, seed_model=rank)
         res = tr.train(evaluate_before=False, evaluate_after=False)
