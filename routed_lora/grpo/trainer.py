@@ -9,7 +9,9 @@ One training step:
    advantages (:func:`routed_lora.grpo.loss.group_advantages`);
 3. record the old log-probs (and, when beta > 0, the reference log-probs with adapters off) with the same routes,
    position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1;
-4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps; each optimiser step
+4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps (question q of the step goes
+   to mini-batch q mod mini_batches, so N processes make the same update as one: :func:`mini_batch_rows`;
+   ``--strategy ddp`` or ``fsdp2`` under torchrun); each optimiser step
    accumulates micro-batch losses normalised over the whole step (and over all ranks), clips the global gradient
    norm, and applies per-adapter learning rates;
 5. write one metrics row (JSONL) and, every ``save_every`` steps, an atomic checkpoint.
