@@ -387,6 +387,10 @@ def _install_call_hooks(st: _State, module: nn.Module) -> None:
         st.depth += 1
         if st.depth > 1:
             return None
+        # Wrap the checkpoint functions before any layer runs: transformers < 5.2x checkpoints the layer's
+        # whole __call__, so the layer's own pre-hook would run inside the first checkpointed call, too late.
+        for module in st.ckpt_modules:
+            _ckpt_pre_hook(module, ())
         if _is_compiling() and ("routes" in kwargs or st.router is None):
             return _route_call_compiled(st, args, kwargs)
         return _route_call_eager(st, signature, args, kwargs)  # the router: a graph break under compile

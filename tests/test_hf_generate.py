@@ -1,6 +1,8 @@
 """A router-driven model routes by itself in generate (KV-cache steps included) exactly as on finished sequences,
 and the log-probs recorded while generating equal teacher-forced log-probs."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -132,9 +134,11 @@ def test_manual_cache_loop_routes_by_itself():
         full = model(ids).logits
         out = model(ids[:, :3], use_cache=True)
         steps = [out.logits]
-        cache = out.cache
+        # transformers >= 5.2x names the cache `cache`, 5.10 (veRL's pin) `past_key_values`
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = getattr(out, key)
         for t in range(3, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{key: cache})
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     # positional input_ids, 1-D routes never needed: the router handled every step

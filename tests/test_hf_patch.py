@@ -1,6 +1,7 @@
 """apply_routed_lora / remove_routed_lora / set_routes / disable_adapters / trainable_parameters on tiny HF models."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -280,9 +281,12 @@ def test_bad_inputs():
     assert out.logits.shape[:2] == ids.shape
     plain = tiny_model("qwen2", vocab_size=len(tok))
     with torch.no_grad():
-        foreign = plain(ids, use_cache=True).cache  # filled by another model: the router has no state for it
+        # filled by another model: the router has no state for it (the cache is `cache` in transformers >= 5.2x,
+        # `past_key_values` in 5.10, veRL's pin)
+        key = "cache" if "cache" in inspect.signature(plain.forward).parameters else "past_key_values"
+        foreign = getattr(plain(ids, use_cache=True), key)
     with pytest.raises(RuntimeError, match="no state"):
-        model(ids[:, :1], cache=foreign)
+        model(ids[:, :1], **{key: foreign})
     with pytest.raises(ValueError, match="values must be"):
         model(ids, routes=torch.full_like(ids, 2))
     with pytest.raises(ValueError, match="values must be"):

@@ -70,6 +70,20 @@ def test_registered_under_own_backends():
         "verl.workers.engine.fsdp.transformer_impl", fromlist=["x"]).FSDPEngineWithLMHead)
 
 
+def test_engine_config_accepts_our_backends():
+    from verl.workers.config.engine import FSDPEngineConfig
+
+    with pytest.raises(AssertionError):  # veRL's own config refuses other names: hence ours
+        FSDPEngineConfig(strategy="routed_lora_fsdp2")
+    cfg = verl_int.RoutedLoRAFSDPEngineConfig(strategy="routed_lora_fsdp2")
+    plain = verl_int.plain_strategy_config(cfg)
+    assert plain.strategy == "fsdp2" and cfg.strategy == "routed_lora_fsdp2"
+    assert verl_int.plain_strategy_config(verl_int.RoutedLoRAFSDPEngineConfig(strategy="routed_lora_fsdp")).strategy \
+        == "fsdp"
+    with pytest.raises(ValueError, match="strategy: expected one of"):
+        verl_int.RoutedLoRAFSDPEngineConfig(strategy="megatron")
+
+
 @pytest.mark.parametrize("remove_padding", [True, False], ids=["packed", "padded"])
 def test_verl_forward_equals_padded_teacher_forcing(one_thread, remove_padding):
     from routed_lora.grpo.logprobs import routes_for, token_logprobs

@@ -12,7 +12,9 @@ One training step:
    mini-batch is updated before any optimiser step, so its old log-probs come from its own first update forward
    (detached, the same values) and the separate pass runs only for the later mini-batches (none with one
    mini-batch and one epoch);
-4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps; each optimiser step
+4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps (question q of the step goes
+   to mini-batch q mod mini_batches, so N processes make the same update as one: :func:`mini_batch_rows`;
+   ``--strategy ddp`` or ``fsdp2`` under torchrun); each optimiser step
    accumulates micro-batch losses normalised over the whole step (and over all ranks), clips the global gradient
    norm, and applies per-adapter learning rates;
 5. write one metrics row (JSONL) and, every ``save_every`` steps, an atomic checkpoint.

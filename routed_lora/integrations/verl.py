@@ -6,8 +6,9 @@ veRL (0.9.x) builds its actor in ``verl.workers.engine.fsdp.transformer_impl.FSD
 position ids restarting per sequence); the reference policy as the actor under ``disable_adapter()``; weights
 sent to the rollout engine by ``get_per_tensor_param``. Importing this module registers
 :class:`RoutedLoRAFSDPEngine` in ``verl.workers.engine.base.EngineRegistry`` under its own backends
-``routed_lora_fsdp`` and ``routed_lora_fsdp2`` (``actor.strategy=routed_lora_fsdp2``; the engine runs veRL's
-``fsdp`` / ``fsdp2`` code paths). It
+``routed_lora_fsdp`` and ``routed_lora_fsdp2`` (``actor.strategy=routed_lora_fsdp2`` with the engine config
+:class:`RoutedLoRAFSDPEngineConfig`, since veRL's own ``FSDPEngineConfig`` refuses other strategy names; the
+engine runs veRL's ``fsdp`` / ``fsdp2`` code paths). It
 
 - builds PEFT LoRA as veRL does, then converts it with :func:`routed_lora.peft_to_routed` into the adapters
   :attr:`RoutedLoRAFSDPEngine.routed_adapters` (each starts from veRL's LoRA initialisation);
@@ -36,16 +37,43 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+import dataclasses
+
+from verl.workers.config.engine import FSDPEngineConfig
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from ..peft_convert import peft_to_routed
 from ..router import TagRouter, route_packed
 
-__all__ = ["RoutedLoRAFSDPEngine", "BACKENDS", "check_rollout", "packed_routes"]
+__all__ = ["RoutedLoRAFSDPEngine", "RoutedLoRAFSDPEngineConfig", "BACKENDS", "check_rollout", "packed_routes"]
 
 BACKENDS = {"routed_lora_fsdp": "fsdp", "routed_lora_fsdp2": "fsdp2"}
 _SINGLE_LORA_ROLLOUTS = ("vllm", "sglang", "trtllm")
+
+
+@dataclasses.dataclass
+class RoutedLoRAFSDPEngineConfig(FSDPEngineConfig):
+    """veRL's ``FSDPEngineConfig`` accepting the backends of this engine as ``strategy`` (veRL's own config
+    only accepts fsdp / fsdp2 / fsdp_turbo, and veRL looks the engine up by ``strategy``). In a veRL config:
+    ``actor_rollout_ref.actor.fsdp_config._target_=routed_lora.integrations.verl.RoutedLoRAFSDPEngineConfig``
+    and ``actor_rollout_ref.actor.fsdp_config.strategy=routed_lora_fsdp2`` (or ``actor.strategy``)."""
+
+    strategy: str = "routed_lora_fsdp2"
+
+    def __post_init__(self):
+        if self.strategy not in (*BACKENDS, *BACKENDS.values()):
+            raise ValueError(f"strategy: expected one of {sorted(BACKENDS)}, got {self.strategy!r}")
+        super(FSDPEngineConfig, self).__post_init__()  # veRL's EngineConfig checks, not the fsdp-only assert
+
+
+def plain_strategy_config(engine_config):
+    """``engine_config`` with ``strategy`` mapped to veRL's ``fsdp`` / ``fsdp2`` (the FSDP engine's code paths
+    branch on those names); other configs are returned as they are."""
+    strategy = getattr(engine_config, "strategy", None)
+    if strategy not in BACKENDS:
+        return engine_config
+    return dataclasses.replace(engine_config, strategy=BACKENDS[strategy])
 
 
 def check_rollout(name: str) -> None:
@@ -76,15 +104,8 @@ class RoutedLoRAFSDPEngine(FSDPEngineWithLMHead):
     routed_default = "reasoning"
 
     def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
-        strategy = getattr(engine_config, "strategy", None)
-        if strategy in BACKENDS:  # veRL's FSDP code branches on "fsdp" / "fsdp2"
-            try:
-                engine_config.strategy = BACKENDS[strategy]
-            except Exception:  # frozen config: a copy with the plain strategy
-                import dataclasses
-
-                engine_config = dataclasses.replace(engine_config, strategy=BACKENDS[strategy])
-        super().__init__(model_config, engine_config, optimizer_config, checkpoint_config)
+        # veRL's FSDP code branches on "fsdp" / "fsdp2"; its configs are frozen: a copy with the plain name
+        super().__init__(model_config, plain_strategy_config(engine_config), optimizer_config, checkpoint_config)
 
     # -- configuration ---------------------------------------------------------------------------------------
     def _lora_option(self, key, default):
