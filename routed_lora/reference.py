@@ -25,6 +25,11 @@ contributes an exact zero to that adapter's gradient: an adapter with no tokens 
 changing the upstream gradient at tokens of another adapter leaves its gradient bit-for-bit unchanged (adding a
 zero product to a partial sum is exact). In-place masking also avoids fresh (M, E*r) allocations, which on the
 CPU cost more than the masking itself.
+
+The weight gradients are sums over tokens, where a masked zero meets the unmasked operand: 0 * NaN = NaN would
+let one token's non-finite x (or g) reach every adapter. :func:`isolated_grad` keeps it out of the adapters that
+do not own the token (see its modes). No-grad calls run :func:`inference_forward`: the same GEMMs without the
+autograd Function and without keeping h, bit-identical to the training forward.
 """
 
 from __future__ import annotations
