@@ -6,8 +6,8 @@
 # 3. benchmarks/gpu_targets.py: every item-6 target of issue 11 by device time (CUDA-graph replay) ->
 #    OUT_DIR/gpu_targets.{json,md} and docs/gpu_targets.{json,md};
 # 4. the compile report for this GPU's Triton (tma_instructions, registers, spills) -> OUT_DIR/compile_report.jsonl;
-# 5. benchmarks/gpu_check.py --quick (correctness at real shapes, gpu_check.json); 6. the GPU pytest file.
-# FULL=1 adds the per-kernel profile, the host-overhead table and `routed-lora bench --quick` (about 5 minutes
+# 5. benchmarks/gpu_check.py --quick (correctness at real shapes, gpu_check.json); 6. the GPU pytest tests.
+# FULL=1 adds the per-kernel profile, the host-overhead table, `routed-lora bench --quick` and `pytest benchmarks/ -k cuda` (about 7 minutes
 # more). Each step has its own time limit so one slow step cannot eat the others; logs go to OUT_DIR.
 set -u
 OUT_DIR="${1:-${OUT:-runs/gpu}}"
@@ -34,8 +34,9 @@ print(f"{len(recs)} records; spills in {sum(r['stack_bytes'] > 0 or r['local_byt
 EOF
 echo "== gpu_check --quick (correctness)" | tee -a "$LOG"
 timeout "${T_CHECK:-100}" "$PY" benchmarks/gpu_check.py --quick --out "$OUT_DIR" --reps "${REPS:-50}" 2>&1 | tail -30 | tee -a "$LOG"
-echo "== pytest tests/test_kernels_gpu.py" | tee -a "$LOG"
-timeout "${T_PYTEST:-70}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tail -15 | tee -a "$LOG"
+echo "== pytest: GPU tests (kernels, CUDA-graph training step)" | tee -a "$LOG"
+timeout "${T_PYTEST:-80}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py \
+  "tests/test_bench.py::test_graphed_train_step_on_gpu_matches_eager" 2>&1 | tail -15 | tee -a "$LOG"
 if [ "${FULL:-0}" != "0" ]; then
   echo "== gpu_profile (per-kernel time)" | tee -a "$LOG"
   timeout "${T_PROFILE:-60}" "$PY" benchmarks/gpu_profile.py --out "$OUT_DIR" > /dev/null 2>&1 || echo "gpu_profile failed" | tee -a "$LOG"
@@ -43,5 +44,8 @@ if [ "${FULL:-0}" != "0" ]; then
   timeout "${T_OVERHEAD:-90}" "$PY" benchmarks/gpu_overhead.py --out "$OUT_DIR" 2>&1 | head -14 | tee -a "$LOG"
   echo "== routed-lora bench --quick --device cuda" | tee -a "$LOG"
   timeout "${T_BENCH:-130}" "$PY" -m routed_lora.cli bench --quick --device cuda --out "$OUT_DIR/bench" 2>&1 | tail -40 | tee -a "$LOG"
+  echo "== pytest benchmarks/ (CUDA items, device time by graph replay)" | tee -a "$LOG"
+  timeout "${T_PYBENCH:-120}" "$PY" -m pytest -q -p no:cacheprovider benchmarks/ -k cuda \
+    --benchmark-json "$OUT_DIR/pytest_benchmark.json" 2>&1 | tail -8 | tee -a "$LOG"
 fi
 echo "== done $(date -u)" | tee -a "$LOG"
