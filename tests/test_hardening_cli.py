@@ -226,6 +226,7 @@ def test_debug_shows_the_traceback(files):
         main(["--debug"] + argv)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 4-10 s on a loaded 2-core CPU
 def test_subprocess_one_line(files):
     """The real entry point, as a user runs it: one line on stderr, exit status 2, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -246,6 +247,7 @@ def _small(files: Path, out: Path, *extra: str) -> list[str]:
         "24", "--lr", "1e-3", "--save-every", "1", "--threads", "1", *extra]
 
 
+@pytest.mark.slow  # two real (tiny) training runs and resumes: about 9 s on a loaded 2-core CPU
 def test_resume_refuses_changed_settings_and_survives_torn_files(files, tmp_path, capsys):
     from routed_lora.cli import main
 
