@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-FULL = dict(sft_steps=300, two_hop_frac=0.1, grpo_steps=200, prompts=32, G=8, eval_n=200, grpo_budget=330.0, lr=5e-4, people=400,
+# The warm start stops short of solving 2-hop questions so GRPO has room: with Search-R1's passage text
+# (issue 14) 300 steps on 10% (or even 2%) of the 2-hop questions reach 2-hop greedy EM 0.97-1.00; 250 steps on
+# 3% give 0.47 (1-hop 0.98), measured on the default world, seed 0.
+FULL = dict(sft_steps=250, two_hop_frac=0.03, grpo_steps=200, prompts=32, G=8, eval_n=200, grpo_budget=330.0, lr=5e-4, people=400,
             time_limit=560.0)
 QUICK = dict(sft_steps=250, two_hop_frac=0.1, grpo_steps=6, prompts=16, G=4, eval_n=40, grpo_budget=25.0, lr=5e-4, people=400,
              time_limit=110.0)
@@ -280,7 +283,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--sft-steps", type=pos, default=None)
     p.add_argument("--two-hop-frac", type=finite_float(0, 1), default=None,
-                   help="fraction of the 2-hop training questions in the warm start (default 0.1)")
+                   help="fraction of the 2-hop training questions in the warm start (default 0.03)")
     p.add_argument("--grpo-steps", type=pos, default=None)
     p.add_argument("--grpo-budget", type=pos_f, default=None, help="seconds of GRPO training before stopping early")
     p.add_argument("--time-limit", type=pos_f, default=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,3 +15,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def bf16_interpreter_dot(monkeypatch):
+    """Triton's interpreter multiplies the raw bits of bf16 operands in tl.dot (errors of 1e11): widen bf16
+    operands to fp32 exactly first, which is what a GPU's bf16 MMA with fp32 accumulation computes. The harness
+    is patched, never the kernel."""
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    original = interp.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        bits = h.data.astype(np.uint32) << np.uint32(16)
+        return interp.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)

@@ -144,24 +144,8 @@ def interpreter(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def bf16_dot_fix(monkeypatch):
-    """The interpreter multiplies bf16 bit patterns as integers in tl.dot: widen bf16 operands to fp32 exactly
-    first (what a GPU's bf16 MMA with fp32 accumulation computes). Same patch as test_kernels_interpreter.py."""
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    original = interp.InterpreterBuilder.create_dot
-
-    def widen(h):
-        if h.dtype.scalar != tl.bfloat16:
-            return h
-        bits = h.data.astype(np.uint32) << np.uint32(16)
-        return interp.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+def _bf16_dot(bf16_interpreter_dot):
+    """The interpreter's bf16 tl.dot defect patched for every test here (tests/conftest.py)."""
 
 
 def _check(case, name, got, ref64, low, atol):

@@ -5,8 +5,9 @@ environment was when triton or the kernels were imported, so setting the variabl
 module works in any collection order.
 
 bf16 work-around (test harness only): the interpreter keeps bf16 tensors as raw uint16 bit patterns and its
-``tl.dot`` multiplies those integers (results around 1e10). The ``bf16_dot_fix`` fixture patches the
-interpreter's ``create_dot`` for the duration of a test so bf16 operands are widened exactly to fp32 first,
+``tl.dot`` multiplies those integers (results around 1e10). The ``bf16_interpreter_dot`` fixture
+(tests/conftest.py) patches the interpreter's ``create_dot`` for the duration of a test so bf16 operands are
+widened exactly to fp32 first,
 which is what a GPU's bf16 MMA with fp32 accumulation computes. The kernels are unchanged.
 
 Error rule (DESIGN.md §4): ``max|out - ref64| <= 2 * max|ref_lowp - ref64| + atol`` with ref_lowp the
@@ -44,23 +45,8 @@ def interpreter(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def bf16_dot_fix(monkeypatch):
-    """Patch the interpreter's dot so bf16 operands (stored as uint16 bits) are widened to fp32 exactly."""
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    original = interp.InterpreterBuilder.create_dot
-
-    def widen(h):
-        if h.dtype.scalar != tl.bfloat16:
-            return h
-        bits = h.data.astype(np.uint32) << np.uint32(16)
-        return interp.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+def _bf16_dot(bf16_interpreter_dot):
+    """The interpreter's bf16 tl.dot defect patched for every test here (tests/conftest.py)."""
 
 
 @dataclasses.dataclass

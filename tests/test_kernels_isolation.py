@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -31,23 +30,8 @@ def interpreter(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def bf16_dot_fix(monkeypatch):
-    """bf16 operands widened exactly to fp32 in the interpreter's tl.dot (see test_kernels_interpreter.py)."""
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    original = interp.InterpreterBuilder.create_dot
-
-    def widen(h):
-        if h.dtype.scalar != tl.bfloat16:
-            return h
-        bits = h.data.astype(np.uint32) << np.uint32(16)
-        return interp.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+def _bf16_dot(bf16_interpreter_dot):
+    """The interpreter's bf16 tl.dot defect patched for every test here (tests/conftest.py)."""
 
 
 PLANS = {"interpreter": dict(sm_count=8, gpu_tiles=False), "gpu132": dict(sm_count=132, gpu_tiles=True)}
