@@ -37,3 +37,22 @@ def bf16_interpreter_dot(monkeypatch):
         return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run the Triton launchers under the interpreter with one dispatch variant (``use("fused")``), the
+    interpreter's plan and no pinned configs; everything is restored afterwards."""
+    from routed_lora.kernels import launch
+
+    def use(variant: str = "auto") -> None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        launch.set_variant(variant)
+        launch.pin_configs(False)
+        launch.set_interpreter_plan()
+
+    yield use
+    launch.set_variant("auto")
+    launch.pin_configs(False)
+    launch.autotune_in_interpreter(False)
+    launch.set_interpreter_plan()

@@ -134,13 +134,8 @@ N_CASES = 32
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launch.set_variant("fused")
-    launch.pin_configs(False)
-    launch.set_interpreter_plan()
-    yield
-    launch.set_variant("auto")
+def interpreter(triton_interpreter):
+    triton_interpreter("fused")
 
 
 @pytest.fixture(autouse=True)

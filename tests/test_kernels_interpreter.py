@@ -32,16 +32,8 @@ ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launch.set_variant("auto")
-    launch.pin_configs(False)
-    launch.set_interpreter_plan()
-    yield
-    launch.set_variant("auto")
-    launch.pin_configs(False)
-    launch.autotune_in_interpreter(False)
-    launch.set_interpreter_plan()
+def interpreter(triton_interpreter):
+    triton_interpreter("auto")
 
 
 @pytest.fixture(autouse=True)

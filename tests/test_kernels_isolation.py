@@ -20,13 +20,8 @@ from routed_lora.kernels import launch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launch.set_variant("fused")
-    launch.pin_configs(False)
-    yield
-    launch.set_variant("auto")
-    launch.set_interpreter_plan()
+def interpreter(triton_interpreter):
+    triton_interpreter("fused")
 
 
 @pytest.fixture(autouse=True)

@@ -28,13 +28,8 @@ from routed_lora.reference import reference_backward, reference_forward  # noqa:
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launch.set_variant("fused")
-    launch.pin_configs(False)
-    yield
-    launch.set_variant("auto")
-    launch.set_interpreter_plan()
+def interpreter(triton_interpreter):
+    triton_interpreter("fused")
 
 
 class _Recorder(TorchDispatchMode):
