@@ -154,6 +154,12 @@ def test_decode_views_follow_updates_and_replaced_storage():
     check()
     layer.lora_B.data = torch.randn_like(layer.lora_B)
     check()
+    layer.lora_A = nn.Parameter(torch.randn_like(layer.lora_A))  # a new parameter object: new views
+    check()
+    with torch.no_grad():  # a resized storage at the same address: the shapes are part of the key
+        layer.lora_A.data = layer.lora_A.data[:, :-1]  # r - 1 rows
+        layer.lora_B.data = layer.lora_B.data[:, :, :-1].contiguous()
+    check()
     layer.double()
     x = x.double()
     check()
