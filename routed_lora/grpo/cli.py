@@ -68,6 +68,7 @@ def config_from_args(args) -> GRPOConfig:
             mini_batches=args.mini_batches, micro_batch_size=args.micro_batch_size,
             max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
             eval_every=args.eval_every, loss_on=getattr(args, "loss_on", "all"),
+            old_logprobs=getattr(args, "old_logprobs", "auto"),
         ).check()
     except ConfigError as exc:
         raise UsageError(f"{flag_of(exc.field)}: {exc.message}") from exc
@@ -286,6 +287,9 @@ def add_train_arguments(p) -> None:
                         "reasoning: the rest): LEAS's M_Reas / M_Tool")
     p.add_argument("--epochs", type=pos, default=d.epochs, help="passes over each rollout batch")
     p.add_argument("--mini-batches", type=pos, default=d.mini_batches, help="optimiser steps per pass")
+    p.add_argument("--old-logprobs", choices=("auto", "rollout", "recompute"), default=d.old_logprobs,
+                   help="old log-probs of the mini-batches after the first: the sampler's (rollout: no extra "
+                        "pass), a teacher-forced pass (recompute), or rollout for float32 models (auto)")
     p.add_argument("--micro-batch-size", type=pos, default=d.micro_batch_size)
     p.add_argument("--max-grad-norm", type=pos_f, default=d.max_grad_norm)
     p.add_argument("--seed", type=nonneg, default=d.seed)

@@ -11,7 +11,10 @@ One training step:
    position ids, micro-batches and temperature the updates will use, so the first ratio is exactly 1; the first
    mini-batch is updated before any optimiser step, so its old log-probs come from its own first update forward
    (detached, the same values) and the separate pass runs only for the later mini-batches (none with one
-   mini-batch and one epoch);
+   mini-batch and one epoch). ``old_logprobs`` ("auto", the default) takes the later mini-batches' old log-probs
+   from the rollout instead: the sampler recorded log_softmax(logits / T) of the same policy, before any update,
+   at the same positions and routes (equal to the teacher-forced values to float rounding, <= 1e-5 in float32),
+   so no old-policy pass runs at all; "recompute" always runs it (rollouts from another engine or precision);
 4. ``epochs`` passes over the batch, each split in ``mini_batches`` optimiser steps (question q of the step goes
    to mini-batch q mod mini_batches, so N processes make the same update as one: :func:`mini_batch_rows`;
    ``--strategy ddp`` or ``fsdp2`` under torchrun); each optimiser step
@@ -56,6 +59,12 @@ __all__ = ["GRPOConfig", "ConfigError", "RolloutBatch", "routed_layers", "adapte
 MODES = ("dart", "joint", "base")
 STRATEGIES = ("ddp", "fsdp2")  # multi-process training: DistributedDataParallel or torch's fully_shard
 LOSS_ON = ("all", "reasoning", "tool")
+# Where the old log-probs of the mini-batches after the first come from (the first one's are its own first
+# update forward, detached, in every mode): "rollout" = the log-probs the sampler recorded (no extra pass);
+# "recompute" = a teacher-forced no-grad pass before the first optimiser step; "auto" = "rollout" when the batch
+# carries them and the model is float32 (where the cached decode matches teacher forcing to <= 1e-5), else
+# "recompute" (bf16/fp16 decodes drift by ~1e-2 from teacher forcing).
+OLD_LOGPROBS = ("auto", "rollout", "recompute")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -98,6 +107,7 @@ class GRPOConfig:
     format_reward: float = 0.0
     epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 2  # optimiser steps per pass (the second onward use the stored old log-probs)
+    old_logprobs: str = "auto"  # old log-probs of mini-batches 2+: "auto" | "rollout" | "recompute" (OLD_LOGPROBS)
     micro_batch_size: int = 64
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -141,6 +151,8 @@ class GRPOConfig:
             raise ConfigError("target_modules", f"expected non-empty module names, got {self.target_modules!r}")
         if self.loss_on not in LOSS_ON:
             raise ConfigError("loss_on", f"expected one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ConfigError("old_logprobs", f"expected one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
         return self
 
     def adapters(self) -> tuple[str, ...]:
@@ -421,11 +433,26 @@ class _Prepared:
         self.rows = sl
         self.rollout = None if batch.rollout_logprobs is None else batch.rollout_logprobs[sl][:, lo:hi - 1]
         self.old = None
+        self.old_source = "forward"  # or "rollout" (old_logprobs)
         self.ref = None
         self.adv = None
 
 
 _FORCE_OLD_PASS = False  # tests: run the old-policy pass for every mini-batch (the first one's is redundant)
+
+
+def old_logprobs_from_rollout(cfg, model: nn.Module, batch: "RolloutBatch") -> bool:
+    """Whether the mini-batches after the first take their old log-probs from the rollout (see OLD_LOGPROBS)."""
+    if cfg.old_logprobs == "recompute" or _FORCE_OLD_PASS:
+        return False
+    have = batch.rollout_logprobs is not None
+    if cfg.old_logprobs == "rollout":
+        if not have:
+            raise ValueError("old_logprobs='rollout': this rollout batch carries no rollout log-probs "
+                             "(RolloutBatch.rollout_logprobs is None); sample with return_logprobs=True or use "
+                             "old_logprobs='recompute'")
+        return True
+    return have and all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
 
 
 def _route_counts(routes: torch.Tensor, loss_mask: torch.Tensor, names) -> dict[str, float]:
@@ -470,12 +497,21 @@ def grpo_update(
     # old (and reference) log-probs: same micro-batches, same routes, no grad. The first mini-batch is updated
     # before any optimiser step, so its old policy is the current one: its first update forward (detached) gives
     # its old log-probs, the same values bit for bit, and the separate pass runs only for the later mini-batches
-    # (none with one mini-batch and one epoch). The ratio of every first update stays exactly 1.
+    # (none with one mini-batch and one epoch), or not at all when their old log-probs come from the rollout
+    # (old_logprobs, module doc). The ratio of the first mini-batch's first update stays exactly 1.
     skip_first = not _FORCE_OLD_PASS
+    from_rollout = old_logprobs_from_rollout(cfg, model, batch)
     with torch.no_grad():
         for mi, micro in enumerate(plan):
             for p in micro:
-                if not (skip_first and mi == 0):
+                if skip_first and mi == 0:
+                    pass  # set from the first update forward below
+                elif from_rollout:
+                    # the sampler's log-probs at the sampled tokens; 0 elsewhere (never read by the loss, and
+                    # finite whatever a caller left there)
+                    p.old = torch.where(p.mask.bool(), p.rollout, torch.zeros((), dtype=p.rollout.dtype))
+                    p.old_source = "rollout"
+                else:
                     p.old, _ = token_logprobs(model, p.ids, p.att, routes=p.routes, temperature=cfg.temperature)
                 if cfg.beta > 0:
                     p.ref = reference_logprobs(model, p.ids, p.att, temperature=cfg.temperature)
@@ -522,7 +558,7 @@ def grpo_update(
     # generation-time vs teacher-forced log-probs of the sampled tokens: same routes, positions and temperature
     # give equal values up to float rounding (the KV-cache path sums in another order)
     diffs = [float((p.old - p.rollout)[p.mask.bool()].abs().max()) for micro in plan for p in micro
-             if p.rollout is not None and p.mask.any()]
+             if p.rollout is not None and p.old_source != "rollout" and p.mask.any()]
     gen_diff = max(diffs) if diffs else None
 
     # metrics, summed over ranks
