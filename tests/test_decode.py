@@ -62,6 +62,10 @@ def test_no_grad_output_bit_identical_to_training_output(dtype, M, kind, E):
     assert y_nograd.grad_fn is None
     assert torch.equal(y_nograd, y_train.detach()), f"max diff {(y_nograd - y_train).abs().max():.3g}"
     assert torch.equal(y_inf, y_train.detach())
+    rl.set_routes(layer, routes)  # the decode hot path (RoutedLoRALinear._decode): routes set once, as in generate
+    with torch.no_grad():
+        y_set = layer(x)
+    assert torch.equal(y_set, y_train.detach()), f"set_routes: max diff {(y_set - y_train).abs().max():.3g}"
     if kind == "all_minus1":
         assert torch.equal(y_nograd, nn.functional.linear(x, layer.weight, layer.bias))
 
