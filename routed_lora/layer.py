@@ -40,6 +40,32 @@ def _any_autocast() -> bool:
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)  # one call instead of a device query
 
 
+# The routes tensor whose values the last default-checked call validated (or queued the device assert for):
+# (tensor, version, E). A later call on the same tensor at the same version holds the same values, so its
+# check would repeat work (on CUDA five kernel launches per layer). Never kept for inference tensors (no
+# version counter) or inside a CUDA-graph capture (a replay must carry its own assert).
+_LAST_CHECKED: list = [None]
+
+
+def _routes_checked(routes, E: int) -> bool:
+    last = _LAST_CHECKED[0]
+    return (
+        last is not None
+        and last[0] is routes
+        and last[2] == E
+        and not routes.is_inference()
+        and last[1] == routes._version
+        and not (routes.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
+
+
+def _remember_checked(routes, E: int) -> None:
+    if routes.is_inference() or (routes.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _LAST_CHECKED[0] = None
+    else:
+        _LAST_CHECKED[0] = (routes, routes._version, E)
+
+
 def validate_routes(routes: torch.Tensor, num_adapters: int, expected_shape=None, *, check_values=True) -> None:
     """Raise a clear error if ``routes`` is not an integer tensor of values in [-1, num_adapters).
 
@@ -127,10 +153,15 @@ def routed_lora_linear(
 
     # None: CPU tensors are checked here (cheap), CUDA tensors by an asynchronous device assert (no host sync).
     # False: the caller checked them already (set_routes checks once for every layer), so nothing is launched.
+    # None also skips the values of a routes tensor checked by the call before (same tensor, same version, same
+    # E): the layers of one model call, and repeated calls on one routes tensor, check it once.
     check = (not x.is_cuda) if check_route_values is None else check_route_values
-    validate_routes(routes, E, lead, check_values=check and not compiling)
-    if check_route_values is None and x.is_cuda and not compiling and routes.numel() > 0:
+    seen = check_route_values is None and not compiling and _routes_checked(routes, E)
+    validate_routes(routes, E, lead, check_values=check and not compiling and not seen)
+    if check_route_values is None and x.is_cuda and not compiling and routes.numel() > 0 and not seen:
         torch._assert_async(((routes >= -1) & (routes < E)).all(), "routes: value outside [-1, E)")
+    if check_route_values is None and not compiling:
+        _remember_checked(routes, E)
 
     x2 = x.reshape(-1, K)
     routes1 = routes.reshape(-1)

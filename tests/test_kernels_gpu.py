@@ -157,6 +157,20 @@ def test_launch_floor_on_gpu():
     assert len(bwd) == 3, bwd
 
 
+def test_layer_with_explicit_routes_adds_no_kernel_after_the_first_check():
+    """layer(x, routes): the route values are checked once per routes tensor (an async assert, five small
+    kernels); later calls on the unchanged tensor launch the fused forward's two kernels only."""
+    launch.set_variant("fused")
+    x, W, b, A, B, routes, _ = _inputs(4096, 1024, 1024, 16, 2, torch.bfloat16)
+    layer = rl.RoutedLoRALinear(1024, 1024, r=16, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    x.requires_grad_(True)
+    fwd = _kernels_in(lambda: layer(x, routes))  # _kernels_in runs it once before profiling
+    assert len(fwd) == 2, fwd
+    launch.set_variant("auto")
+
+
 def test_tma_gemm_on_sm90():
     if torch.cuda.get_device_capability()[0] != 9 or not launch._device_tma(torch.cuda.current_device()):
         pytest.skip("TMA GEMM is for sm_90 with a Triton that has tl.make_tensor_descriptor")

@@ -249,6 +249,39 @@ def test_set_routes_and_clear_routes():
         rl.set_routes(nn.Linear(2, 2), routes)
 
 
+def test_route_values_checked_once_per_tensor_version(monkeypatch):
+    """Explicit routes: the values of one routes tensor are read once while it is unchanged (every layer of a
+    model call passes the same one), and again after an in-place change, which is still refused."""
+    from routed_lora import layer as L
+
+    layer = rl.RoutedLoRALinear(8, 4, r=2)
+    x = torch.randn(5, 8)
+    routes = torch.tensor([0, 1, -1, 0, 1])
+    reads = {"n": 0}
+    real = L.validate_routes
+
+    def counting(*a, check_values=True, **k):
+        reads["n"] += bool(check_values)
+        return real(*a, check_values=check_values, **k)
+
+    monkeypatch.setattr(L, "validate_routes", counting)
+    for _ in range(3):
+        layer(x, routes)
+    assert reads["n"] == 1
+    routes[1] = 2  # in place: a new version, read again, refused
+    with pytest.raises(ValueError, match="found 2"):
+        layer(x, routes)
+    with pytest.raises(ValueError, match="found 2"):  # a refused tensor is never remembered as checked
+        layer(x, routes)
+    routes[1] = 1
+    layer(x, routes)
+    layer(x, routes.clone())  # another tensor: read
+    assert reads["n"] == 5
+    rl.routed_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, routes, layer.scaling,
+                          check_route_values=True)  # asked for: read whatever was seen
+    assert reads["n"] == 6
+
+
 def test_bad_inputs():
     layer = rl.RoutedLoRALinear(8, 4, r=2)
     x = torch.randn(5, 8)
