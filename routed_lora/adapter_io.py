@@ -48,6 +48,9 @@ _BENIGN = {
     "revision", "task_type", "inference_mode", "init_lora_weights", "auto_mapping", "peft_version",
     "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "kasa_config", "ensure_weight_tying",
+    # how PEFT merges into a base weight stored (in, out) (Conv1D); A (r, in) and B (out, r) keep the
+    # nn.Linear layout either way, and PEFT resets a flag that does not fit the module (with a warning)
+    "fan_in_fan_out",
 }
 # Options this package does not implement: a non-default value is an error.
 _UNSUPPORTED_DEFAULTS = {
@@ -56,7 +59,6 @@ _UNSUPPORTED_DEFAULTS = {
     "alpha_pattern": {},
     "bias": "none",
     "lora_bias": False,
-    "fan_in_fan_out": False,
     "modules_to_save": None,
     "layers_to_transform": None,
     "layers_pattern": None,
@@ -166,6 +168,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     st = _state(model, required=False)
     router = None if st is None or st.router is None else _router_dict(st.router)
+    # PEFT's flag for a base weight stored (in, out), transformers' Conv1D (GPT-2): what PEFT itself writes for
+    # such a model. A/B keep the nn.Linear layout either way; PEFT corrects a wrong flag per module with a warning.
+    conv = set(getattr(st, "originals", {}) or {}) if st is not None else set()
+    fan_in_fan_out = bool(conv) and all(n in conv for n in module_names)
 
     # FSDP2: the adapters are DTensor shards; every rank gathers the full tensors (a collective), rank 0 writes.
     full = {n: (full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())) for n, layer in layers}
@@ -184,7 +190,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
             "lora_dropout": 0.0,
             "bias": "none",
             "use_dora": False,
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": fan_in_fan_out,
             "init_lora_weights": True,
             "inference_mode": True,
             "modules_to_save": None,

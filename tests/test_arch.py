@@ -53,9 +53,13 @@ def test_gpt2_conv1d_targets_load_in_peft(one_thread, tmp_path):
         ours = model(input_ids=IDS, routes=torch.ones_like(IDS)).logits
     assert (ours - plain).abs().max() > 1e-3
     rl.save_adapters(model, tmp_path / "ad")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes that it sets fan_in_fan_out for Conv1D
+    import json
+
+    assert json.loads((tmp_path / "ad" / "tool" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(_gpt2(), tmp_path / "ad" / "tool").eval()
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)], "PEFT had to correct the config"
     with torch.no_grad():
         theirs = loaded(input_ids=IDS).logits
     assert (theirs - ours).abs().max() <= 1e-5, f"PEFT vs routed: {(theirs - ours).abs().max():.3g}"
@@ -69,6 +73,33 @@ def test_gpt2_conv1d_targets_load_in_peft(one_thread, tmp_path):
     assert fresh.transformer.h[0].attn.c_attn.weight.shape == (32, 96)
     with torch.no_grad():
         assert (fresh(input_ids=IDS).logits - plain).abs().max() <= 1e-6
+
+
+def test_peft_made_gpt2_adapter_loads_into_routed_gpt2(one_thread, tmp_path):
+    """A folder PEFT itself writes for GPT-2 says fan_in_fan_out=True (Conv1D weights are stored (in, out));
+    A and B keep the nn.Linear layout, so it loads and gives PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    targets = ["c_attn", "c_proj", "c_fc"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                          fan_in_fan_out=True))
+    _randomise(pm)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "p")
+    import json
+
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with torch.no_grad():
+        theirs = pm(input_ids=IDS).logits
+    model = _gpt2()
+    rl.apply_routed_lora(model, target_modules=targets, r=4, lora_alpha=8)
+    rl.load_adapters(model, tmp_path / "p", adapter="tool")
+    with torch.no_grad():
+        ours = model(input_ids=IDS, routes=torch.ones_like(IDS)).logits
+        base = model(input_ids=IDS, routes=-1).logits
+    assert (theirs - base).abs().max() > 1e-3  # the adapter matters
+    assert (ours - theirs).abs().max() <= 1e-5, f"{(ours - theirs).abs().max():.3g}"
 
 
 def test_phi3_default_targets_cover_fused_projections(one_thread):
