@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from routed_lora.grpo import trainer as T  # noqa: E402
 from routed_lora.grpo.logprobs import routes_for, token_logprobs  # noqa: E402
+from test_grpo_on_policy import count_no_grad_passes  # noqa: E402
 from test_grpo_update import _cfg, make_batch, make_model, tag_router  # noqa: E402
 
 
@@ -25,23 +26,13 @@ def _with_rollout_logprobs(model, batch, routes, cfg):
     return dataclasses.replace(batch, rollout_logprobs=torch.where(batch.loss_mask, lp, torch.zeros(())))
 
 
-def _update(batch, cfg, monkeypatch=None):
+def _update(batch, cfg):
     model = make_model(seed=3)
     routes = routes_for(batch.input_ids, batch.attention_mask, router=tag_router)
     opt = T.AdapterOptimizer(model, cfg.adapter_lrs())
-    calls = {"no_grad": 0}
-    real = T.token_logprobs
-
-    def counting(*a, **k):
-        if not torch.is_grad_enabled():
-            calls["no_grad"] += 1
-        return real(*a, **k)
-
-    T.token_logprobs = counting
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        calls = count_no_grad_passes(mp)
         m = T.grpo_update(model, model, opt, batch, routes, cfg)
-    finally:
-        T.token_logprobs = real
     return T.adapter_state(model), m, calls["no_grad"]
 
 

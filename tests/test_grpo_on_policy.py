@@ -14,12 +14,8 @@ from routed_lora.grpo.logprobs import routes_for  # noqa: E402
 from test_grpo_update import _cfg, make_batch, make_model, tag_router  # noqa: E402
 
 
-def _run(monkeypatch, *, force: bool, mini_batches: int, epochs: int):
-    model = make_model(seed=3)
-    batch = make_batch(seed=4)
-    routes = routes_for(batch.input_ids, batch.attention_mask, router=tag_router)
-    cfg = _cfg(mini_batches=mini_batches, epochs=epochs, beta=0.0)
-    opt = T.AdapterOptimizer(model, cfg.adapter_lrs())
+def count_no_grad_passes(monkeypatch) -> dict:
+    """Count the trainer's no-grad ``token_logprobs`` calls (old-policy passes) into the returned dict."""
     calls = {"no_grad": 0}
     real = T.token_logprobs
 
@@ -29,6 +25,16 @@ def _run(monkeypatch, *, force: bool, mini_batches: int, epochs: int):
         return real(*a, **k)
 
     monkeypatch.setattr(T, "token_logprobs", counting)
+    return calls
+
+
+def _run(monkeypatch, *, force: bool, mini_batches: int, epochs: int):
+    model = make_model(seed=3)
+    batch = make_batch(seed=4)
+    routes = routes_for(batch.input_ids, batch.attention_mask, router=tag_router)
+    cfg = _cfg(mini_batches=mini_batches, epochs=epochs, beta=0.0)
+    opt = T.AdapterOptimizer(model, cfg.adapter_lrs())
+    calls = count_no_grad_passes(monkeypatch)
     monkeypatch.setattr(T, "_FORCE_OLD_PASS", force)  # force: the old pass for every mini-batch, as before
     m = T.grpo_update(model, model, opt, batch, routes, cfg)
     monkeypatch.undo()
