@@ -461,3 +461,27 @@ def test_pytest_benchmark_item_runs(one_thread):
         assert prep.timing == "cpu_perf_counter" and prep.rounds >= 5
         args, kwargs = prep.setup() if prep.setup else ((), {})
         prep.target(*args, **kwargs)
+
+
+def test_gpu_targets_script_self_test_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_targets.py is the one call a lent GPU machine makes: its --cpu self-test (tiny shapes,
+    Triton interpreter) must run every section and write a complete JSON and table, so that a GPU session
+    spends its minutes measuring, not debugging the script. The ratios themselves mean nothing on a CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    pytest.importorskip("peft")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_targets.py"), "--cpu", "--out",
+                          str(tmp_path), "--docs", "", "--repeats", "1"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu_targets.json").read_text())
+    assert out["complete"] and not out["errors"] and not out["variant_errors"], out["errors"]
+    assert len(out["targets"]) == 9 and all(isinstance(t["value"], float) for t in out["targets"])
+    assert not [r for r in out["rows"] if "error" in r]
+    assert "| target |" in (tmp_path / "gpu_targets.md").read_text()
