@@ -485,3 +485,20 @@ def test_gpu_targets_script_self_test_runs_end_to_end(tmp_path):
     assert len(out["targets"]) == 9 and all(isinstance(t["value"], float) for t in out["targets"])
     assert not [r for r in out["rows"] if "error" in r]
     assert "| target |" in (tmp_path / "gpu_targets.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["gpu_profile.py", "gpu_overhead.py"])
+def test_gpu_full_mode_scripts_self_test(tmp_path, script):
+    """The scripts gpu_all.sh adds with FULL=1 run their --cpu self-test without an error."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--cpu", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip(), "the self-test printed nothing"
