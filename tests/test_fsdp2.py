@@ -7,12 +7,11 @@ work on the sharded model. Helpers that cannot work on a sharded model raise a c
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from _gloo import init_gloo, store_path
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -34,12 +33,6 @@ def _start(fn, args, nprocs):
                                 "routed_lora", "routed_lora.grpo.trainer", "routed_lora.testing",
                                 "transformers.models.qwen2.modeling_qwen2", "test_fsdp2"])
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(seed=0):
@@ -154,12 +147,11 @@ def _run(rank, world, strategy, out: Path):
     return res
 
 
-def _worker(rank, world, port, strategy, out):
+def _worker(rank, world, store, strategy, out):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, store)
     try:
         res = _run(rank, world, strategy, Path(out))
         if rank == 0:
@@ -188,7 +180,7 @@ def test_distributed_update_equals_one_process(reference, tmp_path, strategy, wo
     from safetensors.torch import load_file
 
     ref, ref_out = reference
-    _start(_worker, (world, _free_port(), strategy, str(tmp_path)), world)
+    _start(_worker, (world, store_path(tmp_path), strategy, str(tmp_path)), world)
     got = torch.load(tmp_path / "result.pt", weights_only=False)
     for k in ("probe/self_routed", "probe/explicit", "probe/backbone"):
         assert _rel(got[k], ref[k]) <= 1e-5, f"{k}: {strategy} x{world} differs from one process by {_rel(got[k], ref[k]):.3g}"
@@ -223,12 +215,11 @@ def test_update_moved_both_adapters(reference):
         assert bool((d > 0).all()), f"{name}: an adapter did not move in the one-process update"
 
 
-def _sharded_errors_worker(rank, world, port, out):
+def _sharded_errors_worker(rank, world, store, out):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, store)
     try:
         import routed_lora as rl
         from routed_lora.fsdp import shard_model
@@ -256,19 +247,18 @@ def _sharded_errors_worker(rank, world, port, out):
 
 
 def test_sharded_model_clear_errors(tmp_path):
-    _start(_sharded_errors_worker, (2, _free_port(), str(tmp_path)), 2)
+    _start(_sharded_errors_worker, (2, store_path(tmp_path), str(tmp_path)), 2)
     errors = json.loads((tmp_path / "errors.json").read_text())
     assert set(errors) == {"remove", "shard_twice", "apply"}
     for name, msg in errors.items():
         assert "fully_shard" in msg and "before fully_shard" in msg, (name, msg)
 
 
-def _trainer_worker(rank, world, port, world_dir, out):
+def _trainer_worker(rank, world, store, world_dir, out):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, store)
     try:
         import routed_lora as rl
         from routed_lora.env.data import load_qa
@@ -317,7 +307,7 @@ def test_trainer_strategy_fsdp2_trains_and_resumes(tmp_path):
     tok = build_tokenizer(vocab_texts(world))
     build_tiny_model(tok, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seed=0, out_dir=wd / "model")
     out = tmp_path / "run"
-    _start(_trainer_worker, (2, _free_port(), str(wd), str(out)), 2)
+    _start(_trainer_worker, (2, store_path(tmp_path), str(wd), str(out)), 2)
     got = torch.load(out / "trainer.pt", weights_only=False)
     assert got["steps"] == 2 and got["rollouts"] == 4 * 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

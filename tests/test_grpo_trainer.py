@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from _gloo import init_gloo, store_path
 
 pytest.importorskip("transformers")
 pytest.importorskip("bm25s")
@@ -124,18 +124,12 @@ def test_checkpoint_write_is_atomic(tiny_world, tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world_size, port, world_dir, out_dir):
+def _ddp_worker(rank, world_size, store, world_dir, out_dir):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    init_gloo(rank, world_size, store)
     try:
         from routed_lora.grpo.trainer import adapter_state
 
@@ -164,7 +158,7 @@ def _ddp_worker(rank, world_size, port, world_dir, out_dir):
 def test_ddp_gloo_two_ranks_identical_adapters(tiny_world, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_world), str(tmp_path)), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, store_path(tmp_path), str(tiny_world), str(tmp_path)), nprocs=2,
                        join=True, start_method="spawn")
     res = json.loads((tmp_path / "ddp_result.json").read_text())
     assert res["same"], "adapters differ between ranks after a DDP step"
