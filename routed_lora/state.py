@@ -16,6 +16,7 @@ temporaries, and the settings a resumed run must share with its checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -166,8 +167,16 @@ def swap_folder(new: Path, path: Path) -> None:
     deleted."""
     new, path = Path(new), Path(path)
     if not path.exists():
-        os.rename(new, path)
-    elif _rename_exchange(new, path):
+        try:
+            os.rename(new, path)
+            fsync_dir(path.parent)
+            return
+        except OSError as exc:
+            # another writer made ``path`` between the check and the rename (two processes saving to one
+            # folder, e.g. every DDP rank): replace theirs as below, the last writer's set wins, whole
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not path.exists():
+                raise
+    if _rename_exchange(new, path):
         shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old set
     else:
         import uuid

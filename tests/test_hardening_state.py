@@ -197,6 +197,35 @@ def test_save_over_an_existing_set_is_all_or_nothing(tmp_path, monkeypatch, two_
     assert n_fail >= 5, f"the save made only {n_fail} renames"
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_two_writers_racing_for_a_new_folder_both_finish(tmp_path, monkeypatch, two_sets, exchange):
+    """Another process saves to the same new folder between this save's existence check and its rename (every
+    DDP rank saving to one path): the rename fails with ENOTEMPTY and the save replaces their set as over an
+    existing one; the folder then holds one whole set, the last writer's."""
+    import routed_lora as rl
+
+    old_model, new_model = two_sets
+    path = tmp_path / "sets" / "adapters"
+    rl.save_adapters(old_model, tmp_path / "theirs")  # the other process's finished set
+    real_rename = os.rename
+    raced = []
+
+    def rename(a, b):
+        if str(b) == str(path) and not raced:  # the other writer's rename lands first
+            raced.append(1)
+            real_rename(tmp_path / "theirs", path)
+        return real_rename(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", rename)
+        if not exchange:
+            m.setattr(state, "_rename_exchange", lambda a, b: False)
+        rl.save_adapters(new_model, path)
+    assert raced
+    assert _equal(_loaded(path), _lora(new_model))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["adapters"], "temporaries left behind"
+
+
 def test_killed_save_leaves_the_old_set_loading(tmp_path, monkeypatch, two_sets):
     """A kill (no clean-up runs) while the new set is written: the old set loads unchanged, and the next save
     clears the leftover temporary."""
