@@ -487,6 +487,9 @@ def routed_linear_tma_kernel(
         offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
         m_in = offs_m < M
         n_in = offs_n < N
+        # The epilogue of routed_linear_kernel, line for line. Not a shared @triton.jit helper: the launcher runs
+        # these kernels under the interpreter through InterpretedFunction built at run time, and a JITFunction
+        # called from inside one raises ("Cannot call @triton.jit'd outside of the scope of a kernel").
         acc = acc * (1.0 / s_safe)
         for c0 in range(0, er_used, BLOCK_R):
             offs_c = c0 + tl.arange(0, BLOCK_R).to(tl.int64)
