@@ -11,7 +11,8 @@ and alternates them on the same work, so a shared machine's drift biases neither
   seconds, and prefill tokens (tokens fed in multi-token forward calls, padding included: the new loop's
   ``meters``; for the old one the ``input_ids`` of each ``model.generate`` call, which re-encodes the transcript);
 - updates: ``grpo_update`` on one rollout batch from the same adapter and optimiser state, with the demo's two
-  mini-batches and with one (where the new code skips the old-policy pass).
+  mini-batches and with one (the new code runs no old-policy pass in either: the first mini-batch's old
+  log-probs are its own first forward, the later ones' the rollout's, ``GRPOConfig.old_logprobs``).
 
 Prints JSON rows (one per timed run) and a summary with medians and new/old ratios.
 """
