@@ -294,18 +294,11 @@ def test_trainer_strategy_fsdp2_trains_and_resumes(tmp_path):
     """The Trainer's --strategy fsdp2 path end to end at 2 processes: rollouts with the parameters gathered
     (ranks generate different lengths), updates, checkpoint every step, resume, adapters saved once."""
     pytest.importorskip("bm25s")
-    from routed_lora.env.tokenizer import build_tiny_model, build_tokenizer
-    from routed_lora.env.trajectories import vocab_texts
-    from routed_lora.env.world import build_world, write_world
-
     import routed_lora as rl
     from routed_lora.grpo.trainer import adapter_state, load_model_and_tokenizer
+    from routed_lora.testing import tiny_world
 
-    wd = tmp_path / "world"
-    world = build_world(seed=0, n_first=6, n_last=6, n_people=30, n_countries=3, n_cities=6, n_companies=5)
-    write_world(world, wd)
-    tok = build_tokenizer(vocab_texts(world))
-    build_tiny_model(tok, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seed=0, out_dir=wd / "model")
+    wd = tiny_world(tmp_path / "world", layers=2)
     out = tmp_path / "run"
     _start(_trainer_worker, (2, store_path(tmp_path), str(wd), str(out)), 2)
     got = torch.load(out / "trainer.pt", weights_only=False)

@@ -24,16 +24,9 @@ def toy_reward(text: str, golds) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    from routed_lora.env.tokenizer import build_tiny_model, build_tokenizer
-    from routed_lora.env.trajectories import vocab_texts
-    from routed_lora.env.world import build_world, write_world
+    from routed_lora.testing import tiny_world
 
-    out = tmp_path_factory.mktemp("world")
-    world = build_world(seed=0, n_first=6, n_last=6, n_people=30, n_countries=3, n_cities=6, n_companies=5)
-    write_world(world, out)
-    tok = build_tokenizer(vocab_texts(world))
-    build_tiny_model(tok, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seed=0, out_dir=out / "model")
-    return out
+    return tiny_world(tmp_path_factory.mktemp("world"), layers=2)
 
 
 def _config(**kw):

@@ -29,16 +29,10 @@ def _free_port() -> int:
 def files(tmp_path_factory):
     """A tiny world (model, corpus, train/test data) and broken input files. Line 5 of ``no_gold.jsonl`` lacks
     golden_answers, with blank lines before it (1-based numbering counts them)."""
-    from routed_lora.env.tokenizer import build_tiny_model, build_tokenizer
-    from routed_lora.env.trajectories import vocab_texts
-    from routed_lora.env.world import build_world, write_world
+    from routed_lora.testing import tiny_world
 
     root = tmp_path_factory.mktemp("cli")
-    world = build_world(seed=0, n_first=6, n_last=6, n_people=30, n_countries=3, n_cities=6, n_companies=5)
-    write_world(world, root / "world")
-    tok = build_tokenizer(vocab_texts(world))
-    build_tiny_model(tok, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seed=0,
-                     out_dir=root / "world" / "model")
+    tiny_world(root / "world", layers=2)
     good = json.dumps({"question": "who ?", "golden_answers": ["x"]})
     (root / "no_gold.jsonl").write_text(f"{good}\n\n{good}\n\n" + json.dumps({"question": "q"}) + "\n")
     (root / "bad_json.jsonl").write_text(f"{good}\n\n{{not json\n")
