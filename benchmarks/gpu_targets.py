@@ -69,22 +69,14 @@ def measure(fn, device, repeats):
     return {"median_ms": statistics.median(ts), "p20_ms": _q(ts, 0.2), "p80_ms": _q(ts, 0.8), "n": len(ts)}
 
 
-def layer_inputs(M, K, N, r, E, dtype, device, seed=0, routes="random"):
-    import torch
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
-    x = rnd(M, K).to(dtype)
-    W = (rnd(N, K) / K**0.5).to(dtype)
-    b = rnd(N).to(dtype)
-    A = (rnd(E, r, K) / K**0.5).to(dtype)
-    B = (rnd(E, N, r) / r**0.5).to(dtype)
-    if routes == "random":
-        rt = torch.randint(0, E, (M,), generator=g, device=device, dtype=torch.int32)
-    else:
-        rt = torch.zeros(M, device=device, dtype=torch.int32)
-    gy = rnd(M, N).to(dtype)
-    return x, W, b, A, B, rt, gy
+def layer_inputs(M, K, N, r, E, dtype, device, seed=0):
+    """x, W, b, A, B, routes (random over the adapters, int32), g: gpu_check.py's inputs (one definition)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_check import make_inputs
+    finally:
+        sys.path.pop(0)
+    return make_inputs(M, K, N, r, E, dtype, device, "random", seed)
 
 
 def count_kernels(fn, device):
