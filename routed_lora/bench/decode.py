@@ -27,7 +27,7 @@ import torch
 from .providers import Case, build, make_problem, provider_available, use_backend
 from .timing import Timed, paired_ratio, time_interleaved
 
-__all__ = ["DECODE_PROVIDERS", "decode_cases", "run_decode", "isolation_cases", "run_isolation", "decode_forward"]
+__all__ = ["DECODE_PROVIDERS", "decode_cases", "run_decode", "isolation_cases", "run_isolation", "isolation_step", "decode_forward"]
 
 DECODE_PROVIDERS = ("linear", "routed_torch", "routed_triton", "peft")
 
@@ -106,40 +106,47 @@ def run_decode(device: str = "cpu", quick: bool = False, *, cases=None, provider
     return rows
 
 
+def isolation_step(case: Case, problem):
+    """``(prepare, backward)`` for the isolation cases (``run_isolation`` and the pytest-benchmark items):
+    ``prepare()`` clears the gradients and returns the routed layer's forward output (PyTorch path, x requiring
+    a gradient); ``backward(y, mode)`` runs its backward under isolation ``mode``
+    (:func:`routed_lora.reference.set_isolation_mode`), restoring the previous mode after."""
+    from routed_lora import reference
+
+    built = build("routed_torch", problem)
+    gen = torch.Generator().manual_seed(case.seed + 13)
+    dev = torch.device(case.device)
+    x = torch.randn(case.M, case.K, generator=gen).to(dev, case.torch_dtype).requires_grad_(True)
+    g = torch.randn(case.M, case.N, generator=gen).to(dev, case.torch_dtype)
+
+    def prepare():
+        x.grad = None
+        for p in built.params:
+            p.grad = None
+        return built.forward(x)
+
+    def backward(y, mode):
+        old = reference.set_isolation_mode(mode)
+        try:
+            y.backward(g)
+        finally:
+            reference.set_isolation_mode(old)
+
+    return prepare, backward
+
+
 def run_isolation(device: str = "cpu", quick: bool = False, *, cases=None, budget_s: float = 3.0,
                   min_repeats: int = 15, flush: bool = False) -> list[dict]:
     """Time the routed backward (PyTorch path) in each isolation mode, interleaved; returns records. No cache
     flush by default: the flush's 2x-LLC fill made small-M backwards bimodal (p20-p80 of 1.9-5.6 ms at M = 16),
     and in cache the added work is the larger share, so the ratio is the conservative one."""
-    from routed_lora import reference
-
     modes = ("none", "recheck", "sanitize")
     rows = []
     dev = torch.device(device)
     for case in cases or isolation_cases(device, quick):
-        problem = make_problem(case)
-        built = build("routed_torch", problem)
-        gen = torch.Generator().manual_seed(case.seed + 13)
-        x = torch.randn(case.M, case.K, generator=gen).to(dev, case.torch_dtype).requires_grad_(True)
-        g = torch.randn(case.M, case.N, generator=gen).to(dev, case.torch_dtype)
-
-        def prepare():
-            x.grad = None
-            for p in built.params:
-                p.grad = None
-            return built.forward(x)
-
-        def timed_for(mode):
-            def run(y):
-                old = reference.set_isolation_mode(mode)
-                try:
-                    y.backward(g)
-                finally:
-                    reference.set_isolation_mode(old)
-
-            return Timed(mode, run=run, prepare=prepare)
-
-        stats, rounds = time_interleaved([timed_for(m) for m in modes], device=dev, min_repeats=min_repeats,
+        prepare, backward = isolation_step(case, make_problem(case))
+        timed = [Timed(m, run=lambda y, m=m: backward(y, m), prepare=prepare) for m in modes]
+        stats, rounds = time_interleaved(timed, device=dev, min_repeats=min_repeats,
                                          budget_s=budget_s, flush=flush)
         base = {"kind": "isolation", "sweep": "isolation", **case.as_dict(), "mode": "backward",
                 "provider": "routed_torch", "threads": torch.get_num_threads()}

@@ -154,29 +154,16 @@ def _decode_item(case, provider, threads=1, repeats=200):
 
 
 def _isolation_item(case, mode):
-    from routed_lora import reference
-
-    from .providers import build
-    from .timing import CacheFlusher
+    from .decode import isolation_step
 
     def prepare():
-        problem = _problem(case)
-        built = build("routed_torch", problem)
-        gen = torch.Generator().manual_seed(case.seed + 13)
-        x = torch.randn(case.M, case.K, generator=gen).to(case.device, case.torch_dtype).requires_grad_(True)
-        g = torch.randn(case.M, case.N, generator=gen).to(case.device, case.torch_dtype)
+        forward, backward = isolation_step(case, _problem(case))
+
         def setup():  # no cache flush, as run_isolation
-            x.grad = None
-            for p in built.params:
-                p.grad = None
-            return (built.forward(x),), {}
+            return (forward(),), {}
 
         def target(y):
-            old = reference.set_isolation_mode(mode)
-            try:
-                y.backward(g)
-            finally:
-                reference.set_isolation_mode(old)
+            backward(y, mode)
 
         timing = "cuda_events_eager" if _is_cuda(case.device) else "cpu_perf_counter"
         return Prepared(target, setup, timing, 15)
