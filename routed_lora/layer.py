@@ -160,7 +160,7 @@ def routed_lora_linear(
     validate_routes(routes, E, lead, check_values=check and not compiling and not seen)
     if check_route_values is None and x.is_cuda and not compiling and routes.numel() > 0 and not seen:
         torch._assert_async(((routes >= -1) & (routes < E)).all(), "routes: value outside [-1, E)")
-    if check_route_values is None and not compiling:
+    if check_route_values is None and not compiling and not seen:
         _remember_checked(routes, E)
 
     x2 = x.reshape(-1, K)
