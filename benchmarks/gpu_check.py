@@ -26,7 +26,6 @@ wall-clock timings, to test the script itself without a GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ import statistics
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +49,10 @@ def _bootstrap(cpu: bool):
     try:
         import routed_lora.kernels  # noqa: F401  (installed: package_dir maps kernels/ here)
     except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "routed_lora.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        mod = importlib.util.module_from_spec(spec)
+        # kernels/ is a namespace folder (no __init__.py; kernels/README.md says why): a module with its path
+        mod = types.ModuleType("routed_lora.kernels")
+        mod.__path__ = [str(ROOT / "kernels")]
         sys.modules["routed_lora.kernels"] = mod
-        spec.loader.exec_module(mod)
         routed_lora.kernels = mod
     from routed_lora import backend
 

@@ -22,6 +22,8 @@
 - :func:`trainable_parameters`: the optimizer parameter group of the adapters; :func:`set_adapter_lr` gives
   each adapter its own learning rate (see its docstring for why it scales the update, not the gradient).
 - :func:`remove_routed_lora`: back to plain ``nn.Linear`` modules sharing the same weight tensors.
+- Hub kernels (transformers' kernelize) never replace the forward of a module holding routed layers: see
+  :mod:`routed_lora.hub_kernels`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .hub_kernels import kernels_mode, restore_kernelized_owners
 from .layer import RoutedLoRALinear, _check_config
 
 __all__ = [
@@ -79,6 +82,8 @@ class _State:
         self.streams: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> (length, stream)
         self.pending = None  # (cache or None, stream) between the pre-hook and the forward hook
         self.depth = 0  # hooked calls in progress: only the outermost routes (module doc)
+        self.model_ref = weakref.ref(model)
+        self.kernels_mode = kernels_mode(model)  # transformers re-kernelizes when this changes (hub_kernels)
 
     @property
     def modules(self) -> list[RoutedLoRALinear]:
@@ -214,6 +219,7 @@ def apply_routed_lora(
     )
     st = _State(model, layers, config, router, requires_grad)
     st.originals = originals
+    restore_kernelized_owners(model)
     _attach_state(model, st)
     return model
 
@@ -387,6 +393,9 @@ def _install_call_hooks(st: _State, module: nn.Module) -> None:
         st.depth += 1
         if st.depth > 1:
             return None
+        owner = st.model_ref()
+        if owner is not None and kernels_mode(owner) != st.kernels_mode:
+            _kernels_mode_changed(st, owner)
         # Wrap the checkpoint functions before any layer runs: transformers < 5.2x checkpoints the layer's
         # whole __call__, so the layer's own pre-hook would run inside the first checkpointed call, too late.
         for module in st.ckpt_modules:
@@ -404,6 +413,14 @@ def _install_call_hooks(st: _State, module: nn.Module) -> None:
 
     st.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     st.handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+
+
+@torch.compiler.disable
+def _kernels_mode_changed(st: _State, model: nn.Module) -> None:
+    """transformers re-kernelized the model (``train()`` / ``eval()`` switch its kernels mode): restore the
+    modules that hold routed layers again before this call runs."""
+    st.kernels_mode = kernels_mode(model)
+    restore_kernelized_owners(model)
 
 
 def _is_compiling() -> bool:

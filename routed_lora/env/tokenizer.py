@@ -158,5 +158,6 @@ def load_model(path: str | Path, *, dtype=None):
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); build one with `routed-lora world "
                                 f"build --out DIR` or `routed-lora sft`")
     tok = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    # use_kernels=False: our models need no hub kernels, and transformers >= 5.25 kernelizes by default
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, use_kernels=False)
     return model, tok

@@ -756,7 +756,8 @@ def load_model_and_tokenizer(path: str | Path, *, dtype=None):
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    # use_kernels=False: our models need no hub kernels, and transformers >= 5.25 kernelizes by default
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, use_kernels=False)
     return model, tok
 
 
