@@ -1,13 +1,19 @@
-# `make demo` and `make test` each do their whole set-up (virtual environment, torch, the package) first.
+# `make demo` and `make test` each do their whole set-up (virtual environment, torch, the package) first, from the
+# exact versions in constraints/main.txt. docs/dependencies.md: the environments, test-latest, refreshing pins.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.routed-lora-installed
 OUT ?= runs/demo
+LATEST_VENV ?= .venv-latest
+VERL_VENV ?= .venv-verl
+# the veRL environment runs the veRL tests and the suite's parts that veRL's transformers pin touches
+VERL_TESTS ?= tests/test_verl.py tests/test_hf_patch.py tests/test_adapter_io.py tests/test_packed.py \
+	tests/test_peft_convert.py tests/test_router.py tests/test_fresh_clone.py
 
-.PHONY: setup test demo study bench bench-quick gpu-check clean
+.PHONY: setup test demo study bench bench-quick gpu-check clean test-latest setup-verl test-verl constraints
 
-$(STAMP): pyproject.toml setup.py scripts/setup_env.sh
-	bash scripts/setup_env.sh $(VENV)
+$(STAMP): pyproject.toml setup.py scripts/setup_env.sh constraints/main.txt
+	bash scripts/setup_env.sh $(VENV) main
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -18,6 +24,26 @@ test: setup
 demo: setup
 	$(PY) -m routed_lora.cli demo --out $(OUT)
 
+# the newest releases of everything (torch stays the CPU build 2.13.0) in their own environment, then the suite
+test-latest:
+	rm -rf $(LATEST_VENV)
+	bash scripts/setup_env.sh $(LATEST_VENV) latest
+	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# after a green test-latest: take its versions as the new tested set
+constraints:
+	@test -f runs/latest-versions.txt || { echo "run 'make test-latest' first"; exit 2; }
+	$(LATEST_VENV)/bin/python scripts/write_constraints.py runs/latest-versions.txt constraints/main.txt
+
+$(VERL_VENV)/.routed-lora-installed: pyproject.toml setup.py scripts/setup_env.sh constraints/verl.txt
+	bash scripts/setup_env.sh $(VERL_VENV) verl
+	touch $@
+
+setup-verl: $(VERL_VENV)/.routed-lora-installed
+
+test-verl: setup-verl
+	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(VERL_TESTS)
+
 # the DART study (docs/study.md); STUDY_ARGS=--quick for the short one; rerun to resume
 study: setup
 	$(PY) -m routed_lora.cli study --out runs/study $(STUDY_ARGS)
@@ -26,4 +52,4 @@ bench-quick: setup
 	$(PY) -m routed_lora.cli bench --quick --out runs/bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(VERL_VENV) runs .pytest_cache

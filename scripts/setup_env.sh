@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install the package with its test extras.
-# Prefers the CPU build of PyTorch when no NVIDIA GPU is present (an unpinned torch pulls a multi-GB CUDA build).
+# Create a virtual environment and install the package into it from a tested set of exact versions.
+#
+#   scripts/setup_env.sh [VENV] [PROFILE]
+#
+# PROFILE (default main) picks the extras and the constraints file (constraints/PROFILE.txt):
+#   main    .[test] from constraints/main.txt              (make test, make demo)
+#   latest  .[test] with no constraints: the newest releases (make test-latest; see docs/dependencies.md)
+#   verl    veRL 0.9.1 and .[hf] + pytest from constraints/verl.txt (make test-verl)
+# Prefers the CPU build of PyTorch when no NVIDIA GPU is present (an unpinned torch pulls a multi-GB CUDA build):
+# the constraints pin torch==2.13.0, which is the CPU build on these machines.
 set -euo pipefail
 VENV="${1:-.venv}"
+PROFILE="${2:-main}"
 PYTHON="${PYTHON:-python3}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+case "$PROFILE" in
+  main) EXTRAS=".[test]"; CONSTRAINTS=("-c" "$ROOT/constraints/main.txt"); TORCH="torch==2.13.0" ;;
+  latest) EXTRAS=".[test]"; CONSTRAINTS=(); TORCH="torch==2.13.0" ;;
+  verl) EXTRAS=".[hf]"; CONSTRAINTS=("-c" "$ROOT/constraints/verl.txt"); TORCH="torch==2.13.0" ;;
+  *) echo "setup: unknown profile '$PROFILE' (expected main, latest or verl)" >&2; exit 2 ;;
+esac
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
@@ -14,10 +30,23 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "setup: NVIDIA GPU found, installing the CUDA build of torch"
     "${PIP[@]}" install -q "torch>=2.11"
   else
-    echo "setup: no NVIDIA GPU, installing the CPU build of torch"
+    echo "setup: no NVIDIA GPU, installing the CPU build of torch ($TORCH)"
     # torch==2.13.0 is a CPU build on these machines; elsewhere take whatever build pip offers.
-    "${PIP[@]}" install -q "torch==2.13.0" || "${PIP[@]}" install -q "torch>=2.11"
+    "${PIP[@]}" install -q "$TORCH" || "${PIP[@]}" install -q "torch>=2.11"
   fi
 fi
-"${PIP[@]}" install -q -e ".[test]"
+cd "$ROOT"
+case "$PROFILE" in
+  verl)
+    # veRL's own [fsdp] extra pins a CUDA torch 2.11; its base package and the trl its FSDP engine imports
+    # (AutoModelForCausalLMWithValueHead, gone in trl 1.x) are what the engine needs on this CPU.
+    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" verl trl pytest "tensordict" -e "$EXTRAS" ;;
+  *)
+    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" -e "$EXTRAS" ;;
+esac
 "$VENV/bin/python" -c "import routed_lora, torch; print('setup: routed_lora', routed_lora.__version__, 'torch', torch.__version__)"
+if [ "$PROFILE" = latest ]; then
+  mkdir -p runs
+  "${PIP[@]}" freeze --exclude-editable > runs/latest-versions.txt
+  echo "setup: resolved versions in runs/latest-versions.txt"
+fi

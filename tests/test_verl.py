@@ -141,3 +141,21 @@ def test_recorded_routes_are_used():
     mb["routes"] = torch.nested.nested_tensor(recorded, layout=torch.jagged)
     inputs, _ = eng.prepare_model_inputs(mb)
     assert torch.equal(inputs["routes"][0], torch.cat(recorded))
+
+
+def test_engine_initialize_model_patch_runs(tmp_path):
+    """veRL's engine ``initialize()`` -> ``_build_module`` applies ``apply_monkey_patch`` to the model, which
+    imports trl's ``AutoModelForCausalLMWithValueHead`` (gone in trl 1.x: veRL 0.9.1 needs trl 0.27, its fsdp
+    extra's pin). Run it in a fresh process (it patches module globals) on the tiny model."""
+    import subprocess
+    import sys
+
+    code = (
+        "from verl.models.transformers.monkey_patch import apply_monkey_patch\n"
+        "from routed_lora.testing import tiny_model\n"
+        "model = tiny_model('qwen2')\n"
+        "apply_monkey_patch(model=model, use_remove_padding=True, ulysses_sp_size=1)\n"
+        "print('patched')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and "patched" in proc.stdout, proc.stderr[-3000:]
