@@ -1,4 +1,4 @@
-"""veRL integration (skipped without verl; run in a venv with `pip install 'routed-lora[verl]'`): the engine is
+"""veRL integration (skipped without verl; `make test-verl` builds veRL's own environment and runs it): the engine is
 registered under its own backends, builds routed adapters from veRL's PEFT LoRA, routes each sequence before
 packing, and veRL's own input preparation, forward and output processing on a tiny model give the per-token
 log-probs of our padded teacher-forced pass; disable_adapter() is the backbone; vLLM/SGLang weight sync refused."""
