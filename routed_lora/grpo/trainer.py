@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from routed_lora.fsdp import full_tensor
+from routed_lora.targets import DEFAULT_TARGET_MODULES
 
 from .logprobs import disable_dropout, reference_logprobs, routes_for, token_logprobs
 from .loss import group_advantages, grpo_loss, step_normalizer, zero_std_fraction
@@ -65,7 +66,7 @@ LOSS_ON = ("all", "reasoning", "tool")
 # carries them and the model is float32 (where the cached decode matches teacher forcing to <= 1e-5), else
 # "recompute" (bf16/fp16 decodes drift by ~1e-2 from teacher forcing).
 OLD_LOGPROBS = ("auto", "rollout", "recompute")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = DEFAULT_TARGET_MODULES  # one source: routed_lora.targets (hf's default, fused ones added there)
 
 
 class ConfigError(ValueError):
@@ -743,7 +744,9 @@ def load_model_and_tokenizer(path: str | Path, *, dtype=None):
     byte-level BPE pipeline) even for a folder whose ``tokenizer_config.json`` says ``TokenizersBackend`` or
     ``PreTrainedTokenizerFast`` (a word-level ``tokenizer.json``, as the built-in world writes): encoding and
     decoding then silently go wrong. Such folders are loaded with ``PreTrainedTokenizerFast`` instead."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from routed_lora.env.tokenizer import load_causal_lm
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -756,9 +759,7 @@ def load_model_and_tokenizer(path: str | Path, *, dtype=None):
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
-    # use_kernels=False: our models need no hub kernels, and transformers >= 5.25 kernelizes by default
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, use_kernels=False)
-    return model, tok
+    return load_causal_lm(path, dtype=dtype), tok  # use_kernels=False there
 
 
 def build_policy(model, tokenizer, cfg: GRPOConfig):
