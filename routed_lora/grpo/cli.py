@@ -18,7 +18,7 @@ from pathlib import Path
 from routed_lora.argtypes import check_template, finite_float, int_at_least
 from routed_lora.errors import UsageError, for_flag, one_line
 
-from .trainer import DEFAULT_TARGETS, GRPOConfig
+from .config import DEFAULT_TARGETS, GRPOConfig
 
 
 def make_retriever(spec: str, *, timeout: float = 30.0):
@@ -54,7 +54,7 @@ def flag_of(field_name: str) -> str:
 
 
 def config_from_args(args) -> GRPOConfig:
-    from .trainer import ConfigError
+    from .config import ConfigError
 
     try:
         return GRPOConfig(
