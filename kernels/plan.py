@@ -8,8 +8,9 @@ asks for a GPU's plan.
 Scratch: G (between the dx GEMM and grad_ab) and the split partials live in one arena per device, sized by the
 plan, grown when a plan needs more and never shrunk (``scratch_bytes`` gives a shape's need).
 
-Must not launch, choose a variant or read the switches (the caller passes the SM count and the tile family);
-the constants it reads are those of :mod:`.configs`.
+Must not launch, choose a variant or read the switches' values (the caller passes the SM count and the tile
+family; this module only registers its plan cache to be cleared by every switch and counts arena growth in
+``CALLS``); the constants it reads are those of :mod:`.configs`.
 """
 
 from __future__ import annotations
