@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/grpo_step_cost.py --sft runs/demo/sft --world runs/demo/world \\
         --before /path/to/old/routed_lora --reps 3
 
-One process loads both versions of ``env/rollout.py`` and ``grpo/trainer.py`` (the old files from ``--before``,
+One process loads both versions of ``env/rollout.py`` and ``grpo_update`` (``grpo/update.py``, or
+``grpo/trainer.py`` before the trainer was split; the old files from ``--before``,
 a ``routed_lora`` package folder of an older commit, e.g. ``git archive c86aac2 routed_lora | tar -x -C old``)
 and alternates them on the same work, so a shared machine's drift biases neither:
 
@@ -65,7 +66,10 @@ def main() -> None:
 
     before = Path(a.before)
     old_ro = _load(before / "env" / "rollout.py", "routed_lora.env._rollout_before")
-    old_tr = _load(before / "grpo" / "trainer.py", "routed_lora.grpo._trainer_before")
+    # grpo_update: in grpo/update.py since the trainer was split (issue 22), in grpo/trainer.py before
+    old_update = before / "grpo" / "update.py"
+    old_tr = _load(old_update if old_update.exists() else before / "grpo" / "trainer.py",
+                   "routed_lora.grpo._trainer_before")
 
     cfg = GRPOConfig(mode="dart", prompts_per_step=32, group_size=8, lr=5e-4, max_turns=4, topk=3,
                      max_new_tokens=48, max_total_tokens=400, temperature=1.0, beta=0.001, mini_batches=2,

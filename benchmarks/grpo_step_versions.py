@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/grpo_step_versions.py --sft runs/demo/sft --world runs/demo/world \\
         --before /tmp/old --reps 3 --steps 3 --threads 2
 
-Unlike ``grpo_step_cost.py`` (which swaps only ``rollout.py`` and ``trainer.py`` inside one process, so both
+Unlike ``grpo_step_cost.py`` (which swaps only ``rollout.py`` and ``grpo_update`` inside one process, so both
 sides share today's layer, log-prob and router code), each run here imports one version's whole ``routed_lora``
 in its own process and trains ``--steps`` GRPO steps from the same warm start with the same seed (the demo's
 GRPOConfig: 32 questions x G = 8, 2 mini-batches, beta = 0.001), with no evaluation. Versions alternate

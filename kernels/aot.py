@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import fused_lora, launch
+from . import configs, fused_lora, plan
 
 __all__ = ["compiled_kernels", "compile_one", "compile_report", "cuobjdump_path", "parse_resource_usage"]
 
@@ -84,7 +84,7 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     kernel have different unit strides, so both are compiled.
     """
     p = _PTR[dtype]
-    block_r = launch._block_r(E * R)
+    block_r = plan._block_r(E * R)
     prec = "ieee"
     out = []
 
@@ -95,7 +95,7 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
             if "BLOCK_R" in fn.arg_names:
                 ce["BLOCK_R"] = block_r
             # Per-layer sizes are constexprs (one compilation per layer shape): the benchmark shape's.
-            for size, value in (("K", LAYER_K), ("N", LAYER_N), ("E", E), ("TILES_A", LAYER_K // launch.GRAD_AB_TILES["BLOCK_K"])):
+            for size, value in (("K", LAYER_K), ("N", LAYER_N), ("E", E), ("TILES_A", LAYER_K // configs.GRAD_AB_TILES["BLOCK_K"])):
                 if size in fn.arg_names and size in _constexpr_names(fn):
                     ce[size] = value
             sig = _signature(fn, dtype, ptrs, (), ("scaling",), ce)
@@ -110,13 +110,13 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     lora_only = {"BACKBONE": False, "HAS_BIAS": True}
     fn = fused_lora.routed_linear_kernel
     add("routed_linear_kernel", "fused_forward", fn, ptrs, fwd_unit, common + ["stride_wn", "stride_un"], fused,
-        launch.LINEAR_CONFIGS)
+        configs.LINEAR_CONFIGS)
     add("routed_linear_kernel", "fused_dx", fn, ptrs, dx_unit, common + ["stride_wk", "stride_ur"],
-        {**fused, "HAS_BIAS": False}, launch.LINEAR_CONFIGS)
+        {**fused, "HAS_BIAS": False}, configs.LINEAR_CONFIGS)
     add("routed_linear_kernel", "lora_only_forward", fn, ptrs, fwd_unit, common + ["stride_wn", "stride_un"],
-        lora_only, launch.LINEAR_LORA_CONFIGS)
+        lora_only, configs.LINEAR_LORA_CONFIGS)
     add("routed_linear_kernel", "lora_only_dx", fn, ptrs, dx_unit, common + ["stride_wk", "stride_ur"],
-        {**lora_only, "HAS_BIAS": False}, launch.LINEAR_LORA_CONFIGS)
+        {**lora_only, "HAS_BIAS": False}, configs.LINEAR_LORA_CONFIGS)
 
     # sm_90 only: the TMA GEMM (forward: W read as (N, K) tiles and transposed; dx: W as stored).
     fn = fused_lora.routed_linear_tma_kernel
@@ -124,9 +124,9 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     common = ["a_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "out_ptr", "M", "N", "K", "stride_am", "stride_wr",
               "stride_lm", "stride_ue", "stride_om"]
     add("routed_linear_tma_kernel", "tma_forward", fn, ptrs, ("stride_lc", "stride_ur"), common + ["stride_un"],
-        {"TRANS_W": True, "HAS_BIAS": True}, launch.TMA_CONFIGS)
+        {"TRANS_W": True, "HAS_BIAS": True}, configs.TMA_CONFIGS)
     add("routed_linear_tma_kernel", "tma_dx", fn, ptrs, ("stride_lc", "stride_un"), common + ["stride_ur"],
-        {"TRANS_W": False, "HAS_BIAS": False}, launch.TMA_CONFIGS)
+        {"TRANS_W": False, "HAS_BIAS": False}, configs.TMA_CONFIGS)
 
     # The memory-bound kernels: each plan tile family, with and without a split reduction (SPLITS is a
     # constexpr: its in-kernel fixed-order sum is unrolled), for the forward (x, A) and backward (g, B) strides.
@@ -134,7 +134,7 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
     ptrs = {"x_ptr": p, "l_ptr": p, "routes_ptr": "*i32", "out_ptr": p, "part_ptr": "*fp32", "lock_ptr": "*i32"}
     common = ["x_ptr", "l_ptr", "routes_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "K_PER_SPLIT", "stride_xm",
               "stride_le", "stride_om"]
-    for fam_name, fam in (("", launch.SHRINK_TILES), ("_small_m", launch.SHRINK_TILES_SMALL_M)):
+    for fam_name, fam in (("", configs.SHRINK_TILES), ("_small_m", configs.SHRINK_TILES_SMALL_M)):
         cfg = triton.Config({"BLOCK_M": fam["BLOCK_M"], "BLOCK_K": fam["BLOCK_K"]}, num_warps=fam["num_warps"],
                             num_stages=fam["num_stages"])
         for splits in SHRINK_SPLITS[fam_name]:
@@ -151,11 +151,11 @@ def compiled_kernels(dtype: str = "bf16", R: int = 16, E: int = 2):
               "N", "M_PER_SPLIT", "stride_xm", "stride_gm", "stride_gpm", "stride_hm", "stride_dae", "stride_dar",
               "stride_dbe", "stride_dbn"]
     unit = ("stride_xk", "stride_gn", "stride_gpc", "stride_hc", "stride_dak", "stride_dbr")
-    fam = launch.GRAD_AB_TILES
+    fam = configs.GRAD_AB_TILES
     cfg = triton.Config({"BLOCK_M": fam["BLOCK_M"], "BLOCK_K": fam["BLOCK_K"]}, num_warps=fam["num_warps"],
                         num_stages=fam["num_stages"])
     rp = max(16, triton.next_power_of_2(R))
-    apt = 2 if (E >= 2 and 2 * rp <= launch.MAX_BLOCK_R) else 1
+    apt = 2 if (E >= 2 and 2 * rp <= configs.MAX_BLOCK_R) else 1
     for splits in GRAD_AB_SPLITS:
         add("routed_grad_ab_kernel", "grad_ab" + ("" if splits == 1 else f"_split{splits}"), fn, ptrs, unit,
             common, {"SPLITS": splits, "RP": rp, "APT": apt}, [cfg])

@@ -29,7 +29,7 @@ _USER_ERRORS = (
     ("routed_lora.env.data", "DataError"),
     ("routed_lora.env.retriever", "RetrieverError"),
     ("routed_lora.adapter_io", "AdapterLoadError"),
-    ("routed_lora.grpo.trainer", "ConfigError"),
+    ("routed_lora.grpo.config", "ConfigError"),
 )
 
 

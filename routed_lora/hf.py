@@ -39,6 +39,8 @@ from torch import nn
 
 from .hub_kernels import kernels_mode, restore_kernelized_owners
 from .layer import RoutedLoRALinear, _check_config
+from .targets import DEFAULT_TARGET_MODULES, FUSED_TARGET_MODULES, default_targets_for, is_default_targets, \
+    target_matches
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -53,19 +55,7 @@ __all__ = [
     "target_matches",
 ]
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# With the default targets, fused projections (Phi-3's qkv_proj and gate_up_proj) are routed too.
-FUSED_TARGET_MODULES = ("qkv_proj", "gate_up_proj")
-
 _STATE_ATTR = "_routed_lora_state"
-
-
-def target_matches(target_modules: str | Sequence[str], name: str) -> bool:
-    """PEFT's rule: a string is a regex that must match the whole module name; a list matches a name equal to
-    one entry or ending with ``"." + entry``."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
 class _State:
@@ -162,11 +152,9 @@ def apply_routed_lora(
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"target_modules: expected non-empty module names, got {target_modules!r}")
 
-    default = target_modules is DEFAULT_TARGET_MODULES or (
-        not isinstance(target_modules, str) and tuple(target_modules) == DEFAULT_TARGET_MODULES)
+    default = is_default_targets(target_modules)
     if default:
-        fused = [t for t in FUSED_TARGET_MODULES if any(target_matches([t], n) for n, _ in model.named_modules())]
-        target_modules = DEFAULT_TARGET_MODULES + tuple(fused)
+        target_modules = default_targets_for(n for n, _ in model.named_modules())
     matched = _match(model, target_modules)
     if not matched:
         linear = [n for n, m in model.named_modules() if _is_linear(m)]

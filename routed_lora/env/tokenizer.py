@@ -150,14 +150,19 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 def load_model(path: str | Path, *, dtype=None):
     """Load a causal LM and its tokenizer from a local folder (no network)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); build one with `routed-lora world "
                                 f"build --out DIR` or `routed-lora sft`")
     tok = load_tokenizer(path)
+    return load_causal_lm(path, dtype=dtype), tok
+
+
+def load_causal_lm(path: str | Path, *, dtype=None):
+    """The causal LM of a local model folder (float32 unless ``dtype``), without hub kernels: every loader of
+    the package (this module's :func:`load_model`, ``grpo.trainer.load_model_and_tokenizer``) goes through it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     # use_kernels=False: our models need no hub kernels, and transformers >= 5.25 kernelizes by default
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, use_kernels=False)
-    return model, tok
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, use_kernels=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 from routed_lora.argtypes import check_template, finite_float, int_at_least
 from routed_lora.errors import UsageError, for_flag, one_line
 
-from .trainer import DEFAULT_TARGETS, GRPOConfig
+from .config import DEFAULT_TARGETS, GRPOConfig
 
 
 def make_retriever(spec: str, *, timeout: float = 30.0):
@@ -54,7 +54,7 @@ def flag_of(field_name: str) -> str:
 
 
 def config_from_args(args) -> GRPOConfig:
-    from .trainer import ConfigError
+    from .config import ConfigError
 
     try:
         return GRPOConfig(
@@ -143,7 +143,7 @@ def check_model_folder(model_dir: str, target_modules, *, flag: str = "--model")
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from routed_lora.hf import target_matches
+    from routed_lora.targets import default_targets_for, is_default_targets, target_matches
 
     if not (Path(model_dir) / "config.json").is_file():
         raise UsageError(f"{flag}: {model_dir} is not a model folder (no config.json)")
@@ -155,7 +155,8 @@ def check_model_folder(model_dir: str, target_modules, *, flag: str = "--model")
         raise UsageError(f"{flag}: {model_dir}: not a causal LM folder transformers can build "
                          f"({type(exc).__name__}: {one_line(exc)})") from exc
     linear = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
-    if not any(target_matches(list(target_modules), n) for n in linear):
+    targets = default_targets_for(linear) if is_default_targets(target_modules) else list(target_modules)
+    if not any(target_matches(targets, n) for n in linear):
         shown = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise UsageError(f"--target-modules: {' '.join(target_modules)} matches no nn.Linear of {model_dir}; "
                          f"its linear layers are named {shown[:12]}")

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from .design import COMPARISONS, PRIMARY
 from .stats import format_p, mcnemar_exact, paired_bootstrap
 
 HOPS = ("2hop", "1hop", "all")
@@ -24,8 +25,6 @@ def _select(recs: list[dict], hop: str) -> list[int]:
 
 def analyse(out: Path, cfg) -> dict:
     """Per-arm EM (mean and sd over seeds, per seed) and the paired tests of every comparison, per hop count."""
-    from .run import COMPARISONS, PRIMARY
-
     out = Path(out)
     per: dict[str, dict[int, list[dict]]] = {}
     for arm in cfg.arms:

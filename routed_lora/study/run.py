@@ -36,13 +36,7 @@ from pathlib import Path
 
 import torch
 
-ARMS = ("warm", "dart", "joint", "sft")
-TRAINED = ("dart", "joint", "sft")
-PRIMARY = {"metric": "held-out greedy EM, 2-hop questions", "comparison": ["dart", "joint"],
-           "test": "paired bootstrap 95% interval of the per-question difference (means over seeds) and exact "
-                   "McNemar pooled over (seed, question) pairs"}
-COMPARISONS = (("dart", "joint"), ("dart", "sft"), ("joint", "sft"), ("dart", "warm"), ("joint", "warm"),
-               ("sft", "warm"))
+from .design import ARMS, COMPARISONS, PRIMARY, TRAINED  # noqa: F401  (re-exported: the study's design)
 
 
 @dataclass
