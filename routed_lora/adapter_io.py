@@ -369,6 +369,8 @@ def load_adapters(
             raise ValueError("router: only used when load_adapters patches a plain model; the model is patched")
         _load_into(model, path, adapter)
         return model
+    if not isinstance(path, Mapping) and not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such folder")  # first, as for a patched model (_sources)
     if isinstance(path, Mapping) or not (Path(path) / MANIFEST).is_file():
         raise ValueError(
             f"model: {type(model).__name__} has no RoutedLoRALinear layers; call routed_lora.apply_routed_lora "

@@ -15,6 +15,11 @@ maths, and the tests run both.
 
 Saved for backward: x, the routes and the masked shrink h (M, E*r), plus references to the parameters
 (W, A, B), which cost no memory. Never an (M, N) tensor.
+
+First derivatives only: the backward reads the saved h, which is not differentiable in A, so a graph through it
+would give wrong second derivatives. A second backward through the layer raises instead: the eager Function's
+gradients under ``create_graph=True`` go through :class:`_FirstOrderOnly`, and ``routed_lora::backward`` has no
+autograd formula.
 """
 
 from __future__ import annotations
@@ -93,15 +98,16 @@ def _setup_context(ctx, inputs, output):
     _save(ctx, x, weight, lora_A, lora_B, routes, output[1], scaling)
 
 
-def _grads(ctx, grad_y, backward_for):
+def _grads(ctx, grad_y, backward_for, saved=None):
     """The 7 input gradients, with ``backward_for(device)`` giving the backward to run,
     ``(grad_y, x, W, A, B, routes, h, s, compute_dx) -> (dx, dA, dB)``.
 
     The gradient of h is ignored: h is an internal output, kept for the backward only. ``ctx.saved_tensors`` is
-    read exactly once: under activation checkpointing a second read raises."""
+    read exactly once (here, or by the caller, which passes them as ``saved``): under activation checkpointing a
+    second read raises."""
     if grad_y is None:  # y did not reach the loss
         return (None,) * 7
-    x, weight, lora_A, lora_B, routes, h_masked = ctx.saved_tensors
+    x, weight, lora_A, lora_B, routes, h_masked = ctx.saved_tensors if saved is None else saved
     compute_dx = ctx.needs_input_grad[0]
     backward_fn = backward_for(x.device)
     dx, dA, dB = backward_fn(grad_y.contiguous(), x, weight, lora_A, lora_B, routes, h_masked, ctx.scaling, compute_dx)
@@ -136,7 +142,34 @@ class _RoutedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):
-        return _grads(ctx, grad_y, lambda device: _impl(device)[1])
+        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+            return _grads(ctx, grad_y, lambda device: _impl(device)[1])
+        saved = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _grads(ctx, grad_y, lambda device: _impl(device)[1], saved)
+        # create_graph=True: right values, but any gradient taken through them raises (module doc)
+        x, _, lora_A, lora_B, _, _ = saved
+        return tuple(None if g is None else _FirstOrderOnly.apply(g, x, lora_A, lora_B) for g in grads)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on a gradient the layer's backward returned under ``create_graph=True``, whose own backward
+    raises: the layer has no second derivatives, and a loss built from its gradients (a gradient penalty, a
+    meta-gradient) must fail rather than silently treat them as constants. The layer's inputs (x, lora_A,
+    lora_B) are inputs of this node too, so a gradient taken towards them reaches it (and raises) even when the
+    incoming gradient was not part of any graph."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "routed_lora: second derivatives through a RoutedLoRALinear layer are not supported (its backward is "
+            "first-order: it reads the shrink h saved by the forward, not differentiable in lora_A); a loss built "
+            "from its gradients cannot be differentiated"
+        )
 
 
 def _tracing() -> bool:

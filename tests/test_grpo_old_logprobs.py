@@ -56,7 +56,6 @@ def test_rollout_old_logprobs_skip_the_pass_and_give_the_same_update(rolled):
     # the rollout values equal the teacher-forced ones to float rounding, so the updates agree to rounding
     assert _max_diff(s_ro, s_re) < 1e-6
     assert all(torch.equal(s_auto[k], s_ro[k]) for k in s_ro)
-    assert m_ro["first_update_max_abs_logratio"] == 0.0  # the first mini-batch's ratio is still exactly 1
     assert m_ro["rollout_vs_teacher_forced_max_abs_logprob_diff"] < 1e-5  # measured on the rows with a teacher-forced old pass
 
 

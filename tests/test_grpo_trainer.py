@@ -70,7 +70,9 @@ def test_two_steps_change_only_lora_and_log_metrics(tiny_world, tmp_path):
     for key in ("reward_mean", "reward_std", "em", "zero_std_frac", "kl", "clip_frac", "entropy", "response_len",
                 "tool_calls", "tokens/reasoning", "tokens/tool", "grad_norm/reasoning", "grad_norm/tool"):
         assert key in rows[0], key
-    assert rows[0]["first_update_max_abs_logratio"] == 0.0
+    # first_update_max_abs_logratio is 0 by construction in a real run (the first mini-batch's old log-probs are
+    # its own update forward, detached): measured against a no-grad pass in test_grpo_first_ratio.py instead
+    assert "first_update_max_abs_logratio" in rows[0]
     # generation-time log-probs equal teacher-forced ones up to float rounding (same routes and positions)
     assert rows[0]["rollout_vs_teacher_forced_max_abs_logprob_diff"] < 1e-4
     assert (tmp_path / "checkpoint.pt").exists()

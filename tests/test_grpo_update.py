@@ -99,7 +99,12 @@ def _cfg(**kw):
     return GRPOConfig(**base).check()
 
 
-def test_first_update_ratio_exactly_one_and_only_lora_changes():
+def test_first_update_ratio_exactly_one_and_only_lora_changes(monkeypatch):
+    from routed_lora.grpo import trainer as T
+
+    # the old-policy pass runs for the first mini-batch too: the metric then compares that no-grad pass with the
+    # first update forward (skipped, as by default, it is |x - x| = 0 by construction; test_grpo_first_ratio.py)
+    monkeypatch.setattr(T, "_FORCE_OLD_PASS", True)
     model = make_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = make_batch()
@@ -142,26 +147,48 @@ def test_masked_tokens_carry_no_loss_and_no_gradient():
 
 
 def test_information_and_padding_targets_do_not_reach_lora_gradients():
-    """Changing the *target* ids at masked positions (information content, padding) must not change the
-    gradient: their own log-probs are out of the loss. (They still feed later tokens as context.)"""
+    """Masked positions (information content, padding) must not reach the LoRA gradients through the loss,
+    whatever their log-probs, old log-probs and reference log-probs. The old and reference log-probs differ from
+    the current ones (ratios from about 0.5 to 2, some clipped, a KL term), so a masked position left in the
+    aggregation would add its own gradient. (The masked tokens still feed later tokens as context.)"""
     model = make_model()
     batch = make_batch(L=20)
     routes = routes_for(batch.input_ids, batch.attention_mask, router=tag_router)
+    mask = batch.loss_mask
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        now, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, routes=routes)
+    old = now + 0.4 * torch.randn(now.shape, generator=g)
+    ref = now - 0.3 * torch.rand(now.shape, generator=g)
+    adv = torch.linspace(-1, 1, len(batch))
 
-    def grads(temperature_logits_perturb):
+    def grads(edit=lambda lp: lp, old=old, ref=ref):
         for p in lora_parameters(model):
             p.grad = None
         logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, routes=routes)
-        logp = logp + temperature_logits_perturb  # perturb only masked positions
-        out = grpo_loss(logp, logp.detach(), torch.linspace(-1, 1, len(batch)), batch.loss_mask)
+        out = grpo_loss(edit(logp), old, adv, mask, ref_logp=ref, beta=0.1)
         out.loss.backward()
-        return [p.grad.clone() for p in lora_parameters(model)]
+        return [p.grad.clone() for p in lora_parameters(model)], out
 
-    g1 = grads(0.0)
-    pert = torch.where(batch.loss_mask, 0.0, 3.0)
-    g2 = grads(pert)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    g1, out1 = grads()
+    assert 0 < out1.clip_sum < out1.tokens and out1.ratio_max > 1.3  # a real update: ratio != 1, some clipped
+    # 1. the masked positions' log-probs cut out of the graph: the same gradient, bit for bit
+    g_cut, _ = grads(lambda lp: torch.where(mask, lp, lp.detach()))
+    # 2. other (finite) log-probs, old and reference log-probs at masked positions: the same gradient
+    junk = torch.randn(now.shape, generator=g) * 4
+    g_junk, _ = grads(lambda lp: lp + torch.where(mask, 0.0, 3.0), old=torch.where(mask, old, junk),
+                      ref=torch.where(mask, ref, -junk.abs() - 5))
+    for a, b, c in zip(g1, g_cut, g_junk):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+    # the masked positions would have mattered: the same loss over every real target moves the adapters otherwise
+    everything = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+    for p in lora_parameters(model):
+        p.grad = None
+    logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, routes=routes)
+    grpo_loss(logp, old, adv, everything, ref_logp=ref, beta=0.1,
+              normalizer=float(mask.sum())).loss.backward()
+    assert any(not torch.allclose(p.grad, a) for p, a in zip(lora_parameters(model), g1))
 
 
 def test_teacher_forced_logprobs_ignore_padding_layout():
@@ -212,7 +239,10 @@ def test_per_adapter_learning_rates_are_exact():
         torch.testing.assert_close(states[5e-4][k][1], 0.5 * states[None][k][1], rtol=0, atol=3e-8)  # float32 rounding of p - p_old
 
 
-def test_joint_mode_routes_every_real_token_to_one_adapter():
+def test_joint_mode_routes_every_real_token_to_one_adapter(monkeypatch):
+    from routed_lora.grpo import trainer as T
+
+    monkeypatch.setattr(T, "_FORCE_OLD_PASS", True)  # the metric below measures the no-grad pass (see above)
     model = make_model(adapters=("joint",), r=8)
     batch = make_batch()
     routes = routes_for(batch.input_ids, batch.attention_mask, joint_adapter=0)

@@ -172,7 +172,43 @@ def test_gradcheck():
         return rl.routed_lora_linear(x, layer.weight, layer.bias, A, B, routes, layer.scaling)
 
     assert torch.autograd.gradcheck(f, (x, A, B))
-    assert torch.autograd.gradgradcheck is not None  # second order is not supported: documented
+
+
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_second_derivatives_raise_instead_of_being_wrong(custom_op):
+    """Issue 23, item 11: the layer has no double backward. Its backward reads the h saved by the forward (not
+    differentiable in A), so a graph through it would give wrong second derivatives silently (gradgradcheck
+    failed with a Jacobian mismatch); instead a second backward raises, on the eager path (our message) and on
+    the custom-op path (torch's: no autograd formula for routed_lora::backward), also when the loss mixes the
+    layer's gradients with other terms (a gradient penalty: dropping the layer's part silently would be wrong).
+    First derivatives with create_graph=True are still right."""
+    from routed_lora.ops import routed_lora_apply
+
+    layer = make_layer(6, 5, r=2, E=2)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    routes = torch.tensor([0, 1, -1, 1, 0, 0, -1], dtype=torch.int32)
+
+    def f(x, A, B):
+        return routed_lora_apply(x, layer.weight, layer.bias, A, B, routes, layer.scaling,
+                                 use_custom_op=custom_op)[0]
+
+    g = torch.randn(7, 5, dtype=torch.float64)
+    dx, dA = torch.autograd.grad(f(x, A, B), (x, A), g, create_graph=True)
+    xo, Ao, Bo = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
+    want = torch.autograd.grad(per_token_reference(xo, layer.weight, layer.bias, Ao, Bo, routes, layer.scaling),
+                               (xo, Ao), g)
+    torch.testing.assert_close(dx, want[0])
+    torch.testing.assert_close(dA, want[1])
+    match = "no autograd formula" if custom_op else "second derivatives through a RoutedLoRALinear"
+    with pytest.raises(RuntimeError, match=match):
+        torch.autograd.grad((dx * dx).sum() + (dA * dA).sum(), (x, A, B))
+    dx, = torch.autograd.grad(f(x, A, B), x, g, create_graph=True)
+    with pytest.raises(RuntimeError, match=match):
+        torch.autograd.grad((dx * dx).sum() + (x * x).sum(), x)  # a penalty next to a plain term
+    with pytest.raises(RuntimeError, match=match):
+        torch.autograd.gradgradcheck(f, (x, A, B))
 
 
 def test_float64_reference_option():

@@ -106,11 +106,67 @@ def test_trainable_head_gets_its_gradient(one_thread):
         assert (a - r).abs().max() <= 1e-5 * r.abs().max(), name
 
 
-def test_logit_softcapping_falls_back(one_thread):
-    model = _model()
-    model.config.final_logit_softcapping = 30.0  # Gemma-style: the chunked head would skip it
+def _gemma2(softcap=30.0):
+    """A tiny Gemma2 (final_logit_softcapping: its forward applies cap * tanh(z / cap) after the head) with routed
+    adapters (B non-zero) and an output layer scaled so the logits reach about 16, as a trained model's do: then
+    the cap moves log-probs by several nats (at the init scale of 0.02 the logits stay below 0.5 and a cap of 30
+    changes nothing measurable)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                       final_logit_softcapping=softcap, query_pre_attn_scalar=8, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+                       tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = Gemma2ForCausalLM(cfg).eval()
+    rl.apply_routed_lora(m, target_modules=("q_proj", "v_proj", "down_proj"), r=4, lora_alpha=8)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(40)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return m
+
+
+def _plain_logprobs(model, ids, att, temperature, *, adapters=True):
+    """Oracle: the model's own forward (softcapping included), full logits, log_softmax in float64."""
+    from routed_lora.grpo.logprobs import position_ids_for
+
+    with torch.no_grad():
+        if adapters:
+            logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_for(att)).logits
+        else:
+            with rl.disable_adapters(model):
+                logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_for(att)).logits
+    lp = torch.log_softmax(logits[:, :-1].double() / temperature, -1)
+    return lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logit_softcapping_falls_back(one_thread, temperature):
+    """Issue 23, item 8: on a model that softcaps its logits the log-probs (policy and reference, any chunk
+    size) equal the model's own capped logits' log-probs; the chunked head, which skips the cap, is not used."""
+    pytest.importorskip("transformers", minversion="4.42")  # Gemma2
+    model = _gemma2()
     ids, att, routes = _batch()
-    token_logprobs(model, ids, att, routes=routes, chunk_tokens=4)
+    real = att[:, 1:].bool() & att[:, :-1].bool()
+    rl.set_routes(model, routes)
+    want = _plain_logprobs(model, ids, att, temperature)
+    want_ref = _plain_logprobs(model, ids, att, temperature, adapters=False)
+    rl.clear_routes(model)
+    # the oracle can tell: without the cap the log-probs are nats away
+    uncapped = _gemma2(softcap=None)
+    rl.set_routes(uncapped, routes)
+    far = _plain_logprobs(uncapped, ids, att, temperature)
+    assert float((far - want).abs()[real].max()) > 0.3
+    for chunk in (None, 4, 0):
+        lp, _ = token_logprobs(model, ids, att, routes=routes, temperature=temperature, chunk_tokens=chunk)
+        err = float((lp.detach().double() - want).abs()[real].max())
+        assert err < 1e-5, (chunk, err)
+        ref = reference_logprobs(model, ids, att, temperature=temperature, chunk_tokens=chunk)
+        err = float((ref.double() - want_ref).abs()[real].max())
+        assert err < 1e-5, ("reference", chunk, err)
     assert "forward" not in model.lm_head.__dict__
 
 

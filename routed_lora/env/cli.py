@@ -103,7 +103,7 @@ def register(subparsers) -> None:
     rs.add_argument("--corpus", required=True, help="JSONL corpus with {\"id\", \"contents\"} rows")
     rs.add_argument("--host", default="127.0.0.1")
     rs.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port")
-    rs.add_argument("--topk", type=pos, default=3, help="default topk when a request gives none")
+    rs.add_argument("--topk", type=pos, default=3, help="default topk when a request gives none (or a falsy one: null, 0, as Search-R1)")
     rs.add_argument("--max-topk", type=pos, default=100, help="largest topk a request may ask for (HTTP 400 above)")
     rs.add_argument("--max-batch", type=pos, default=512, help="most queries searched in one batch")
     rs.add_argument("--max-wait-ms", type=finite_float(0), default=2.0,

@@ -17,7 +17,9 @@ corpus has one.
 
 Search-R1 conventions kept (DESIGN.md §5): a query that matches no document (BM25 score 0) gets no documents;
 the server refuses ``topk`` above ``max_topk`` (default 100) with HTTP 400, accepts integral floats (``3.0``),
-and answers a request whose body is shorter than its ``Content-Length`` with 400 after ``read_timeout_s``.
+treats a falsy ``topk`` (absent, null, 0) as its default as Search-R1's server does, answers a request whose
+body is shorter than its ``Content-Length`` with 400 after ``read_timeout_s``, and logs a client that hangs up
+before its answer is written as one line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -337,6 +340,17 @@ class RetrievalServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/retrieve"
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away before its answer was written (it hung up, e.g. as the read timeout fired,
+        or reset the connection) is one log line on stderr; anything else keeps socketserver's traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):  # BrokenPipeError, ConnectionResetError, ConnectionAbortedError
+            host, port = client_address[:2]
+            print(f"retrieval server: client {host}:{port} hung up before its answer was sent "
+                  f"({type(exc).__name__})", file=sys.stderr, flush=True)
+            return
+        super().handle_error(request, client_address)
+
     def start(self) -> threading.Thread:
         """Serve in a daemon thread (for tests and notebooks); stop with :meth:`stop`."""
         t = threading.Thread(target=self.serve_forever, name="retrieval-server", daemon=True)
@@ -416,11 +430,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": "expected {\"queries\": [str, ...], \"topk\": int, \"return_scores\": bool}"})
             return
         topk = req.get("topk")
-        if topk is None:
-            topk = self.server.default_topk
         # JSON clients may send 3.0 for 3 (Python's json keeps the float): integral floats are accepted
         if isinstance(topk, float) and topk.is_integer():
             topk = int(topk)
+        # Search-R1's server: ``if not request.topk: request.topk = config.retrieval_topk`` (absent, null, 0);
+        # booleans are refused below rather than read as 0 / 1
+        if topk is None or (topk == 0 and not isinstance(topk, bool)):
+            topk = self.server.default_topk
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             self._send(400, {"error": f"topk must be a positive integer, got {topk!r}"})
             return

@@ -85,13 +85,13 @@ def load_checkpoint(path: Path, *, model, optimizer: AdapterOptimizer) -> dict:
     if path.is_dir():
         path = path / "checkpoint.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
+    rank, world = world_info()
+    from .resume import check_checkpoint
+
+    check_checkpoint(state, path, world=world, model=model)  # all checked before anything is copied
     load_adapter_state(model, state["adapters"])
     optimizer.load_state_dict(state["optimizer"])
-    rank, world = world_info()
-    rngs = state["rng"]
-    if len(rngs) != world:
-        raise ValueError(f"{path}: written by {len(rngs)} ranks, resuming with {world}")
-    set_rng_state(rngs[rank])
+    set_rng_state(state["rng"][rank])
     return state
 
 

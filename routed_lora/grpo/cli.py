@@ -88,12 +88,16 @@ def _retriever_id(spec: str) -> str:
 _SHAPE_SETTINGS = ("mode", "r", "target_modules")
 
 
-def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) -> None:
-    """Refuse ``--resume`` when a setting that changes the run differs from the checkpoint's (all of them
-    listed), unless ``allow_changes``."""
+def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) -> dict:
+    """Refuse ``--resume`` when the run folder cannot be continued as it is: no checkpoint, one that is not a
+    training checkpoint or was written by another number of processes, a ``metrics.jsonl`` that cannot be read
+    back (:mod:`.resume`), or a setting that changes the run differs from the checkpoint's (all of them listed),
+    unless ``allow_changes``. Reads only. Returns the checkpoint (memory-mapped) for :func:`check_resume_fits`."""
     import torch
 
     from routed_lora.state import setting_differences
+
+    from .resume import check_checkpoint, check_metrics
 
     ckpt = out / "checkpoint.pt"
     if not ckpt.is_file():
@@ -102,12 +106,15 @@ def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) 
         state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # a checkpoint is written atomically, so this is another file or another format
         raise UsageError(f"--resume: cannot read {ckpt} ({type(exc).__name__}: {exc})") from exc
+    with for_flag("--resume"):
+        check_checkpoint(state, ckpt, world=int(os.environ.get("WORLD_SIZE", "1")))
+        check_metrics(out / "metrics.jsonl")
     saved = dict(state.get("config") or {})
     saved.update((state.get("extra") or {}).get("run") or {})
     now = {**cfg.to_dict(), **run}
     diffs = setting_differences(saved, now)
     if not diffs:
-        return
+        return state
     listed = ", ".join(f"{flag_of(k) if k in cfg.to_dict() else '--' + k} {_show(a)} -> {_show(b)}"
                        for k, a, b in diffs)
     fixed = [flag_of(k) for k, _, _ in diffs if k in _SHAPE_SETTINGS]
@@ -117,9 +124,30 @@ def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) 
     if allow_changes:
         print(f"--resume: continuing {ckpt} (step {state.get('step')}) with changed settings: {listed}",
               file=sys.stderr)
-        return
+        return state
     raise UsageError(f"--resume: {ckpt} (step {state.get('step')}) was trained with other settings: {listed}; "
                      "pass --allow-changes to continue with the new ones")
+
+
+def check_resume_fits(out: Path, state: dict, model_dir: str, cfg: GRPOConfig) -> None:
+    """The checkpoint's adapters are those of the model this run will train (same routed layers and shapes),
+    checked on a skeleton of it on the meta device (no weights read) before anything is loaded or written. The
+    settings that fix them were compared by :func:`check_resume`; this catches a model folder whose content
+    changed, or a checkpoint edited or copied from elsewhere."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import routed_lora as rl
+
+    from .resume import check_adapters_fit
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    joint = cfg.mode == "joint"  # as trainer.build_policy lays the adapters out
+    rl.apply_routed_lora(skeleton, target_modules=cfg.target_modules, r=2 * cfg.r if joint else cfg.r,
+                         lora_alpha=cfg.lora_alpha, adapters=cfg.adapters())
+    with for_flag("--resume"):
+        check_adapters_fit(state["adapters"], skeleton, out / "checkpoint.pt")
 
 
 def _show(v) -> str:
@@ -179,9 +207,11 @@ def _run(args) -> int:
     out = Path(args.out)
     _check_out(out, resume=args.resume, overwrite=args.overwrite)
     run = run_settings(args, template)
-    if args.resume:
-        check_resume(out, cfg, run, allow_changes=args.allow_changes)
+    resumed = check_resume(out, cfg, run, allow_changes=args.allow_changes) if args.resume else None
     check_model_folder(args.model, cfg.target_modules)
+    if resumed is not None:
+        check_resume_fits(out, resumed, args.model, cfg)
+        del resumed
     if args.adapters and not Path(args.adapters).exists():
         raise UsageError(f"--adapters: {args.adapters}: no such file or folder")
     with for_flag("--data"):
