@@ -51,6 +51,10 @@ Cost accounting (the same agent loop and HF ``generate`` for both systems, same 
 
 The two systems alternate over chunks of questions with the same seed per chunk, so the drift of a shared
 machine's speed biases neither wall time.
+
+The pieces: :mod:`.variants` (the variants as routes, :class:`VariantRouter`) and :mod:`.two_agent` (the 2-Agent
+decoding loop); this module re-exports their names (setting one here sets it there: :mod:`routed_lora._reexport`)
+and keeps loading, scoring, cost metering, the comparison and the records. Must not grow the pieces back.
 """
 
 from __future__ import annotations
@@ -64,7 +68,12 @@ from typing import Sequence
 
 import torch
 
+from routed_lora._reexport import write_through
+
+from . import two_agent, variants
 from .leas import VARIANTS
+from .two_agent import _single, two_agent_rollouts  # noqa: F401  (re-exported; tests patch two_agent_rollouts here)
+from .variants import VARIANT_ROUTES, VariantRouter, _VariantStream, variant_route_pair  # noqa: F401
 
 __all__ = [
     "VARIANTS",
@@ -82,101 +91,6 @@ __all__ = [
 ]
 
 ALL_VARIANTS = VARIANTS + ("two-agent",)
-
-# (tool positions, context positions); "R" / "T" = the reasoning / tool adapter, None = backbone (-1)
-VARIANT_ROUTES = {
-    "base": (None, None),
-    "reasoning": ("R", "R"),
-    "tool": ("T", "T"),
-    "unified": ("T", "R"),
-    "hybrid_tool": ("T", None),
-    "hybrid_reasoning": (None, "R"),
-}
-
-
-def variant_route_pair(variant: str, adapters: Sequence[str] = ("reasoning", "tool")) -> tuple[int, int]:
-    """(route of tool positions, route of context positions) for ``variant`` over the model's ``adapters``.
-
-    A two-adapter model needs adapters named ``reasoning`` and ``tool``; a one-adapter (joint) model supports
-    ``base`` and ``unified`` (its one adapter everywhere)."""
-    if variant not in VARIANT_ROUTES:
-        raise ValueError(f"variant: expected one of {tuple(VARIANT_ROUTES)}, got {variant!r}")
-    adapters = tuple(adapters)
-    if len(adapters) == 1:
-        if variant == "base":
-            return -1, -1
-        if variant == "unified":
-            return 0, 0
-        raise ValueError(f"variant {variant!r} needs separate reasoning and tool adapters; this model has only "
-                         f"{adapters} (a joint checkpoint supports 'base' and 'unified')")
-    if "reasoning" not in adapters or "tool" not in adapters:
-        raise ValueError(f"variant {variant!r}: expected adapters named 'reasoning' and 'tool', got {adapters}")
-    idx = {"R": adapters.index("reasoning"), "T": adapters.index("tool"), None: -1}
-    t, c = VARIANT_ROUTES[variant]
-    return idx[t], idx[c]
-
-
-class VariantRouter:
-    """Wrap a tag router whose spans mark the tool positions; remap its routes for :attr:`variant`.
-
-    ``inner`` routes tool positions to ``tool_route`` (an adapter index) and everything else to some other
-    route; this router returns ``variant_route_pair(variant)`` instead. Change ``variant`` between calls."""
-
-    def __init__(self, inner, variant: str = "unified", *, tool_adapter: str | int = "tool"):
-        self.inner = inner
-        self.variant = variant
-        self.tool_adapter = tool_adapter
-        self.adapter_names = getattr(inner, "adapter_names", None)
-
-    def bind(self, adapters: Sequence[str]) -> "VariantRouter":
-        if hasattr(self.inner, "bind"):
-            self.inner.bind(adapters)
-        self.adapter_names = tuple(adapters)
-        variant_route_pair(self.variant, self.adapter_names)  # fail early on an unsupported variant
-        return self
-
-    def _tool_index(self) -> int:
-        if isinstance(self.tool_adapter, int):
-            return self.tool_adapter
-        names = self.adapter_names or ()
-        return names.index(self.tool_adapter) if self.tool_adapter in names else 0
-
-    def remap(self, routes: torch.Tensor) -> torch.Tensor:
-        tool_r, ctx_r = variant_route_pair(self.variant, self.adapter_names or ("reasoning", "tool"))
-        is_tool = routes == self._tool_index()
-        if len(self.adapter_names or ()) == 1:  # joint: the inner router puts the one adapter everywhere
-            is_tool = torch.zeros_like(is_tool)
-        return torch.where(is_tool, torch.full_like(routes, tool_r), torch.full_like(routes, ctx_r))
-
-    def stream(self, batch_size: int, device=None) -> "_VariantStream":
-        return _VariantStream(self, self.inner.stream(batch_size, device=device))
-
-    def __call__(self, input_ids, attention_mask=None):
-        return self.remap(self.inner(input_ids, attention_mask))
-
-    def __repr__(self) -> str:
-        return f"VariantRouter({self.variant!r}, inner={self.inner!r})"
-
-
-class _VariantStream:
-    def __init__(self, router: VariantRouter, inner):
-        self.router, self.inner = router, inner
-
-    @property
-    def batch_size(self) -> int:
-        return self.inner.batch_size
-
-    def clone(self) -> "_VariantStream":
-        return _VariantStream(self.router, self.inner.clone())
-
-    def step(self, input_ids, attention_mask=None):
-        return self.router.remap(self.inner.step(input_ids, attention_mask))
-
-    def select(self, index) -> "_VariantStream":  # rows leaving a shared KV cache
-        return _VariantStream(self.router, self.inner.select(index))
-
-    def repeat_interleave(self, repeats: int) -> "_VariantStream":
-        return _VariantStream(self.router, self.inner.repeat_interleave(repeats))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -452,114 +366,6 @@ def evaluate_variant(model, tokenizer, router: VariantRouter, datasets: dict[str
 # ----------------------------------------------------------------------------------------------- 2-Agent
 
 
-def _single(tokenizer, tag):
-    ids = tokenizer.encode(tag, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"two-agent: the tag {tag} must be a single token for this tokenizer (it is {len(ids)}); "
-                         "the hand-over at tag boundaries is implemented for single-token tags")
-    return ids[0]
-
-
-@torch.no_grad()
-def two_agent_rollouts(reasoner, tool_agent, tokenizer, prompts, retriever, *, max_turns: int = 4,
-                       max_new_tokens: int = 64, max_length: int = 1024, topk: int = 3, do_sample: bool = True,
-                       temperature: float = 1.0, meters: dict | None = None,
-                       generation_kwargs: dict | None = None):
-    """The 2-Agent loop (module doc): ``reasoner`` writes until ``<search>``, ``tool_agent`` writes the query up to
-    ``</search>``, passages are spliced in as ids, and the turn returns. Returns (rollouts, stats) with the
-    :class:`routed_lora.env.rollout.Rollout` fields the scorer needs and ``handovers`` / ``foreign_tokens``."""
-    from routed_lora.env.rollout import Rollout, _encode_prompts, _Tags, append_search_results, completion_text
-
-    s_open, s_close = _single(tokenizer, "<search>"), _single(tokenizer, "</search>")
-    tags = _Tags(tokenizer)  # the query between the last <search> and </search>, as in the one-model rollout
-    a_close = _single(tokenizer, "</answer>")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    stops = {"R": [s_open, a_close] + ([eos] if eos is not None else []),
-             "T": [s_close, a_close] + ([eos] if eos is not None else [])}
-    agents = {"R": reasoner, "T": tool_agent}
-    meters = meters or {}
-    device = next(reasoner.parameters()).device
-    rolls = [Rollout(p, [], []) for p in _encode_prompts(tokenizer, prompts)]
-    owner = ["R"] * len(rolls)
-    seen = {"R": [len(r.prompt_ids) for r in rolls], "T": [len(r.prompt_ids) for r in rolls]}
-    wrote = [[] for _ in rolls]  # per token of ids: who wrote it ("P" prompt / info, "R", "T")
-    for k, r in enumerate(rolls):
-        wrote[k] = ["P"] * len(r.prompt_ids)
-    done = [False] * len(rolls)
-    stats = {"handovers": 0, "foreign_tokens": 0}
-    gen_kw = dict(do_sample=do_sample, pad_token_id=pad, return_dict_in_generate=True, use_cache=True)
-    if do_sample:
-        gen_kw.update(temperature=float(temperature), top_k=0, top_p=1.0)
-    gen_kw.update(generation_kwargs or {})
-
-    for _ in range(4 * (max_turns + 2)):
-        for i in range(len(rolls)):
-            if not done[i] and len(rolls[i].ids) >= max_length:
-                done[i], rolls[i].finish_reason = True, "length"
-        if all(done):
-            break
-        for who in ("R", "T"):
-            active = [i for i in range(len(rolls)) if not done[i] and owner[i] == who]
-            if not active:
-                continue
-            for i in active:  # tokens this agent has not encoded yet that the other agent wrote
-                other = "T" if who == "R" else "R"
-                stats["foreign_tokens"] += sum(1 for w in wrote[i][seen[who][i]:] if w == other)
-            seqs = [rolls[i].ids for i in active]
-            longest = max(len(s) for s in seqs)
-            budget = max(1, min(max_new_tokens, max_length - longest))
-            ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-            attn = torch.zeros((len(seqs), longest), dtype=torch.long)
-            for r_, s in enumerate(seqs):
-                ids[r_, longest - len(s):] = torch.tensor(s)
-                attn[r_, longest - len(s):] = 1
-            model = agents[who]
-            gen = meters[who].wrap(model) if who in meters else model.generate
-            out = gen(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=budget,
-                      eos_token_id=stops[who], **gen_kw)
-            new = out.sequences[:, longest:].tolist()
-            searches = []
-            for r_, i in enumerate(active):
-                ro, toks = rolls[i], new[r_]
-                cut, why = len(toks), "length"
-                for k, t in enumerate(toks):
-                    if t in stops[who]:
-                        cut = k + 1
-                        why = {s_open: "search_open", s_close: "search", a_close: "answer"}.get(t, "eos")
-                        break
-                keep = min(cut, max_length - len(ro.ids))
-                if keep < cut:
-                    why = "length"
-                ro.completion_ids += toks[:keep]
-                ro.info_mask += [0] * keep
-                wrote[i] += [who] * keep
-                seen[who][i] = len(ro.ids)
-                if why == "search_open":
-                    if ro.num_tool_calls >= max_turns:
-                        done[i], ro.finish_reason = True, "max_turns"
-                    else:
-                        owner[i] = "T"
-                        stats["handovers"] += 1
-                elif why == "search":
-                    q = tags.query(ro.completion_ids)
-                    ro.queries.append(q)
-                    searches.append((i, q))
-                elif why in ("answer", "eos"):
-                    done[i], ro.finish_reason = True, why
-                else:
-                    done[i], ro.finish_reason = True, "length"
-            added = append_search_results(rolls, searches, retriever, tokenizer, topk=topk, max_length=max_length)
-            for (i, _q), n in zip(searches, added):
-                wrote[i] += ["P"] * n
-                owner[i] = "R"
-                stats["handovers"] += 1
-    for ro in rolls:
-        ro.finish_reason = ro.finish_reason or "max_turns"
-        ro.text = completion_text(tokenizer, ro.completion_ids)  # tags kept, even as special tokens
-    return rolls, stats
-
-
 def compare_two_agent(model_dir, adapters, datasets: dict[str, list[dict]], retriever, *, samples: int = 4,
                       greedy: bool = True, temperature: float = 1.0, batch_size: int = 64, max_turns: int = 4,
                       max_new_tokens: int = 64, max_length: int = 1024, topk: int = 3, seed: int = 1234,
@@ -686,3 +492,5 @@ def write_records(records: Sequence[dict], out_dir: str | Path) -> dict[str, Pat
         paths[v] = p
     return paths
 
+
+write_through(__name__, (variants, two_agent))
