@@ -1,7 +1,8 @@
 """Old import paths of a module split in several: setting a re-exported name on the old module sets it where
 it is read.
 
-``kernels/launch.py`` and ``grpo/trainer.py`` were split by responsibility and re-export every name they had.
+``kernels/launch.py``, ``grpo/trainer.py``, ``routed_lora/hf.py`` and ``diagnostics/evaluate.py`` were split by
+responsibility and re-export every name they had.
 Reading a re-exported name gives the same object either way; *setting* one on the old module (a test's
 ``monkeypatch.setattr(launch, "MAX_BLOCK_R", 16)``, ``monkeypatch.setattr(trainer, "_FORCE_OLD_PASS", True)``)
 would otherwise change only the old module's copy of the binding, and the code that reads the name, now in
