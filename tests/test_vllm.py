@@ -155,3 +155,15 @@ def test_plugin_is_registered():
 
     eps = [e.value for e in entry_points(group="vllm.general_plugins")]
     assert "routed_lora.integrations.vllm:register" in eps
+
+
+def test_seeded_requests_with_chunked_prefill(env):
+    """Upstream defect 3 (a per-request seed with chunked prefill raises 'CPU Generator does not use offset'):
+    routed requests get a generator that can undo a discarded draw; the same seed gives the same tokens."""
+    tok, routed = env["tok"], env["routed"]
+    long = tok(PROMPTS[0] + " " + PROMPTS[1])["input_ids"] * 2  # > max_num_batched_tokens: chunked
+    sp = vllm.SamplingParams(max_tokens=16, temperature=1.0, logprobs=0, seed=1234, ignore_eos=True)
+    a = routed.generate([long], sp)[0]
+    b = routed.generate([long, tok(PROMPTS[2])["input_ids"]], sp)[0]
+    assert a.token_ids == b.token_ids
+    _check(env, [a, b], [env["router"]] * 2)

@@ -150,6 +150,34 @@ class RouteState:
         return self.routes
 
 
+class RewindableGenerator:
+    """Upstream defect 3: after a partial-prefill step vLLM undoes the step's draw of a seeded request with
+    ``gen.set_offset(gen.get_offset() - 4)``, which only CUDA (Philox) generators support: a CPU generator raises
+    ``CPU Generator does not use offset``. A routed request's CPU generator is replaced by a subclass whose state
+    is saved at the start of every step (:func:`_route_lora_inputs`) and restored by ``set_offset``."""
+
+    _cls = None
+
+    @classmethod
+    def of(cls, g):
+        import torch
+
+        if cls._cls is None:
+            class _Gen(torch.Generator, RewindableGenerator):
+                def get_offset(self):
+                    return 0
+
+                def set_offset(self, offset):
+                    before = getattr(self, "_before", None)
+                    if before is not None:
+                        self.set_state(before)
+
+            cls._cls = _Gen
+        new = cls._cls(device="cpu")
+        new.set_state(g.get_state())
+        return new
+
+
 class _WorkerState:
     def __init__(self) -> None:
         self.requests: dict[str, RouteState] = {}
@@ -192,6 +220,9 @@ def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, out):
         st = _state.requests.get(req_id)
         if st is None or st.spec is not spec:
             st = _state.requests[req_id] = RouteState(spec)
+        gen = batch.generators.get(i)
+        if isinstance(gen, RewindableGenerator):
+            gen._before = gen.get_state()  # defect 3: what set_offset restores if this step's draw is discarded
         k = int(num_scheduled_tokens[i])
         start = int(batch.num_computed_tokens_cpu[i])
         routes = np.asarray(st.upto(batch.token_ids_cpu[i], start + k)[start:start + k], dtype=np.int64)
@@ -249,6 +280,17 @@ def _patch_input_batch() -> None:
         return orig_remove(self, req_id)
 
     cls.remove_request = remove_request
+
+    orig_add = cls.add_request
+
+    def add_request(self, request):
+        g = getattr(request, "generator", None)
+        if (g is not None and g.device.type == "cpu" and not isinstance(g, RewindableGenerator)
+                and RoutedSpec.get(getattr(request, "lora_request", None)) is not None):
+            request.generator = RewindableGenerator.of(g)
+        return orig_add(self, request)
+
+    cls.add_request = add_request
 
 
 def _patch_punica_cpu() -> None:
