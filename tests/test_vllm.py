@@ -167,3 +167,13 @@ def test_seeded_requests_with_chunked_prefill(env):
     b = routed.generate([long, tok(PROMPTS[2])["input_ids"]], sp)[0]
     assert a.token_ids == b.token_ids
     _check(env, [a, b], [env["router"]] * 2)
+
+
+def test_more_routing_runs_than_max_num_seqs(env):
+    """Upstream defect 2: one prefill chunk holding many tag switches makes more runs of one LoRA than
+    max_num_seqs (4 here); the prefill path's run buffers would overflow."""
+    tok, routed = env["tok"], env["routed"]
+    many = tok(" ".join(["<search> paris </search> the"] * 8))["input_ids"]  # 16 switches in 32 tokens
+    outs = routed.generate([many, many[:20]], _params(tok, n_tokens=16, prompt_logprobs=0))
+    _, switches = _check(env, outs, [env["router"]] * 2, prompt_logprobs=True)
+    assert switches >= 16
