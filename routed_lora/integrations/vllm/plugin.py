@@ -200,8 +200,11 @@ class _WorkerState:
         self.requests: dict[str, RouteState] = {}
         self.routed_batch = False
         self.unsupported: str | None = None  # set by the configuration guard; raised at the first routed request
-        trace = os.environ.get("ROUTED_LORA_VLLM_TRACE")
-        self.trace = Path(trace) if trace else None
+
+    @property
+    def trace(self) -> Path | None:
+        t = os.environ.get("ROUTED_LORA_VLLM_TRACE")  # read per step: it may be set after this module's import
+        return Path(t) if t else None
 
 
 _state = _WorkerState()
@@ -229,7 +232,8 @@ def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, out):
     cu = np.cumsum(num_scheduled_tokens[:n])
     cu_s = np.cumsum(num_sampled_tokens[:n])
     active = set(active)
-    trace_rows = [] if _state.trace is not None else None
+    trace = _state.trace
+    trace_rows = [] if trace is not None else None
     for i, spec in enumerate(specs):
         if spec is None:
             continue
@@ -257,7 +261,7 @@ def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, out):
     for spec in {id(s): s for s in specs if s is not None}.values():
         active.update(spec.adapter_requests.values())
     if trace_rows:
-        with open(_state.trace, "a") as f:
+        with open(trace, "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "rows": trace_rows}) + "\n")
     return tuple(prompt_map.tolist()), tuple(token_map.tolist()), active
 
