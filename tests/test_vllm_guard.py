@@ -32,9 +32,7 @@ def routed(monkeypatch):
     """A routed LoRA request and its spec, without files or vLLM."""
     tok = tiny_tokenizer()
     router = TagRouter(tok, default="reasoning", adapters=("reasoning", "tool"))
-    spec = plugin.RoutedSpec.__new__(plugin.RoutedSpec)
-    spec.router, spec.names, spec.adapter_requests = router, ["reasoning", "tool"], {}
-    spec.table = np.array([IDS["reasoning"], IDS["tool"], 0], dtype=np.int64)  # route -1 (index 2) -> id 0
+    spec = plugin.RoutedSpec.of(router, ["reasoning", "tool"], {0: IDS["reasoning"], 1: IDS["tool"], -1: 0})
     lr = types.SimpleNamespace(lora_name=plugin.ROUTED_PREFIX + "{}", lora_int_id=5, lora_path="stand-in")
     monkeypatch.setitem(plugin.RoutedSpec._cache, (lr.lora_name, 5, "stand-in"), spec)
     monkeypatch.setattr(plugin, "_state", plugin._WorkerState())

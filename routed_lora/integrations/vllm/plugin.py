@@ -118,12 +118,30 @@ class RoutedSpec:
             self.adapter_requests[name] = LoRARequest(lora_name=meta["names"][name], lora_int_id=int(ids[name]),
                                                       lora_path=str(folder / name))
             self.id_of_route[e] = int(ids[name])
+        self._finish()
+
+    @classmethod
+    def of(cls, router, names, id_of_route: dict, adapter_requests: dict | None = None) -> "RoutedSpec":
+        """A spec from its parts (no files; tests and stand-ins)."""
+        spec = cls.__new__(cls)
+        spec.router, spec.names, spec.id_of_route = router, list(names), dict(id_of_route)
+        spec.adapter_requests = dict(adapter_requests or {})
+        spec._finish()
+        return spec
+
+    def _finish(self) -> None:
         import numpy as np
 
-        # route r (-1..E-1) -> vLLM LoRA id; a route to an adapter that was not loaded is an error at use
-        self.table = np.full(len(names) + 1, -2, dtype=np.int64)
+        self.fast = None
+        if self.router.mode == "tokens":
+            r = self.router
+            routes = r._routes_table("cpu").tolist()  # route of span k; the last entry (index -1): no span open
+            self.fast = ({int(t): k for k, t in enumerate(r.open_ids)}, [int(t) for t in r.close_ids], routes)
+        # route r (-1..E-1) -> vLLM LoRA id; a route to an adapter that was not loaded is an error at use (-2)
+        self.table = np.full(len(self.names) + 1, -2, dtype=np.int64)
         for r, i in self.id_of_route.items():
             self.table[r] = i
+        self.table_l = self.table.tolist()
 
     @classmethod
     def _tokenizer(cls, path):
@@ -147,19 +165,37 @@ class RoutedSpec:
 
 
 class RouteState:
-    """Routes of one request's positions 0..n-1, extended incrementally as its tokens arrive."""
+    """Routes of one request's positions 0..n-1, extended incrementally as its tokens arrive.
 
-    __slots__ = ("stream", "routes", "spec")
+    Single-token tags (the router's tokens mode): a plain-Python state machine on the open span, the rule of
+    ``RouterStream._step_tokens`` one token at a time (a decoding step costs a dict lookup, not a few tensor ops).
+    Multi-token tags: the router's own streaming state (text mode)."""
+
+    __slots__ = ("stream", "routes", "spec", "span")
 
     def __init__(self, spec: RoutedSpec) -> None:
         self.spec = spec
-        self.stream = spec.router.stream(1)
+        self.stream = None if spec.fast is not None else spec.router.stream(1)
+        self.span = -1
         self.routes: list[int] = []
 
     def upto(self, token_ids, n: int) -> list[int]:
         """Routes of positions 0..n-1; ``token_ids`` holds at least the first ``n`` tokens."""
         have = len(self.routes)
-        if n > have:
+        if n <= have:
+            return self.routes
+        if self.stream is None:
+            opens, closes, table = self.spec.fast
+            span, out = self.span, self.routes
+            for t in token_ids[have:n].tolist():
+                k = opens.get(t)
+                if k is not None:
+                    span = k  # an opening tag opens its span (replacing an open one)
+                elif span >= 0 and t == closes[span]:
+                    span = -1  # the open span's closing tag closes it; other closing tags are ignored
+                out.append(table[span])
+            self.span = span
+        else:
             import torch
 
             new = torch.as_tensor(token_ids[have:n], dtype=torch.long).view(1, -1)
@@ -216,14 +252,15 @@ def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, out):
 
     prompt_map, token_map, active = out
     n = batch.num_reqs
-    specs = []
-    for i in range(n):
-        lid = int(batch.request_lora_mapping[i])
-        lr = batch.lora_id_to_lora_request.get(lid) if lid else None
-        specs.append(RoutedSpec.get(lr) if lr is not None else None)
-    if not any(s is not None for s in specs):
+    by_id = {lid: RoutedSpec.get(lr) for lid, lr in batch.lora_id_to_lora_request.items()}
+    by_id = {lid: spec for lid, spec in by_id.items() if spec is not None}
+    if not by_id:
         _state.routed_batch = False
         return out
+    lids = batch.request_lora_mapping[:n]
+    specs = [None] * n
+    for i in np.flatnonzero(np.isin(lids, list(by_id))).tolist():
+        specs[i] = by_id[int(lids[i])]
     if _state.unsupported:
         raise UnsupportedVLLMConfig(_state.unsupported)
     _state.routed_batch = True
@@ -246,16 +283,22 @@ def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, out):
             gen._before = gen.get_state()  # defect 3: what set_offset restores if this step's draw is discarded
         k = int(num_scheduled_tokens[i])
         start = int(batch.num_computed_tokens_cpu[i])
-        routes = np.asarray(st.upto(batch.token_ids_cpu[i], start + k)[start:start + k], dtype=np.int64)
-        ids = spec.table[routes]
-        if (ids == -2).any():
-            bad = sorted({int(r) for r in routes[ids == -2]})
+        all_routes = st.upto(batch.token_ids_cpu[i], start + k)
+        if k == 1:  # a decoding step: no array work
+            routes = all_routes[start:start + 1]
+            ids = [spec.table_l[routes[0]]]
+            token_map[cu[i] - 1] = ids[0]
+        else:
+            routes = all_routes[start:start + k]
+            ids = spec.table[np.asarray(routes, dtype=np.int64)].tolist()
+            token_map[cu[i] - k: cu[i]] = ids
+        if -2 in ids:
+            bad = sorted({r for r, x in zip(routes, ids) if x == -2})
             raise RuntimeError(f"routed-lora: routes {bad} name adapters that are not loaded ({spec.names})")
-        token_map[cu[i] - k: cu[i]] = ids
         s = int(num_sampled_tokens[i])
         prompt_map[cu_s[i] - s: cu_s[i]] = ids[-1] if k else 0
         if trace_rows is not None:
-            trace_rows.append({"req": req_id, "start": start, "ids": ids.tolist(), "routes": routes.tolist()})
+            trace_rows.append({"req": req_id, "start": start, "ids": ids, "routes": list(routes)})
     # the routed request's own id takes no slot: its adapters do (ordinary LoRA requests, loaded from its folder)
     active = {lr for lr in active if RoutedSpec.get(lr) is None}
     for spec in {id(s): s for s in specs if s is not None}.values():
