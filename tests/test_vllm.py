@@ -8,6 +8,8 @@ Needs vLLM (`make test-vllm` builds its environment); skipped elsewhere."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -177,3 +179,52 @@ def test_more_routing_runs_than_max_num_seqs(env):
     outs = routed.generate([many, many[:20]], _params(tok, n_tokens=16, prompt_logprobs=0))
     _, switches = _check(env, outs, [env["router"]] * 2, prompt_logprobs=True)
     assert switches >= 16
+
+
+_MP_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from _vllm_util import build_tiny, hf_logprobs, read_trace
+
+if __name__ == "__main__":  # vLLM starts its engine core in another process
+    out = Path(sys.argv[1])
+    model, tok, router = build_tiny(out)
+    import vllm
+    from routed_lora.integrations.vllm import RoutedLLM, engine_kwargs
+    llm = vllm.LLM(model=str(out / "model"), **engine_kwargs(out / "adapters"), max_model_len=256, max_num_seqs=4,
+                   block_size=32, enforce_eager=True, seed=0)
+    rl = RoutedLLM(llm, out / "adapters")
+    bias = {tok.convert_tokens_to_ids(t): 3.0 for t in ("<search>", "</search>")}
+    sp = vllm.SamplingParams(max_tokens=32, logprobs=0, logit_bias=bias, ignore_eos=True)
+    outs = rl.generate([tok("who was born in paris ?")["input_ids"]] * 3, sp)
+    worst = 0.0
+    for o in outs:
+        ids = o.prompt_ids + o.token_ids
+        ref = hf_logprobs(model, ids, router(__import__("torch").tensor([ids]))[0].tolist())
+        worst = max(worst, float((ref[len(o.prompt_ids) - 1:] - __import__("torch").tensor(o.logprobs)).abs().max()))
+    pids = {json.loads(line)["pid"] for line in (out / "trace.jsonl").read_text().splitlines()}
+    print(json.dumps({"worst": worst, "trace_pids": sorted(pids), "pid": os.getpid()}))
+"""
+
+
+def test_plugin_runs_in_vllms_own_processes(tmp_path):
+    """With the engine core in its own process (vLLM's default), vLLM loads the plugin there through the entry
+    point: routing still takes effect and matches the HF model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", ROUTED_LORA_VLLM_TRACE=str(tmp_path / "trace.jsonl"))
+    for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():
+        env.setdefault(k, v)
+    script = tmp_path / "mp.py"
+    script.write_text(_MP_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
+    assert res["worst"] <= TOL
+    assert res["trace_pids"] and res["pid"] not in res["trace_pids"], "the routing did not run in another process"
