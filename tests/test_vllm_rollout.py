@@ -60,7 +60,7 @@ def test_records_match_teacher_forced(world):
 
     root, _ = world
     cfg = GRPOConfig(mode="dart", group_size=4, prompts_per_step=4, max_turns=2, max_new_tokens=24,
-                     max_total_tokens=160, temperature=1.0).check()
+                     max_total_tokens=160, temperature=0.7).check()
     model, tok = load_model_and_tokenizer(root / "model")
     model, router = build_policy(model, tok, cfg)
     randomize_adapters(model, seed=3, scale=0.1)
@@ -84,10 +84,10 @@ def test_records_match_teacher_forced(world):
             for p, t in enumerate(ids[:-1]):
                 if t == close_id and batch.attention_mask[b, p + 1]:
                     assert ids[p + 1] == info_id and not batch.loss_mask[b, p], "no information block after a search"
-        # routes: the router's; log-probs: the trainer's teacher-forced pass at the sampling temperature
+        # routes: the router's; log-probs: the trainer's teacher-forced pass at the sampling temperature (0.7)
         att = batch.attention_mask.bool()
         assert torch.equal(routes[att], router(batch.input_ids, batch.attention_mask)[att])
-        lp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, routes=routes, temperature=1.0)
+        lp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, routes=routes, temperature=0.7)
         m = batch.loss_mask
         d = float((lp.detach() - batch.rollout_logprobs)[m].abs().max())
         print(f"vLLM rollout: {int(m.sum())} sampled tokens, {calls} tool calls, max |dlogp| {d:.2e}")
@@ -97,7 +97,7 @@ def test_records_match_teacher_forced(world):
         # weight sync: a second collect after changing the adapters samples from the new ones
         randomize_adapters(model, seed=4, scale=0.1)
         batch, routes, _ = eng.collect(rows[:2])
-        lp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, routes=routes, temperature=1.0)
+        lp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, routes=routes, temperature=0.7)
         assert float((lp.detach() - batch.rollout_logprobs)[batch.loss_mask].abs().max()) <= TOL
     finally:
         shutdown(llm)
