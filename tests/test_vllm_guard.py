@@ -99,3 +99,22 @@ def test_async_standin_is_late_at_the_tags_and_the_guard_refuses_it(routed):
     plugin._state.unsupported = "routed-lora: ... async scheduling is on: pass async_scheduling=False"
     with pytest.raises(plugin.UnsupportedVLLMConfig, match="async_scheduling=False"):
         _run(tok, lr, prompt, sampled, async_scheduling=True)
+
+
+def test_train_rollout_vllm_without_vllm_is_a_usage_error(tmp_path, capsys):
+    """Where vLLM is not installed (the main environment), --rollout vllm fails with one line saying how to get
+    it, not a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    pytest.importorskip("bm25s")
+    from routed_lora.cli import main
+    from routed_lora.testing import tiny_world
+
+    w = tiny_world(tmp_path / "world")
+    rc = main(["train", "--rollout", "vllm", "--model", str(w / "model"), "--data", str(w / "train.jsonl"),
+               "--retriever", f"bm25:{w / 'corpus.jsonl'}", "--out", str(tmp_path / "out"), "--no-progress",
+               "--steps", "1", "--prompts-per-step", "2", "-G", "2"])
+    assert rc == 2
+    assert "--rollout vllm: vLLM is not installed" in capsys.readouterr().err

@@ -247,6 +247,9 @@ def _run(args) -> int:
 
         import importlib.util
 
+        if world_info()[1] > 1:
+            raise UsageError("--rollout vllm: one process only (each rank would start its own engine); run without "
+                             "torchrun, or use --rollout hf")
         if importlib.util.find_spec("vllm") is None:
             raise UsageError("--rollout vllm: vLLM is not installed in this environment (make setup-vllm builds "
                              ".venv-vllm; docs/vllm.md)")
