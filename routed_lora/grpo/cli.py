@@ -241,9 +241,25 @@ def _run(args) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), "run": run}, indent=1) + "\n")
+    rollout = None
+    if args.rollout == "vllm":  # docs/vllm.md: rollouts sampled by vLLM with per-token routed adapters
+        from .vllm_rollout import VLLMRollout, build_llm
+
+        import importlib.util
+
+        if world_info()[1] > 1:
+            raise UsageError("--rollout vllm: one process only (each rank would start its own engine); run without "
+                             "torchrun, or use --rollout hf")
+        if importlib.util.find_spec("vllm") is None:
+            raise UsageError("--rollout vllm: vLLM is not installed in this environment (make setup-vllm builds "
+                             ".venv-vllm; docs/vllm.md)")
+        with for_flag("--rollout"):
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            rollout = VLLMRollout(cfg, model, tok, router, retriever, llm=build_llm(args.model, model),
+                                  prompt_template=template, pad_id=pad)
     trainer = Trainer(cfg, model, tok, router, retriever, train_rows, out=out, eval_rows=eval_rows,
                       eval_samples=args.eval_samples, prompt_template=template, progress=not args.no_progress,
-                      strategy=args.strategy)
+                      strategy=args.strategy, rollout=rollout)
     trainer.checkpoint_extra = {"run": run}
     result = trainer.train(resume=args.resume or None, evaluate_before=not args.no_eval_before)
     if cfg.mode != "base" and (rank == 0 or (distributed and args.strategy == "fsdp2")):
@@ -331,6 +347,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
                    help="under torchrun: DistributedDataParallel, or torch's fully_shard (FSDP2: each decoder layer "
                         "and the root sharded; rollouts run with the parameters gathered)")
+    p.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
+                   help="rollout sampler: HF generate on the trained model, or vLLM with the routed-lora plugin "
+                        "(its own environment: make setup-vllm; docs/vllm.md)")
     p.add_argument("--threads", type=nonneg, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--no-progress", action="store_true")
 

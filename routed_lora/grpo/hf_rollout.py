@@ -36,22 +36,14 @@ class HFRollout:
     def collect(self, rows: Sequence[dict], group_offset: int = 0) -> tuple[RolloutBatch, torch.Tensor, dict]:
         from routed_lora.env.data import make_prompt
         from routed_lora.env.reward import compute_score, exact_match, extract_answer
-        from routed_lora.env.rollout import collate, generate_rollouts
+        from routed_lora.env.rollout import collate
 
         G = self.cfg.group_size
         prompts = [make_prompt(r["question"], self.template) for r in rows for _ in range(G)]
         plen = max(len(self.tok(p)["input_ids"]) for p in prompts)
         t0 = time.perf_counter()
-        self.model.eval()
-        from routed_lora.fsdp import full_params
-
         meters: dict = {}
-        with full_params(self.model):  # FSDP2: ranks generate different numbers of steps, so no collectives
-            rolls = generate_rollouts(self.model, self.tok, prompts, self.retriever, max_turns=self.cfg.max_turns,
-                                      max_new_tokens=self.cfg.max_new_tokens,
-                                      max_length=plen + self.cfg.max_total_tokens, topk=self.cfg.topk,
-                                      do_sample=True, temperature=self.cfg.temperature, return_logprobs=True,
-                                      meters=meters)
+        rolls = self._sample(prompts, plen + self.cfg.max_total_tokens, meters)
         t_roll = time.perf_counter() - t0
         golds = [r["golden_answers"] for r in rows for _ in range(G)]
         score = self.reward_fn or (lambda text, g: compute_score(text, g, format_score=self.cfg.format_reward))
@@ -75,6 +67,19 @@ class HFRollout:
         info = {"rollout_seconds": t_roll, "finish_answer": sum(ro.finish_reason == "answer" for ro in rolls) / len(rolls),
                 "prefill_tokens": meters.get("prefill_tokens", 0), "decode_tokens": meters.get("decode_tokens", 0)}
         return batch, routes, info
+
+    def _sample(self, prompts: list[str], max_length: int, meters: dict) -> list:
+        """The rollouts (:class:`routed_lora.env.rollout.Rollout`, with log-probs) of ``prompts``: the part an
+        engine on another sampler (:class:`routed_lora.grpo.vllm_rollout.VLLMRollout`) replaces."""
+        from routed_lora.env.rollout import generate_rollouts
+        from routed_lora.fsdp import full_params
+
+        self.model.eval()
+        with full_params(self.model):  # FSDP2: ranks generate different numbers of steps, so no collectives
+            return generate_rollouts(self.model, self.tok, prompts, self.retriever, max_turns=self.cfg.max_turns,
+                                     max_new_tokens=self.cfg.max_new_tokens, max_length=max_length,
+                                     topk=self.cfg.topk, do_sample=True, temperature=self.cfg.temperature,
+                                     return_logprobs=True, meters=meters)
 
 
 def role_mask(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str) -> torch.Tensor:

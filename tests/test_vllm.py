@@ -1,0 +1,230 @@
+"""Routed generation in vLLM (the plugin, routed_lora/integrations/vllm): the log-probs vLLM returns for sampled
+(and prompt) tokens equal the teacher-forced log-probs of our HF routed model within 1e-5 (fp32), and the routes
+the workers used (their trace) equal TagRouter's, over sequences with many tag switches (the tags' logits are
+biased), with prefix caching, chunked prefill, more routing runs than max_num_seqs, mixed batches (routed,
+single-adapter and no-LoRA requests), route -1 as the context route, multi-token tags, and after a weight sync.
+
+Needs vLLM (`make test-vllm` builds its environment); skipped elsewhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+import routed_lora as rl  # noqa: E402
+from routed_lora.router import TagRouter  # noqa: E402
+
+from _vllm_util import build_tiny, hf_logprobs, randomize_adapters, read_trace, set_cpu_env, shutdown  # noqa: E402
+
+TOL = 1e-5
+PROMPTS = [
+    "who was born in paris ? <search> alice born paris </search> <information> alice was born in paris . "
+    "</information> <think> the city is",
+    "the capital of france is",
+    "what river is in rome ? <search> river rome",  # ends inside an open span
+    "who founded the company ? <think> bob",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm")
+    trace = out / "trace.jsonl"
+    set_cpu_env(trace)
+    model, tok, router = build_tiny(out)
+    from routed_lora.integrations.vllm import RoutedLLM, engine_kwargs
+
+    # max_num_batched_tokens 32: prompts are prefilled in chunks; max_num_seqs 4: fewer than the routing runs
+    llm = vllm.LLM(model=str(out / "model"), **engine_kwargs(out / "adapters"), max_model_len=256,
+                   max_num_seqs=4, max_num_batched_tokens=32, enable_prefix_caching=True, block_size=32,
+                   enforce_eager=True, seed=0)
+    routed = RoutedLLM(llm, out / "adapters")
+    yield dict(out=out, trace=trace, model=model, tok=tok, router=router, llm=llm, routed=routed)
+    routed.close()
+    shutdown(llm)
+
+
+def _params(tok, *, n_tokens=48, prompt_logprobs=None, extra_bias=()):
+    bias = {tok.convert_tokens_to_ids(t): 3.0 for t in ("<search>", "</search>", *extra_bias)}
+    return vllm.SamplingParams(max_tokens=n_tokens, temperature=1.0, logprobs=0, prompt_logprobs=prompt_logprobs,
+                               logit_bias=bias, ignore_eos=True)
+
+
+def _check(env, outs, routers, *, prompt_logprobs=False):
+    """Max |vLLM - HF| over sampled (and prompt) tokens; asserts routes == TagRouter and the workers' trace."""
+    model, trace = env["model"], read_trace(env["trace"])
+    worst, switches = 0.0, 0
+    for o, router in zip(outs, routers):
+        ids = o.prompt_ids + o.token_ids
+        if router is None or isinstance(router, int):
+            want = [-1 if router is None else router] * len(ids)
+        else:
+            want = router(torch.tensor([ids]))[0].tolist()
+        assert o.routes == want, f"routes differ from TagRouter's at {[i for i, (a, b) in enumerate(zip(o.routes, want)) if a != b][:5]}"
+        if router is not None and not isinstance(router, int):
+            # the routes the workers used, position by position (the last sampled token is never fed)
+            used = next((v for k, v in trace.items() if k.startswith(o.extra["request_id"] + "-")), None)
+            assert used is not None, "no trace of a routed request"
+            bad = [p for p, r in used.items() if r != want[p]]
+            assert not bad, f"worker routes differ from TagRouter at positions {bad[:5]}"
+            cached = o.extra["num_cached_tokens"] or 0  # prefix-cache hits are not computed again
+            assert sorted(used) == list(range(cached, len(ids) - 1)), "the workers did not route every fed position"
+            switches += sum(a != b for a, b in zip(want, want[1:]))
+        ref = hf_logprobs(model, ids, want)
+        P = len(o.prompt_ids)
+        d = (ref[P - 1:] - torch.tensor(o.logprobs)).abs().max().item()
+        assert d <= TOL, f"sampled-token log-probs differ by {d:.2e}"
+        worst = max(worst, d)
+        if prompt_logprobs:
+            got = torch.tensor(o.prompt_logprobs[1:])
+            d = (ref[: P - 1] - got).abs().max().item()
+            assert d <= TOL, f"prompt log-probs differ by {d:.2e}"
+            worst = max(worst, d)
+    return worst, switches
+
+
+def test_routed_logprobs_equal_hf(env):
+    tok, routed = env["tok"], env["routed"]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS] * 2
+    outs = routed.generate(prompts, _params(tok, prompt_logprobs=0))
+    worst, switches = _check(env, outs, [env["router"]] * len(outs), prompt_logprobs=True)
+    assert switches >= 5 * len(outs), f"too few tag switches ({switches}) to test routing"
+    print(f"routed: max |dlogp| {worst:.2e}, {switches} switches over {len(outs)} sequences")
+    # routing took effect: all-reasoning routes give other log-probs
+    o = outs[0]
+    ids = o.prompt_ids + o.token_ids
+    flat = hf_logprobs(env["model"], ids, [0] * len(ids))[len(o.prompt_ids) - 1:]
+    assert (flat - torch.tensor(o.logprobs)).abs().max() > 1e-2
+
+
+def test_prefix_cache_hits_keep_routes(env):
+    tok, routed = env["tok"], env["routed"]
+    long = tok(PROMPTS[0] + " " + PROMPTS[3])["input_ids"] * 2  # two blocks of 32
+    outs = routed.generate([long, long + tok("<search> bob")["input_ids"]], _params(tok, n_tokens=24))
+    outs += routed.generate([long, long + tok("<search> bob")["input_ids"]], _params(tok, n_tokens=24))
+    assert max(o.extra["num_cached_tokens"] or 0 for o in outs[2:]) >= 32, "no prefix cache hit"
+    _check(env, outs, [env["router"]] * len(outs))
+
+
+def test_mixed_batch(env):
+    """routed, single-adapter and no-LoRA requests in one batch (the no-LoRA rows once got the last slot)."""
+    tok, routed = env["tok"], env["routed"]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    kinds = ["routed", "tool", None, "reasoning", "routed", None]
+    outs = routed.generate([prompts[i % 4] for i in range(len(kinds))], _params(tok, n_tokens=32), adapter=kinds)
+    refs = [env["router"] if k == "routed" else (None if k is None else ["reasoning", "tool"].index(k))
+            for k in kinds]
+    _check(env, outs, refs)
+
+
+def test_route_minus_one_and_multi_token_tags(env):
+    """The context route -1 (backbone only between spans) and tags spelled as several tokens ("<" "search" ">"),
+    routed in the router's text mode; a second routed set in the same engine."""
+    from routed_lora.integrations.vllm import RoutedLLM
+
+    tok = env["tok"]
+    d = {"type": "TagRouter", "spans": [["tool", ["<search>", "</search>"]]], "default": None, "mode": "text"}
+    routed = RoutedLLM(env["llm"], env["out"] / "adapters", router=d)
+    router = TagRouter.from_dict(tok, d, adapters=("reasoning", "tool"))
+    prompts = [tok(p)["input_ids"] for p in ["who was born in < search > paris", "the capital < / search >"]] * 2
+    outs = routed.generate(prompts, _params(tok, n_tokens=40, extra_bias=("<", "search", ">", "</")))
+    worst, switches = _check(env, outs, [router] * len(outs))
+    assert any(-1 in o.routes for o in outs) and switches >= 10
+    print(f"route -1 / text mode: max |dlogp| {worst:.2e}, {switches} switches")
+
+
+def test_weight_sync(env):
+    """update(model) after the adapters changed: new log-probs match the new HF model, without a restart."""
+    tok, routed, model = env["tok"], env["routed"], env["model"]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    before = routed.generate(prompts[:1], _params(tok, n_tokens=16))[0]
+    randomize_adapters(model, seed=7)
+    routed.update(model)
+    outs = routed.generate(prompts, _params(tok, n_tokens=32))
+    _check(env, outs, [env["router"]] * len(outs))
+    # the same prompt and tokens now score differently (the new weights are in use)
+    again = hf_logprobs(model, before.prompt_ids + before.token_ids, before.routes)[len(before.prompt_ids) - 1:]
+    assert (again - torch.tensor(before.logprobs)).abs().max() > 1e-2
+
+
+def test_plugin_is_registered():
+    from importlib.metadata import entry_points
+
+    eps = [e.value for e in entry_points(group="vllm.general_plugins")]
+    assert "routed_lora.integrations.vllm:register" in eps
+
+
+def test_seeded_requests_with_chunked_prefill(env):
+    """Upstream defect 3 (a per-request seed with chunked prefill raises 'CPU Generator does not use offset'):
+    routed requests get a generator that can undo a discarded draw; the same seed gives the same tokens."""
+    tok, routed = env["tok"], env["routed"]
+    long = tok(PROMPTS[0] + " " + PROMPTS[1])["input_ids"] * 2  # > max_num_batched_tokens: chunked
+    sp = vllm.SamplingParams(max_tokens=16, temperature=1.0, logprobs=0, seed=1234, ignore_eos=True)
+    a = routed.generate([long], sp)[0]
+    b = routed.generate([long, tok(PROMPTS[2])["input_ids"]], sp)[0]
+    assert a.token_ids == b.token_ids
+    _check(env, [a, b], [env["router"]] * 2)
+
+
+def test_more_routing_runs_than_max_num_seqs(env):
+    """Upstream defect 2: one prefill chunk holding many tag switches makes more runs of one LoRA than
+    max_num_seqs (4 here); the prefill path's run buffers would overflow."""
+    tok, routed = env["tok"], env["routed"]
+    many = tok(" ".join(["<search> paris </search> the"] * 8))["input_ids"]  # 16 switches in 32 tokens
+    outs = routed.generate([many, many[:20]], _params(tok, n_tokens=16, prompt_logprobs=0))
+    _, switches = _check(env, outs, [env["router"]] * 2, prompt_logprobs=True)
+    assert switches >= 16
+
+
+_MP_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from _vllm_util import build_tiny, hf_logprobs, read_trace
+
+if __name__ == "__main__":  # vLLM starts its engine core in another process
+    out = Path(sys.argv[1])
+    model, tok, router = build_tiny(out)
+    import vllm
+    from routed_lora.integrations.vllm import RoutedLLM, engine_kwargs
+    llm = vllm.LLM(model=str(out / "model"), **engine_kwargs(out / "adapters"), max_model_len=256, max_num_seqs=4,
+                   block_size=32, enforce_eager=True, seed=0)
+    rl = RoutedLLM(llm, out / "adapters")
+    bias = {tok.convert_tokens_to_ids(t): 3.0 for t in ("<search>", "</search>")}
+    sp = vllm.SamplingParams(max_tokens=32, logprobs=0, logit_bias=bias, ignore_eos=True)
+    outs = rl.generate([tok("who was born in paris ?")["input_ids"]] * 3, sp)
+    worst = 0.0
+    for o in outs:
+        ids = o.prompt_ids + o.token_ids
+        ref = hf_logprobs(model, ids, router(__import__("torch").tensor([ids]))[0].tolist())
+        worst = max(worst, float((ref[len(o.prompt_ids) - 1:] - __import__("torch").tensor(o.logprobs)).abs().max()))
+    pids = {json.loads(line)["pid"] for line in (out / "trace.jsonl").read_text().splitlines()}
+    print(json.dumps({"worst": worst, "trace_pids": sorted(pids), "pid": os.getpid()}))
+"""
+
+
+def test_plugin_runs_in_vllms_own_processes(tmp_path):
+    """With the engine core in its own process (vLLM's default), vLLM loads the plugin there through the entry
+    point: routing still takes effect and matches the HF model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", ROUTED_LORA_VLLM_TRACE=str(tmp_path / "trace.jsonl"))
+    for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():
+        env.setdefault(k, v)
+    script = tmp_path / "mp.py"
+    script.write_text(_MP_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
+    assert res["worst"] <= TOL
+    assert res["trace_pids"] and res["pid"] not in res["trace_pids"], "the routing did not run in another process"
