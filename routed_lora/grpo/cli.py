@@ -244,7 +244,8 @@ def add_train_arguments(p) -> None:
     pos, nonneg, pos_f, nonneg_f = int_at_least(1), int_at_least(0), finite_float(0, low_open=True), finite_float(0)
     p.add_argument("--mode", choices=("dart", "joint", "base"), default=d.mode,
                    help="dart: two routed adapters; joint: one rank-2r adapter on every token; base: evaluate only")
-    p.add_argument("--model", required=True, help="local Hugging Face model folder (with its tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="local Hugging Face model folder (with its tokenizer), or smollm2-135m (docs/pretrained.md)")
     p.add_argument("--data", required=True,
                    help="training questions: JSONL or parquet with question, golden_answers (or veRL-style rows: "
                         "prompt, reward_model.ground_truth.target)")

@@ -745,7 +745,9 @@ def load_model_and_tokenizer(path: str | Path, *, dtype=None):
     decoding then silently go wrong. Such folders are loaded with ``PreTrainedTokenizerFast`` instead."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-    path = Path(path)
+    from routed_lora.pretrained import resolve_model  # a registered name (smollm2-135m) -> its cached folder
+
+    path = Path(resolve_model(path))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
     cls = None
