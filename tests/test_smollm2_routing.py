@@ -43,6 +43,12 @@ ANSWER = (
     "<answer>Paris</answer>"
 )
 MERGED_PIECES = ("?<", ")<", "><", '>"', ">.", '">', ">>")
+# The same cases in 73 tokens, for the tests that run the model (a decoding step costs ~0.1-1 s on 2 busy cores).
+SHORT_ANSWER = (
+    "<think>ok</think>\n<search>Ada Ito</search>?<search>\"Ada\"</search><search>x</search>."
+    "<information>Doc 1(Title: P) <a href=\"p\">Paris</a>\n</information>(<search>>a</search>>)<answer>Paris</answer>"
+)
+SHORT_MERGED = ("?<", ")<", "><", '>"', ".<", '">', ">>")
 
 
 def _messages(question=QUESTION, answer=ANSWER, *, search_r1=True):
@@ -141,6 +147,8 @@ def test_the_tokenizer_splits_and_merges_tags(smollm2):
     pieces = {tok.decode([i]) for i in ids}
     missing = [p for p in MERGED_PIECES if p not in pieces]
     assert not missing, f"the test text no longer exercises merged pieces {missing}"
+    short = {tok.decode([i]) for i in tok.encode(SHORT_ANSWER, add_special_tokens=False)}
+    assert not [p for p in SHORT_MERGED if p not in short]
     assert _router(tok).mode == "text"
 
 
@@ -184,7 +192,7 @@ def test_routes_in_a_left_padded_batch_equal_each_row_alone(smollm2):
 @pytest.mark.slow
 def test_full_forward_and_kv_cache_route_identically(smollm2):
     model, tok = smollm2
-    _, ids_l, _ = chat_text_ids_offsets(tok, _messages(search_r1=False))
+    _, ids_l, _ = chat_text_ids_offsets(tok, _messages(answer=SHORT_ANSWER, search_r1=False))
     _, prompt_l, _ = chat_text_ids_offsets(tok, _messages(answer=None, search_r1=False), add_generation_prompt=True)
     assert ids_l[:len(prompt_l)] == prompt_l
     ids = torch.tensor([ids_l])
@@ -207,14 +215,16 @@ def test_full_forward_and_kv_cache_route_identically(smollm2):
           f"routed full vs cached max|dlogit| {d_routed:.2e}; plain model {d_plain:.2e}; "
           f"max|logit| {full.abs().max().item():.1f}; all-tool vs routed {d_adapters:.2e}")
     assert d_adapters > 100 * max(d_plain, 1e-6), "the adapters must matter for the check to mean anything"
-    assert d_routed <= 4 * d_plain + 1e-5, (d_routed, d_plain)
+    # Rounding only: the LoRA terms add their own (measured 1-3x the plain model's difference); a route off by one
+    # position changes logits by about d_adapters (~8 here), four orders of magnitude above this bound.
+    assert d_routed <= 8 * d_plain + 1e-5, (d_routed, d_plain)
 
 
 @pytest.mark.slow
 def test_all_tool_routes_equal_peft_with_the_tool_adapter(smollm2, tmp_path):
     peft = pytest.importorskip("peft")
     model, tok = smollm2
-    _, ids_l, _ = chat_text_ids_offsets(tok, _messages(search_r1=False))
+    _, ids_l, _ = chat_text_ids_offsets(tok, _messages(answer=SHORT_ANSWER, search_r1=False))
     ids = torch.tensor([ids_l])
     routed = _routed_copy(model, tok, seed=3)
     out = rl.save_adapters(routed, tmp_path / "adapters")
@@ -314,7 +324,7 @@ def test_routed_generate_equals_teacher_forcing_through_the_chat_template(smollm
     teacher-forced pass to within the plain model's own generate-vs-teacher-forcing difference."""
     model, tok = smollm2
     questions = [QUESTION, "What is the capital of France?"]
-    answers = [ANSWER, "<think>easy</think>\n<search>capital of France</search><answer>Paris</answer>"]
+    answers = [SHORT_ANSWER, "<think>easy</think>\n<search>capital of France</search><answer>Paris</answer>"]
     prompts = [chat_text_ids_offsets(tok, _messages(q, None, search_r1=False), add_generation_prompt=True)[1]
                for q in questions]
     scripts = [tok.encode(a, add_special_tokens=False) for a in answers]
@@ -324,9 +334,9 @@ def test_routed_generate_equals_teacher_forcing_through_the_chat_template(smollm
         routed, tok, prompts, scripts, recorder_layer=routed_layers(routed)[0][1])
     want = _router(tok)(seq, mask)[:, :-1]  # the last token is never fed
     assert torch.equal(used, want), "routes used while generating differ from the router's on the sequences"
-    assert int((want[:, max(map(len, prompts)):] == 1).sum()) > 20
+    assert int((want[:, max(map(len, prompts)):] == 1).sum()) > 15
     _, _, p_lp, p_logit, _, _ = generate_vs_teacher_forcing(model, tok, prompts, scripts)
     print(f"\n[smollm2 generate] B=2, {seq.shape[1]} tokens: routed max|dlogprob| {d_lp:.2e}, max|dlogit| "
           f"{d_logit:.2e}; plain model {p_lp:.2e}, {p_logit:.2e}; max|logit| {max_logit:.1f}")
-    assert d_lp <= 4 * p_lp + 1e-5, (d_lp, p_lp)
-    assert d_logit <= 4 * p_logit + 1e-5, (d_logit, p_logit)
+    assert d_lp <= 8 * p_lp + 1e-5, (d_lp, p_lp)  # rounding only (see the KV-cache test)
+    assert d_logit <= 8 * p_logit + 1e-5, (d_logit, p_logit)
