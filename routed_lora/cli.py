@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        if getattr(args, "model", None):  # a registered pretrained name (smollm2-135m) -> its cached folder
+            from .pretrained import resolve_model
+
+            args.model = resolve_model(args.model)
         return int(args.func(args) or 0)
     except user_error_types() as exc:
         if debug:

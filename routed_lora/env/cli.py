@@ -116,7 +116,8 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("sft", help="warm-start the tiny model on scripted expert trajectories")
     s.add_argument("--world-dir", required=True, help="folder from `world build` (built there if missing)")
     s.add_argument("--out", required=True, help="where the fine-tuned model (HF folder) and metrics go")
-    s.add_argument("--model", default=None, help="model folder to start from (default: WORLD_DIR/model)")
+    s.add_argument("--model", default=None,
+                   help="model folder to start from, or smollm2-135m (default: WORLD_DIR/model)")
     s.add_argument("--steps", type=pos, default=300)
     s.add_argument("--batch-size", type=pos, default=32)
     s.add_argument("--lr", type=finite_float(0, low_open=True), default=3e-3)

@@ -149,8 +149,11 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, dtype=None):
-    """Load a causal LM and its tokenizer from a local folder (no network)."""
-    path = Path(path)
+    """Load a causal LM and its tokenizer from a local folder (no network), or a registered pretrained model by
+    name (``smollm2-135m``: :mod:`routed_lora.pretrained`)."""
+    from ..pretrained import resolve_model
+
+    path = Path(resolve_model(path))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); build one with `routed-lora world "
                                 f"build --out DIR` or `routed-lora sft`")

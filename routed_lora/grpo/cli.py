@@ -203,6 +203,10 @@ def _run(args) -> int:
     cfg = config_from_args(args)
     template = {"tiny": TINY_PROMPT, "search-r1": SEARCH_R1_PROMPT}.get(args.prompt, args.prompt)
     with for_flag("--prompt"):
+        if args.prompt == "chat" or args.prompt.startswith("chat:"):  # through the model's chat template
+            from routed_lora.chat import resolve_prompt
+
+            template = resolve_prompt(args.prompt, args.model)
         check_template(template)
     out = Path(args.out)
     _check_out(out, resume=args.resume, overwrite=args.overwrite)
@@ -291,7 +295,8 @@ def add_train_arguments(p) -> None:
     pos, nonneg, pos_f, nonneg_f = int_at_least(1), int_at_least(0), finite_float(0, low_open=True), finite_float(0)
     p.add_argument("--mode", choices=("dart", "joint", "base"), default=d.mode,
                    help="dart: two routed adapters; joint: one rank-2r adapter on every token; base: evaluate only")
-    p.add_argument("--model", required=True, help="local Hugging Face model folder (with its tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="local Hugging Face model folder (with its tokenizer), or smollm2-135m (docs/pretrained.md)")
     p.add_argument("--data", required=True,
                    help="training questions: JSONL or parquet with question, golden_answers (or veRL-style rows: "
                         "prompt, reward_model.ground_truth.target)")
@@ -305,7 +310,9 @@ def add_train_arguments(p) -> None:
                    help="with --resume: continue even if run-changing settings differ from the checkpoint's")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
     p.add_argument("--adapters", default=None, help="load adapters (our folder or PEFT's) before training / eval")
-    p.add_argument("--prompt", default="tiny", help="'tiny' (built-in world), 'search-r1', or a template with {question}")
+    p.add_argument("--prompt", default="tiny",
+                   help="'tiny' (built-in world), 'search-r1', a template with {question}, or 'chat', 'chat:tiny', "
+                        "'chat:TEMPLATE': that prompt through the model's chat template (routed_lora.chat)")
     p.add_argument("--limit", type=pos, default=None, help="use only the first N training questions")
     p.add_argument("--r", type=pos, default=d.r, help="LoRA rank per adapter (joint mode: 2r)")
     p.add_argument("--lora-alpha", type=pos_f, default=d.lora_alpha)

@@ -22,8 +22,9 @@ def load_model_and_tokenizer(path: str | Path, *, dtype=None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from routed_lora.env.tokenizer import load_causal_lm
+    from routed_lora.pretrained import resolve_model  # a registered name (smollm2-135m) -> its cached folder
 
-    path = Path(path)
+    path = Path(resolve_model(path))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
     cls = None
