@@ -21,8 +21,7 @@ there is no atomic mode any more.
 
 The call of each exact key (shapes, strides, dtypes, pointer alignment, switches) is built once and kept
 (``MAX_CACHED_CALLS`` per direction). The rest lives in the modules this one was split into; it re-exports
-their names, so the old import paths stay (and setting one here, as a test's ``monkeypatch`` does, sets it
-where it is read: :mod:`routed_lora._reexport`):
+their names, so the old import paths stay for reading (to patch a name, patch the module that reads it):
 
 - :mod:`.configs`: shipped tile configurations and the plan's constants;
 - :mod:`.switches`: ``set_variant``, ``pin_configs``, the interpreter's plan, and the ``CALLS`` counter;
@@ -39,9 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from routed_lora._reexport import write_through
 
-from . import compiled, configs, interpreter, plan, switches, tuning
+from . import compiled, configs, interpreter, plan, switches, tuning  # noqa: F401  (the pieces, as attributes)
 
 # Re-exported: the public names, and the private ones tests and benchmarks read or patch through this module.
 from .compiled import _Call, _device_tma, _Launch, _sm_count, tma_supported  # noqa: F401
@@ -281,5 +279,3 @@ def _new_backward(grad_y, x, weight, lora_A, lora_B, routes, h, scaling, compute
                                         compute_dx=bool(compute_dx), grad_y=grad_y))
     return _Counted(call, f"forward_{variant}", f"backward_{variant}")
 
-
-write_through(__name__, (configs, switches, plan, interpreter, tuning, compiled))

@@ -26,8 +26,8 @@
   :mod:`routed_lora.hub_kernels`.
 
 This module holds the patching API and the state it keeps on the model (``_State``); the hooks themselves live in
-:mod:`routed_lora.hf_hooks` (re-exported here, and setting one of their names here sets it there:
-:mod:`routed_lora._reexport`). Must not grow the hooks back: routing logic goes in ``hf_hooks``.
+:mod:`routed_lora.hf_hooks` (re-exported here for reading). Must not grow the hooks back: routing logic goes in
+``hf_hooks``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from . import hf_hooks
-from ._reexport import write_through
+from . import hf_hooks  # noqa: F401  (the pieces, as attributes)
 from .hf_hooks import (  # noqa: F401  (re-exported: the old import path of the routing hooks)
     _assign,
     _ckpt_pre_hook,
@@ -476,5 +475,3 @@ def set_adapter_lr(optimizer: torch.optim.Optimizer, lr: Mapping[str, float]):
     optimizer._routed_lora_lr_hooks = handles
     return handles
 
-
-write_through(__name__, (hf_hooks,))

@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("transformers")
 
 from routed_lora.grpo import trainer as T  # noqa: E402
+from routed_lora.grpo import update as U  # noqa: E402  (where grpo_update reads the patched names)
 from routed_lora.grpo.logprobs import routes_for, token_logprobs  # noqa: E402
 from test_grpo_update import _cfg, make_batch, make_model, tag_router  # noqa: E402
 
@@ -34,7 +35,7 @@ def test_no_grad_pass_equals_the_gradient_pass(monkeypatch, mode, temperature):
     assert torch.equal(a[m], b.detach()[m]), float((a - b.detach())[m].abs().max())
     # through the trainer: the old-policy pass runs for the first mini-batch too, so the metric compares it with
     # the first update forward
-    monkeypatch.setattr(T, "_FORCE_OLD_PASS", True)
+    monkeypatch.setattr(U, "_FORCE_OLD_PASS", True)
     cfg = _cfg(mode=mode, micro_batch_size=3, temperature=temperature)
     metrics = T.grpo_update(model, model, T.AdapterOptimizer(model, cfg.adapter_lrs()), batch, routes, cfg)
     assert metrics["first_update_max_abs_logratio"] == 0.0

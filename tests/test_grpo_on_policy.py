@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from routed_lora.grpo import trainer as T  # noqa: E402
+from routed_lora.grpo import update as U  # noqa: E402  (where grpo_update reads the patched names)
 from routed_lora.grpo.logprobs import routes_for  # noqa: E402
 from test_grpo_update import _cfg, make_batch, make_model, tag_router  # noqa: E402
 
@@ -24,7 +25,7 @@ def count_no_grad_passes(monkeypatch) -> dict:
             calls["no_grad"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "token_logprobs", counting)
+    monkeypatch.setattr(U, "token_logprobs", counting)
     return calls
 
 
@@ -35,7 +36,7 @@ def _run(monkeypatch, *, force: bool, mini_batches: int, epochs: int):
     cfg = _cfg(mini_batches=mini_batches, epochs=epochs, beta=0.0)
     opt = T.AdapterOptimizer(model, cfg.adapter_lrs())
     calls = count_no_grad_passes(monkeypatch)
-    monkeypatch.setattr(T, "_FORCE_OLD_PASS", force)  # force: the old pass for every mini-batch, as before
+    monkeypatch.setattr(U, "_FORCE_OLD_PASS", force)  # force: the old pass for every mini-batch, as before
     m = T.grpo_update(model, model, opt, batch, routes, cfg)
     monkeypatch.undo()
     return T.adapter_state(model), m, calls["no_grad"]

@@ -100,11 +100,11 @@ def _cfg(**kw):
 
 
 def test_first_update_ratio_exactly_one_and_only_lora_changes(monkeypatch):
-    from routed_lora.grpo import trainer as T
+    from routed_lora.grpo import update as U
 
     # the old-policy pass runs for the first mini-batch too: the metric then compares that no-grad pass with the
     # first update forward (skipped, as by default, it is |x - x| = 0 by construction; test_grpo_first_ratio.py)
-    monkeypatch.setattr(T, "_FORCE_OLD_PASS", True)
+    monkeypatch.setattr(U, "_FORCE_OLD_PASS", True)
     model = make_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = make_batch()
@@ -240,9 +240,9 @@ def test_per_adapter_learning_rates_are_exact():
 
 
 def test_joint_mode_routes_every_real_token_to_one_adapter(monkeypatch):
-    from routed_lora.grpo import trainer as T
+    from routed_lora.grpo import update as U
 
-    monkeypatch.setattr(T, "_FORCE_OLD_PASS", True)  # the metric below measures the no-grad pass (see above)
+    monkeypatch.setattr(U, "_FORCE_OLD_PASS", True)  # the metric below measures the no-grad pass (see above)
     model = make_model(adapters=("joint",), r=8)
     batch = make_batch()
     routes = routes_for(batch.input_ids, batch.attention_mask, joint_adapter=0)

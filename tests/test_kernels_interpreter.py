@@ -25,7 +25,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import routed_lora as rl  # noqa: E402
-from routed_lora.kernels import launch  # noqa: E402
+from routed_lora.kernels import compiled, launch, plan, tuning  # noqa: E402
 from routed_lora.reference import reference_backward, reference_forward  # noqa: E402
 
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
@@ -165,7 +165,7 @@ def test_looped_adapter_columns(monkeypatch):
     """E*r wider than the column tile: looped in the GEMM epilogue, split over the grid in shrink and grad_ab.
 
     (This test also covered the atomic mode, which is gone: the fixed-order reduction now costs no launch.)"""
-    monkeypatch.setattr(launch, "MAX_BLOCK_R", 16)
+    monkeypatch.setattr(plan, "MAX_BLOCK_R", 16)  # read where the plans are built
     launch.set_interpreter_plan()  # new key generation: the plans are rebuilt with the patched tile width
     run_case(Case(torch.float32, 40, 20, 19, 16, 3, "minus1"))
     run_case(Case(torch.bfloat16, 17, 18, 21, 8, 3, "random"))
@@ -305,7 +305,8 @@ def test_shared_memory_fallback_retries_smaller_configs(monkeypatch):
 
             return run
 
-    monkeypatch.setattr(launch, "_jit_or_interpreted", lambda name, interpret: FakeKernel())
+    for reader in (compiled, tuning):
+        monkeypatch.setattr(reader, "_jit_or_interpreted", lambda name, interpret: FakeKernel())
     cfg = launch.LINEAR_CONFIGS[0]
     meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     grid = lambda m: (m["BLOCK_M"],)  # noqa: E731
@@ -420,8 +421,9 @@ def test_autotuning_with_no_fitting_config_falls_back_to_fewer_stages(monkeypatc
 
             return run
 
-    monkeypatch.setattr(launch, "_autotuner", lambda name, interpret: Refusing())
-    monkeypatch.setattr(launch, "_jit_or_interpreted", lambda name, interpret: FakeKernel())
+    monkeypatch.setattr(compiled, "_autotuner", lambda name, interpret: Refusing())
+    for reader in (compiled, tuning):
+        monkeypatch.setattr(reader, "_jit_or_interpreted", lambda name, interpret: FakeKernel())
     tail = {"BLOCK_M": 0, "BLOCK_N": 0, "BLOCK_K": 0, "GROUP_M": 0}
     L = launch._Launch("linear_tma", True, tail, None, lambda m: (1,))
     L.run(L.g0, L.g1, L.g2, None, None, None, None, None, None, "arg", *L.tail)

@@ -53,7 +53,7 @@ The two systems alternate over chunks of questions with the same seed per chunk,
 machine's speed biases neither wall time.
 
 The pieces: :mod:`.variants` (the variants as routes, :class:`VariantRouter`) and :mod:`.two_agent` (the 2-Agent
-decoding loop); this module re-exports their names (setting one here sets it there: :mod:`routed_lora._reexport`)
+decoding loop); this module re-exports their names (for reading; patch a name where it is read)
 and keeps loading, scoring, cost metering, the comparison and the records. Must not grow the pieces back.
 """
 
@@ -68,9 +68,8 @@ from typing import Sequence
 
 import torch
 
-from routed_lora._reexport import write_through
 
-from . import two_agent, variants
+from . import two_agent, variants  # noqa: F401  (the pieces, as attributes)
 from .leas import VARIANTS
 from .two_agent import _single, two_agent_rollouts  # noqa: F401  (re-exported; tests patch two_agent_rollouts here)
 from .variants import VARIANT_ROUTES, VariantRouter, _VariantStream, variant_route_pair  # noqa: F401
@@ -492,5 +491,3 @@ def write_records(records: Sequence[dict], out_dir: str | Path) -> dict[str, Pat
         paths[v] = p
     return paths
 
-
-write_through(__name__, (variants, two_agent))

@@ -25,8 +25,8 @@ One training step:
 ``loss_on`` ("reasoning" / "tool", default "all") keeps the loss on one role's sampled tokens only
 (:func:`role_mask`): the role-masked RL of LEAS's M_Reas and M_Tool (DESIGN.md §5).
 
-The pieces, one module each (this one re-exports their names, so ``routed_lora.grpo.trainer.X`` keeps working,
-and setting one here, as a test's ``monkeypatch`` does, sets it where it is read: :mod:`routed_lora._reexport`):
+The pieces, one module each (this one re-exports their names, so ``routed_lora.grpo.trainer.X`` keeps working for
+reading; to patch a name, patch the module that reads it):
 
 - :mod:`.config`: :class:`GRPOConfig` and its checks;
 - :mod:`.rollout`: the rollout interface (:class:`RolloutEngine`, :class:`RolloutBatch`); :mod:`.hf_rollout`: the
@@ -50,9 +50,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from routed_lora._reexport import write_through
 
-from . import adapters, checkpoint, config, distributed, hf_rollout, policy, update
+from . import adapters, checkpoint, config, distributed, hf_rollout, policy, update  # noqa: F401  (the pieces, as attributes)
 from .adapters import (  # noqa: F401  (re-exported)
     AdapterOptimizer,
     _broadcast_adapters,
@@ -255,5 +254,3 @@ class Trainer:
             writer.write({"eval": "after", "step": self.step, **ev})
         return {"steps": self.step, "train_seconds": train_seconds, "last": last, "evals": evals}
 
-
-write_through(__name__, (config, adapters, distributed, update, checkpoint, hf_rollout, policy))
