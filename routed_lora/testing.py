@@ -98,18 +98,21 @@ def tiny_tokenizer(
     return fast
 
 
-def tiny_world(out, *, layers: int = 2, seed: int = 0):
+def tiny_world(out, *, layers: int = 2, seed: int = 0, kind: str = "default"):
     """A tiny built-in search world in folder ``out`` (30 people; corpus, train/test data, word-level tokenizer)
     with an untrained tiny Qwen2 (hidden 32, ``layers`` layers) in ``out/model``: what the trainer, study and
-    CLI tests run on. Returns ``out`` as a Path. Needs the ``hf`` extra."""
+    CLI tests run on. ``kind="conflict"``: the conflict world's languages (:mod:`routed_lora.env.conflict_world`).
+    Returns ``out`` as a Path. Needs the ``hf`` extra."""
     from pathlib import Path
 
+    from routed_lora.env.conflict_world import build_conflict_world
     from routed_lora.env.tokenizer import build_tiny_model, build_tokenizer
     from routed_lora.env.trajectories import vocab_texts
     from routed_lora.env.world import build_world, write_world
 
     out = Path(out)
-    world = build_world(seed=seed, n_first=6, n_last=6, n_people=30, n_countries=3, n_cities=6, n_companies=5)
+    build = build_conflict_world if kind == "conflict" else build_world
+    world = build(seed=seed, n_first=6, n_last=6, n_people=30, n_countries=3, n_cities=6, n_companies=5)
     write_world(world, out)
     tok = build_tokenizer(vocab_texts(world))
     build_tiny_model(tok, hidden=32, layers=layers, heads=2, kv_heads=1, intermediate=64, seed=seed,

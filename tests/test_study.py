@@ -32,7 +32,7 @@ def test_study_runs_resumes_and_reports(tiny_world, tmp_path, one_thread):
     out = tmp_path / "study"
     logs = []
     a = run_study(out, _cfg(), world=tiny_world, threads=1, progress=False, log=logs.append)
-    assert set(a["arms"]) == {"warm", "dart", "joint", "sft"}
+    assert set(a["arms"]) == {"warm", "dart", "joint", "sft", "two_agent"}
     meta = json.loads((out / "study.json").read_text())
     assert meta["primary"]["comparison"] == ["dart", "joint"] and "2-hop" in meta["primary"]["metric"]
     recs = [json.loads(x) for x in (out / "arms" / "dart" / "seed1" / "per_question.jsonl").read_text().splitlines()]
@@ -45,6 +45,24 @@ def test_study_runs_resumes_and_reports(tiny_world, tmp_path, one_thread):
     assert len(prim) == 1 and prim[0]["hop"] == "2hop" and prim[0]["seeds"] == [0, 1]
     report = (out / "report.md").read_text()
     assert "Primary result" in report and "DART - joint" in report and (out / "em.png").exists()
+    # the controls: every arm also with retrieval held constant, the dart arm also as the 2-Agent system
+    for arm in ("warm", "dart", "joint", "sft"):
+        gold = (out / "arms" / arm / "seed0" / "per_question_gold.jsonl").read_text().splitlines()
+        assert len(gold) == 8
+    two = [json.loads(x) for x in (out / "arms" / "dart" / "seed1" / "per_question_two_agent.jsonl").read_text()
+           .splitlines()]
+    assert [r["id"] for r in two] == [r["id"] for r in recs]
+    r1 = json.loads((out / "arms" / "dart" / "seed1" / "result.json").read_text())
+    # the DART system inside the 2-Agent comparison decodes exactly as the arm's own greedy evaluation
+    assert r1["eval_two_agent"]["dart_records_agree"] == r1["eval_two_agent"]["dart_records"] == 8
+    assert "two_agent" in a["arms"] and any(t["b"] == "two_agent" for t in a["tests"])
+    assert set(a["held_constant"]["arms"]) == {"warm", "dart", "joint", "sft"} and a["held_constant"]["tests"]
+    assert "With retrieval held constant" in report
+
+    # a finished arm without its controls (finished before they existed) gets them from its saved adapters
+    gold_file = out / "arms" / "joint" / "seed0" / "per_question_gold.jsonl"
+    gold_before = gold_file.read_text()
+    gold_file.unlink()
 
     # resume: finished arms are kept as they are
     stamp = (out / "arms" / "joint" / "seed0" / "result.json").read_text()
@@ -52,7 +70,11 @@ def test_study_runs_resumes_and_reports(tiny_world, tmp_path, one_thread):
     shutil_rm.unlink()  # an arm that did not finish
     logs.clear()
     run_study(out, _cfg(), world=tiny_world, threads=1, progress=False, log=logs.append)
-    assert (out / "arms" / "joint" / "seed0" / "result.json").read_text() == stamp
+    assert gold_file.read_text() == gold_before
+    res = json.loads((out / "arms" / "joint" / "seed0" / "result.json").read_text())
+    assert {k: v for k, v in res.items() if k != "eval_gold"} == \
+        {k: v for k, v in json.loads(stamp).items() if k != "eval_gold"}
+    assert any("joint/seed0: controls added" in x for x in logs)
     kept = [x for x in logs if "done before, kept" in x]
     assert len(kept) == 6 and not any("sft/seed1" in x for x in kept)
     assert (out / "arms" / "sft" / "seed1" / "result.json").exists()
@@ -80,6 +102,39 @@ def test_bad_settings_are_refused(kw, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         run_study(tmp_path / "s", _cfg(**kw), world=tmp_path, progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_changed_primary_metric_is_refused(tmp_path, tiny_world):
+    """The primary metric is pre-registered in study.json: a study folder whose saved primary differs from the
+    one this version asks is refused before anything trains."""
+    from routed_lora.study.design import PRIMARY
+
+    out = tmp_path / "s"
+    out.mkdir()
+    cfg = _cfg()
+    changed = {**PRIMARY, "metric": "held-out greedy EM, 1-hop questions"}
+    (out / "study.json").write_text(json.dumps({"primary": changed, "config": cfg.to_dict()}))
+    with pytest.raises(ValueError, match="pre-registered the primary metric"):
+        run_study(out, cfg, world=tiny_world, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["study.json"]
+    # a world of another kind than the settings name: refused too, before training
+    with pytest.raises(ValueError, match="a 'default' world, but the study's world kind is 'conflict'"):
+        run_study(tmp_path / "s2", _cfg(world_kind="conflict"), world=tiny_world, progress=False)
+    assert not (tmp_path / "s2" / "warm_start").exists()
+
+
+def test_settings_added_later_read_as_their_old_default(tmp_path, tiny_world):
+    """A study.json written before ``world_kind`` existed resumes with world_kind 'default' and is refused with
+    'conflict'."""
+    from routed_lora.study.design import PRIMARY
+
+    out = tmp_path / "s"
+    out.mkdir()
+    old = _cfg().to_dict()
+    old.pop("world_kind")
+    (out / "study.json").write_text(json.dumps({"primary": PRIMARY, "config": old}))
+    with pytest.raises(ValueError, match="world_kind: saved 'default', asked 'conflict'"):
+        run_study(out, _cfg(world_kind="conflict"), world=tiny_world, progress=False)
 
 
 def test_empty_evaluation_set_is_refused_before_training(tiny_world, tmp_path):

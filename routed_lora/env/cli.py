@@ -12,22 +12,31 @@ from routed_lora.argtypes import finite_float, int_at_least, int_in
 from routed_lora.errors import UsageError, for_flag
 
 
+WORLD_KINDS = ("default", "conflict")
+
+
 def build_default_world(out: str | Path, *, seed: int = 0, hidden: int = 128, layers: int = 2,
-                        intermediate: int = 512, people: int = 400) -> dict:
+                        intermediate: int = 512, people: int = 400, kind: str = "default") -> dict:
     """Generate the world under ``out`` (corpus / train / test JSONL) and a randomly initialised tiny model with
-    its word-level tokenizer under ``out/model``. Returns the paths and sizes."""
+    its word-level tokenizer under ``out/model``. Returns the paths and sizes.
+
+    ``kind``: ``"default"`` (:mod:`.world`, the demo's) or ``"conflict"`` (:mod:`.conflict_world`: queries in
+    codes, thoughts and answers in natural names)."""
+    from .conflict_world import build_conflict_world
     from .tokenizer import build_tiny_model, build_tokenizer
     from .trajectories import vocab_texts
     from .world import build_world, write_world
 
+    if kind not in WORLD_KINDS:
+        raise ValueError(f"kind: expected one of {WORLD_KINDS}, got {kind!r}")
     out = Path(out)
-    world = build_world(seed=seed, n_people=people)
+    world = (build_conflict_world if kind == "conflict" else build_world)(seed=seed, n_people=people)
     paths = write_world(world, out)
     tok = build_tokenizer(vocab_texts(world))
     model = build_tiny_model(tok, hidden=hidden, layers=layers, intermediate=intermediate, seed=seed,
                              out_dir=out / "model")
     return {
-        "world_dir": str(out), "corpus": str(paths["corpus"]), "train": str(paths["train"]),
+        "world_dir": str(out), "kind": kind, "corpus": str(paths["corpus"]), "train": str(paths["train"]),
         "test": str(paths["test"]), "model": str(out / "model"), "passages": len(world.passages),
         "train_questions": len(world.train), "test_questions": len(world.test), "vocab": len(tok),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -44,7 +53,7 @@ def _out_folder(flag: str, path) -> Path:
 def _world_build(args) -> int:
     _out_folder("--out", args.out)
     info = build_default_world(args.out, seed=args.seed, hidden=args.hidden, layers=args.layers,
-                               people=args.people)
+                               people=args.people, kind=args.kind)
     print(json.dumps(info, indent=1))
     return 0
 
@@ -93,6 +102,9 @@ def register(subparsers) -> None:
     wb.add_argument("--out", required=True, help="output folder")
     wb.add_argument("--seed", type=nonneg, default=0)
     wb.add_argument("--people", type=int_in(1, 576), default=400, help="people in the world (at most 24 x 24 names)")
+    wb.add_argument("--kind", choices=WORLD_KINDS, default="default",
+                    help="default: the demo's world; conflict: queries in codes, thoughts and answers in natural "
+                         "names (docs/study.md, issue 21)")
     wb.add_argument("--hidden", type=pos, default=128)
     wb.add_argument("--layers", type=pos, default=2)
     wb.set_defaults(func=_world_build)

@@ -89,7 +89,13 @@ def append_search_results(
     sequence stays within ``max_length``, and counted as a tool call. Returns the tokens appended per search."""
     if not searches:
         return []
-    results = retriever.search([q for _, q in searches], topk=topk)
+    if hasattr(retriever, "search_rollouts"):
+        # a retriever that answers per rollout (retrieval held constant, routed_lora.env.held_constant) needs to
+        # know which rollout asks and how many searches it has made before
+        results = retriever.search_rollouts([i for i, _ in searches], [q for _, q in searches],
+                                            [rolls[i].num_tool_calls for i, _ in searches], topk=topk)
+    else:
+        results = retriever.search([q for _, q in searches], topk=topk)
     added = []
     for (i, _q), docs in zip(searches, results):
         ro = rolls[i]

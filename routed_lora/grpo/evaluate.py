@@ -69,7 +69,9 @@ def evaluate_em(
         for s in range(0, len(expanded), batch_size):
             idx = expanded[s: s + batch_size]
             prompts = [make_prompt(rows[i]["question"], template) for i in idx]
-            rolls = generate_rollouts(model, tokenizer, prompts, retriever, max_turns=max_turns,
+            # a retriever that answers per question (retrieval held constant) is told each batch's rows
+            rt = retriever.bind([rows[i] for i in idx]) if hasattr(retriever, "bind") else retriever
+            rolls = generate_rollouts(model, tokenizer, prompts, rt, max_turns=max_turns,
                                       max_new_tokens=max_new_tokens, max_length=max_length, topk=topk,
                                       do_sample=do_sample, temperature=temperature)
             for i, ro in zip(idx, rolls):

@@ -11,6 +11,8 @@ def _run(args) -> int:
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
+    if args.world_kind is not None:
+        kw["world_kind"] = args.world_kind
     if args.arms:
         kw["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     cfg = StudyConfig(**kw).check()
@@ -27,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"the quick study ({', '.join(f'{k}={v}' for k, v in QUICK.items())})")
     p.add_argument("--world", default=None, help="an existing world folder (default: build one under --out)")
+    p.add_argument("--world-kind", dest="world_kind", choices=("default", "conflict"), default=None,
+                   help="world built under --out: default (the demo's) or conflict (queries in codes, answers in "
+                        "names; docs/study.md)")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds per trained arm (default {d.seeds})")
     p.add_argument("--steps", type=int, default=None, help=f"steps per trained arm (default {d.steps})")
     p.add_argument("--eval-n", dest="eval_n", type=int, default=None,

@@ -61,6 +61,7 @@ class StudyConfig:
     two_hop_frac: float = 0.03
     people: int = 400
     world_seed: int = 0
+    world_kind: str = "default"  # "conflict": routed_lora.env.conflict_world (issue 21)
     arms: tuple = ARMS
 
     def check(self) -> "StudyConfig":
@@ -72,6 +73,8 @@ class StudyConfig:
             raise ValueError(f"eval_n: expected >= 2 held-out questions (1-hop and 2-hop), got {self.eval_n}")
         if self.group_size < 2:
             raise ValueError(f"group_size: GRPO needs at least 2 rollouts per question, got {self.group_size}")
+        if self.world_kind not in ("default", "conflict"):
+            raise ValueError(f"world_kind: expected 'default' or 'conflict', got {self.world_kind!r}")
         bad = [a for a in self.arms if a not in ARMS]
         if bad or not self.arms:
             raise ValueError(f"arms: expected a non-empty subset of {ARMS}, got {list(self.arms)}")
@@ -121,8 +124,16 @@ def _check_existing(out: Path, cfg: StudyConfig) -> None:
     mode, rank and alpha. Raises ValueError before anything trains."""
     meta = out / "study.json"
     if meta.exists():
-        old = json.loads(meta.read_text())["config"]
+        saved = json.loads(meta.read_text())
+        # the pre-registered primary metric may never change under a study's results
+        if saved.get("primary") != PRIMARY:
+            raise ValueError(f"--out {out}: study.json pre-registered the primary metric {saved.get('primary')!r}; "
+                             f"this version of the study asks {PRIMARY!r}. A primary metric is fixed before the "
+                             "run: use another --out")
+        old = saved["config"]
         new = cfg.to_dict()
+        # settings added after a study was written: their value then is the default of that time
+        old = {**_ADDED_SETTINGS, **old}
         diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
         if diff:
             what = ", ".join(f"{k}: saved {a!r}, asked {b!r}" for k, (a, b) in diff.items())
@@ -132,6 +143,9 @@ def _check_existing(out: Path, cfg: StudyConfig) -> None:
         d = out / "arms" / spec.arm / f"seed{spec.seed}"
         if (d / "result.json").exists():
             check_adapters(d / "adapters", spec)
+
+
+_ADDED_SETTINGS = {"world_kind": "default"}
 
 
 def check_adapters(path: Path, spec: ArmSpec) -> None:
@@ -149,6 +163,15 @@ def check_adapters(path: Path, spec: ArmSpec) -> None:
     if got != want:
         raise ValueError(f"{spec.key}: adapters at {path} are (adapters, r, lora_alpha) = {got}, expected {want} "
                          f"(mode {spec.mode!r}); delete {path.parent} to redo the arm")
+
+
+def _check_world_kind(world_dir: Path, cfg: StudyConfig) -> None:
+    """The world folder is of the kind the settings name (``world.json``'s ``kind``; absent: the default)."""
+    meta = world_dir / "world.json"
+    kind = json.loads(meta.read_text()).get("kind", "default") if meta.exists() else "default"
+    if kind != cfg.world_kind:
+        raise ValueError(f"--world {world_dir}: a {kind!r} world, but the study's world kind is {cfg.world_kind!r} "
+                         f"(--world-kind {kind} to study it)")
 
 
 def eval_rows_for(world_dir: Path, n: int) -> list[dict]:
@@ -211,6 +234,8 @@ def run_arm(spec: ArmSpec, cfg: StudyConfig, *, warm_dir: Path, world_dir: Path,
     from routed_lora.env.retriever import BM25Retriever
     from routed_lora.grpo.trainer import Trainer, build_policy, load_model_and_tokenizer
 
+    from .controls import run_controls
+
     if out.exists():
         shutil.rmtree(out)  # an unfinished arm: start it again
     out.mkdir(parents=True)
@@ -240,10 +265,13 @@ def run_arm(spec: ArmSpec, cfg: StudyConfig, *, warm_dir: Path, world_dir: Path,
     _write_jsonl(out / "per_question.jsonl", records)
     if spec.mode != "none":
         rl.save_adapters(model, out / "adapters")
+    # the controls (retrieval held constant; the 2-Agent baseline of the dart arm): .controls
+    controls = run_controls(spec, cfg, model, tok, eval_rows, retriever, warm_dir=warm_dir, arm_dir=out,
+                            own_records=records)
     result = {"arm": spec.arm, "seed": spec.seed, "mode": spec.mode, "r": spec.r, "lora_alpha": spec.lora_alpha,
               "trainable_parameters": 0 if spec.mode == "none" else
               sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "train": train, "train_seconds": t_train, "eval": ev, "finished": time.time()}
+              "train": train, "train_seconds": t_train, "eval": ev, **controls, "finished": time.time()}
     _write_json(out / "result.json", result)
     return result
 
@@ -294,6 +322,7 @@ def run_study(out: str | Path, cfg: StudyConfig, *, world: str | Path | None = N
     from routed_lora.demo import warm_start
     from routed_lora.env.cli import build_default_world
 
+    from .controls import ensure_controls
     from .report import analyse, write_report
 
     cfg.check()
@@ -304,9 +333,10 @@ def run_study(out: str | Path, cfg: StudyConfig, *, world: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     world_dir = Path(world) if world else out / "world"
     if world is None and not (world_dir / "model" / "config.json").exists():
-        build_default_world(world_dir, seed=cfg.world_seed, people=cfg.people)
+        build_default_world(world_dir, seed=cfg.world_seed, people=cfg.people, kind=cfg.world_kind)
     if world is not None and not (world_dir / "corpus.jsonl").exists():
         raise FileNotFoundError(f"--world {world_dir}: no corpus.jsonl (a folder from `routed-lora world build`)")
+    _check_world_kind(world_dir, cfg)
     eval_rows = eval_rows_for(world_dir, cfg.eval_n)
     if not (out / "study.json").exists():  # the primary metric, fixed before any arm runs
         _write_json(out / "study.json", {"primary": PRIMARY, "config": cfg.to_dict(), "created": time.time(),
@@ -328,8 +358,10 @@ def run_study(out: str | Path, cfg: StudyConfig, *, world: str | Path | None = N
     for spec in arm_specs(cfg):
         d = out / "arms" / spec.arm / f"seed{spec.seed}"
         if (d / "result.json").exists():
-            results[spec.key] = json.loads((d / "result.json").read_text())
             log(f"[study] {spec.key}: done before, kept")
+            # an arm that finished before the controls existed gets them from its saved adapters
+            ensure_controls(spec, cfg, arm_dir=d, warm_dir=warm_dir, world_dir=world_dir, rows=eval_rows, log=log)
+            results[spec.key] = json.loads((d / "result.json").read_text())
             continue
         t = time.perf_counter()
         results[spec.key] = run_arm(spec, cfg, warm_dir=warm_dir, world_dir=world_dir, eval_rows=eval_rows,
