@@ -145,7 +145,7 @@ def _check_existing(out: Path, cfg: StudyConfig) -> None:
             check_adapters(d / "adapters", spec)
 
 
-_ADDED_SETTINGS = {"world_kind": "default"}
+_ADDED_SETTINGS = {"world_kind": "default", "model": None}
 
 
 def check_adapters(path: Path, spec: ArmSpec) -> None:
