@@ -24,25 +24,28 @@ from pathlib import Path
 FILES = {"gold": "per_question_gold.jsonl", "two_agent": "per_question_two_agent.jsonl"}
 
 
-def held_constant_eval(model, tok, rows, retriever, cfg) -> tuple[dict, list]:
-    """Greedy EM of ``model`` on ``rows`` with retrieval held constant; returns (summary, per-question records)."""
+def held_constant_eval(model, tok, rows, retriever, cfg, prompt_template: str | None = None) -> tuple[dict, list]:
+    """Greedy EM of ``model`` on ``rows`` with retrieval held constant; returns (summary, per-question records).
+    ``prompt_template``: the arm's prompt (a pretrained model's chat template; None: the plain one)."""
     from routed_lora.env.held_constant import HeldConstantRetriever
     from routed_lora.grpo.evaluate import evaluate_em
 
     records: list = []
     ev = evaluate_em(model, tok, rows, HeldConstantRetriever(retriever), samples=0, greedy=True,
-                     max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk, records=records)
+                     max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk, records=records,
+                     prompt_template=prompt_template)
     return ev, records
 
 
-def two_agent_eval(warm_dir: Path, adapters: Path, rows, retriever, cfg, own_records: list | None = None
-                   ) -> tuple[dict, list]:
+def two_agent_eval(warm_dir: Path, adapters: Path, rows, retriever, cfg, own_records: list | None = None,
+                   prompt_template: str | None = None) -> tuple[dict, list]:
     """Greedy EM of the 2-Agent system built from a DART arm's saved ``adapters`` on ``rows``; returns (summary,
     per-question records in the arm's record format)."""
     from routed_lora.diagnostics.evaluate import compare_two_agent
 
     recs, cost = compare_two_agent(warm_dir, adapters, {"test": rows}, retriever, samples=0, greedy=True,
-                                   max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk)
+                                   max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
+                                   prompt_template=prompt_template)
     by = {}
     for r in recs:
         by.setdefault(r["variant"], {})[r["id"]] = r
@@ -71,15 +74,16 @@ def write_jsonl(path: Path, rows) -> None:
 
 
 def run_controls(spec, cfg, model, tok, rows, retriever, *, warm_dir: Path, arm_dir: Path,
-                 own_records: list | None = None) -> dict:
+                 own_records: list | None = None, prompt_template: str | None = None) -> dict:
     """Both controls for one arm whose model (``model``, adapters saved under ``arm_dir/adapters``) is live.
     Writes the per-question files; returns the ``result.json`` entries."""
     out = {}
-    ev, recs = held_constant_eval(model, tok, rows, retriever, cfg)
+    ev, recs = held_constant_eval(model, tok, rows, retriever, cfg, prompt_template)
     write_jsonl(arm_dir / FILES["gold"], recs)
     out["eval_gold"] = ev
     if spec.arm == "dart":
-        ev2, recs2 = two_agent_eval(warm_dir, arm_dir / "adapters", rows, retriever, cfg, own_records)
+        ev2, recs2 = two_agent_eval(warm_dir, arm_dir / "adapters", rows, retriever, cfg, own_records,
+                                    prompt_template)
         write_jsonl(arm_dir / FILES["two_agent"], recs2)
         out["eval_two_agent"] = ev2
     return out
