@@ -19,6 +19,13 @@ How veRL 0.9.1 drives vLLM with LoRA, and what changes here:
    async scheduling off and keeps vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): the plugin's
    supported configuration (docs/vllm.md, "GPU").
 
+4. Loading from tensors. veRL's own loader for ``TensorLoRARequest`` (``VLLMHijack``, installed on
+   ``LRUCacheWorkerLoRAManager._load_adapter`` by veRL's extension) calls ``WeightsMapper.get_unstacked_mapper``,
+   which vLLM 0.32 does not have (``AttributeError``: every LoRA load fails, veRL's own single LoRA included).
+   :class:`RoutedLoRAWorkerExtension` therefore puts :func:`_load_adapter` there instead: a tensor request is
+   written as a PEFT folder to a RAM disk and loaded by vLLM's own ``WorkerLoRAManager._load_adapter``; other
+   requests go to vLLM's loader directly.
+
 Prefix caching stays exact: routes are a causal function of the tokens, and veRL resets the prefix cache after
 every weight sync (``clear_kv_cache`` / ``wake_up``).
 """
@@ -27,11 +34,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 from verl.utils.vllm import TensorLoRARequest
 from verl.workers.rollout.vllm_rollout.utils import VLLM_LORA_INT_ID, vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 from vllm.lora.request import LoRARequest
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
 from .verl_sync import is_routed_config, split_payload
 from .vllm.plugin import ROUTED_PREFIX, RoutedSpec, register as register_vllm_plugin
@@ -69,6 +79,32 @@ def _spec_key(lr) -> tuple:
     return (lr.lora_name, lr.lora_int_id, lr.lora_path)  # the plugin's RoutedSpec cache key
 
 
+_vllm_load_adapter = WorkerLoRAManager._load_adapter  # vLLM's own loader (veRL replaces the LRU subclass's)
+
+
+def _load_adapter(self, lora_request):
+    """``LRUCacheWorkerLoRAManager._load_adapter`` in workers with our extension (module doc, 4): a
+    ``TensorLoRARequest`` is written as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+    to /dev/shm and loaded by vLLM's own loader, which reads it completely; the folder is removed afterwards."""
+    tensors = getattr(lora_request, "lora_tensors", None)
+    if tensors is None:
+        return _vllm_load_adapter(self, lora_request)
+    from safetensors.torch import save_file
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    folder = tempfile.mkdtemp(prefix="routed-lora-verl-", dir=base)
+    try:
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(lora_request.peft_config, f)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  os.path.join(folder, "adapter_model.safetensors"))
+        plain = LoRARequest(lora_name=lora_request.lora_name, lora_int_id=lora_request.lora_int_id,
+                            lora_path=folder)
+        return _vllm_load_adapter(self, plain)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class RoutedLoRAWorkerExtension(vLLMColocateWorkerExtension):
     """veRL's vLLM worker extension, with routed adapter sets loaded one adapter per LoRA slot (module doc)."""
 
@@ -76,7 +112,9 @@ class RoutedLoRAWorkerExtension(vLLMColocateWorkerExtension):
         # the plugin patches this worker's input batch and LoRA ops; idempotent, and a no-op when vLLM already
         # loaded it from the entry point
         register_vllm_plugin()
-        return super().__new__(cls, **kwargs)
+        instance = super().__new__(cls, **kwargs)  # installs veRL's loader hijack ...
+        LRUCacheWorkerLoRAManager._load_adapter = _load_adapter  # ... which fails on vLLM 0.32 (module doc, 4)
+        return instance
 
     def _update_weights(self, weights, peft_config, base_sync_done):
         if peft_config and base_sync_done and is_routed_config(peft_config):
