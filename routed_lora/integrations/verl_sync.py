@@ -12,10 +12,12 @@ carries all of them, each under its own name prefix, and the config says so:
             :func:`routed_lora.adapter_io.adapter_payload` / ``save_adapters`` write it) plus
             ``config["routed_lora"] = {"version", "adapters", "model_adapters", "router"}``
 
-Below the prefix the names are exactly PEFT's (what ``save_adapters`` writes into each adapter folder). A vLLM
-worker without our extension (:class:`routed_lora.integrations.verl_rollout.RoutedLoRAWorkerExtension`) fails
-loudly on these names instead of serving a mix of two adapters as one. :func:`split_payload` is the receiving
-side: it checks the stream and returns each adapter's tensors and the plain PEFT config.
+Below the prefix the names are exactly PEFT's (what ``save_adapters`` writes into each adapter folder).
+:func:`split_payload` is the receiving side (:class:`routed_lora.integrations.verl_vllm.RoutedLoRAWorkerExtension`):
+it checks the stream and returns each adapter's tensors and the plain PEFT config. Not guarded: veRL's plain
+``rollout.name=vllm`` worker loads the whole stream as one LoRA; with veRL 0.9.1 on vLLM 0.32 its loader fails
+anyway (docs/backends.md), but vLLM's own loader accepts the prefixed names (checked: no error) and they match no
+module, i.e. a rollout without adapters. ``check_rollout`` is the guard to call on the config.
 
 Base weights (``base_sync_done=False``, veRL's first sync when vLLM started from dummy weights): the backbone's
 own Hugging Face names and tensors, the routed layers' ``lora_A`` / ``lora_B`` left out (:func:`base_tensors`).
