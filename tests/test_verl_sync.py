@@ -1,5 +1,5 @@
 """The weight-sync payload of the veRL engine (routed_lora/integrations/verl_sync.py; no veRL or vLLM needed):
-every adapter's tensors under routed_lora/<adapter>/ + the PEFT names save_adapters writes, one PEFT config
+every adapter's tensors under the PEFT names save_adapters writes + @routed_lora/<adapter>, one PEFT config
 listing the adapters and the router; the receiving side splits it back exactly and refuses incomplete or foreign
 streams; the base stream is the backbone's state dict without the LoRA tensors."""
 
@@ -57,13 +57,15 @@ def test_split_refuses_incomplete_and_foreign_streams(routed):
     with pytest.raises(vs.SyncPayloadError, match="peft_config: expected a dict with a 'routed_lora' entry"):
         vs.split_payload(named, {k: v for k, v in cfg.items() if k != vs.ROUTED_KEY})
     with pytest.raises(vs.SyncPayloadError, match="adapter 'tool': 1 tensors, 'reasoning' has"):
-        vs.split_payload([x for x in named if not x[0].startswith("routed_lora/tool/")] + named[-1:], cfg)
+        vs.split_payload([x for x in named if not x[0].endswith("@routed_lora/tool")] + named[-1:], cfg)
     with pytest.raises(vs.SyncPayloadError, match="adapter 'tool': no tensors"):
-        vs.split_payload([x for x in named if not x[0].startswith("routed_lora/tool/")], cfg)
-    with pytest.raises(vs.SyncPayloadError, match="expected a name routed_lora/<adapter>/"):
+        vs.split_payload([x for x in named if not x[0].endswith("@routed_lora/tool")], cfg)
+    with pytest.raises(vs.SyncPayloadError, match="expected a name base_model.model...@routed_lora/<adapter>"):
         vs.split_payload([("base_model.model.x.lora_A.weight", torch.zeros(1))], cfg)
     with pytest.raises(vs.SyncPayloadError, match="adapter 'other' is not among"):
-        vs.split_payload([("routed_lora/other/base_model.model.x.lora_A.weight", torch.zeros(1))], cfg)
+        vs.split_payload([("base_model.model.x.lora_A.weight@routed_lora/other", torch.zeros(1))], cfg)
+    with pytest.raises(vs.SyncPayloadError, match="expected base_model.model.<module>.lora_A/B.weight before"):
+        vs.split_payload([("model.x.weight@routed_lora/tool", torch.zeros(1))], cfg)
     bad = dict(cfg, routed_lora=dict(cfg[vs.ROUTED_KEY], version=99))
     with pytest.raises(vs.SyncPayloadError, match="'version'\\]: expected 1, got 99"):
         vs.split_payload(named, bad)

@@ -228,6 +228,25 @@ def test_list_loras_and_request_swap(env):
         c.generate("p", "s", "r", verl_request)
 
 
+def test_verl_plain_worker_refuses_the_routed_stream(env):
+    """veRL's own update path (rollout.name=vllm: the whole stream as one TensorLoRARequest) must not serve the
+    routed stream as one LoRA: vLLM refuses the suffixed names (with a prefix it loaded them silently)."""
+    from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+
+    named, cfg = env["eng"].get_per_tensor_param(layered_summon=False, base_sync_done=True)
+
+    def plain(worker):
+        try:
+            vLLMColocateWorkerExtension._update_weights(worker, named, cfg, True)
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    err = env["llm"].collective_rpc(plain)[0]
+    print(f"\nveRL's own worker on the routed stream: {str(err)[:200]}")
+    assert err is not None and "unsupported LoRA weight" in err, err
+
+
 def test_too_few_lora_slots_is_a_clear_error(env):
     from routed_lora.integrations.verl_vllm import RoutedLoRAWorkerExtension
 

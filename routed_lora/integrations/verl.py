@@ -20,7 +20,7 @@ engine runs veRL's ``fsdp`` / ``fsdp2`` code paths). It
   backbone;
 - syncs its weights to veRL's vLLM rollout (``get_per_tensor_param``, module
   :mod:`routed_lora.integrations.verl_sync`): with ``base_sync_done=True`` every adapter's LoRA tensors under
-  ``routed_lora/<adapter>/`` + PEFT names and one PEFT config that lists the adapters and the router; with
+  PEFT names + ``@routed_lora/<adapter>`` and one PEFT config that lists the adapters and the router; with
   ``base_sync_done=False`` the backbone's weights. vLLM serves one LoRA per request, so the rollout must be
   ``rollout.name=routed_vllm`` (:mod:`routed_lora.integrations.verl_rollout`: veRL's vLLM server with our worker
   extension, which loads each adapter into its own LoRA slot, and our vLLM plugin, which picks the slot per

@@ -6,18 +6,20 @@ shared memory) to each vLLM worker, and the worker turns the whole stream into *
 (veRL's fixed LoRA id 123) that every generate call then names. A routed model has E adapters, so the stream
 carries all of them, each under its own name prefix, and the config says so:
 
-    names   routed_lora/<adapter>/base_model.model.<module>.lora_A.weight   (r, in)
-            routed_lora/<adapter>/base_model.model.<module>.lora_B.weight   (out, r)
+    names   base_model.model.<module>.lora_A.weight@routed_lora/<adapter>   (r, in)
+            base_model.model.<module>.lora_B.weight@routed_lora/<adapter>   (out, r)
     config  the PEFT LoRA config of every adapter (they share r, lora_alpha, target_modules; as
             :func:`routed_lora.adapter_io.adapter_payload` / ``save_adapters`` write it) plus
             ``config["routed_lora"] = {"version", "adapters", "model_adapters", "router"}``
 
-Below the prefix the names are exactly PEFT's (what ``save_adapters`` writes into each adapter folder).
-:func:`split_payload` is the receiving side (:class:`routed_lora.integrations.verl_vllm.RoutedLoRAWorkerExtension`):
-it checks the stream and returns each adapter's tensors and the plain PEFT config. Not guarded: veRL's plain
-``rollout.name=vllm`` worker loads the whole stream as one LoRA; with veRL 0.9.1 on vLLM 0.32 its loader fails
-anyway (docs/backends.md), but vLLM's own loader accepts the prefixed names (checked: no error) and they match no
-module, i.e. a rollout without adapters. ``check_rollout`` is the guard to call on the config.
+Before the ``@`` the names are exactly PEFT's (what ``save_adapters`` writes into each adapter folder); the
+adapter tag is a *suffix* on purpose: vLLM parses every LoRA tensor name and accepts only names ending in
+``.weight`` (or ``lora_embedding_A/B``), so veRL's plain ``rollout.name=vllm`` worker, which would load the whole
+stream as one LoRA, fails with ``ValueError: ... is unsupported LoRA weight`` instead of serving a rollout without
+(or with mixed) adapters. A prefix is not enough: vLLM accepts ``routed_lora/<adapter>/base_model...`` silently
+as modules that match nothing (checked with vLLM 0.32). :func:`split_payload` is the receiving side
+(:class:`routed_lora.integrations.verl_vllm.RoutedLoRAWorkerExtension`): it checks the stream and returns each
+adapter's tensors and the plain PEFT config.
 
 Base weights (``base_sync_done=False``, veRL's first sync when vLLM started from dummy weights): the backbone's
 own Hugging Face names and tensors, the routed layers' ``lora_A`` / ``lora_B`` left out (:func:`base_tensors`).
@@ -30,11 +32,11 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["ROUTED_KEY", "NAME_PREFIX", "lora_payload", "split_payload", "is_routed_config", "base_tensors",
+__all__ = ["ROUTED_KEY", "NAME_SUFFIX", "lora_payload", "split_payload", "is_routed_config", "base_tensors",
            "SyncPayloadError"]
 
 ROUTED_KEY = "routed_lora"
-NAME_PREFIX = "routed_lora/"
+NAME_SUFFIX = "@routed_lora/"  # name = <PEFT name> + NAME_SUFFIX + <adapter>
 PAYLOAD_VERSION = 1
 
 
@@ -66,7 +68,7 @@ def lora_payload(model: nn.Module, router=None) -> tuple[list[tuple[str, torch.T
     config = dict(config)
     config[ROUTED_KEY] = {"version": PAYLOAD_VERSION, "adapters": list(manifest["adapters"]),
                           "model_adapters": list(manifest["model_adapters"]), "router": to_dict()}
-    named = [(f"{NAME_PREFIX}{a}/{k}", t) for a in manifest["adapters"] for k, t in tensors[a].items()]
+    named = [(f"{k}{NAME_SUFFIX}{a}", t) for a in manifest["adapters"] for k, t in tensors[a].items()]
     return named, config
 
 
@@ -75,7 +77,7 @@ def split_payload(weights: Iterable[tuple[str, torch.Tensor]], peft_config: dict
     """The receiving side of :func:`lora_payload`: ``(tensors per adapter, plain PEFT config, routed meta)``.
 
     Refuses (:class:`SyncPayloadError`, naming what was expected and what came) a config without the routed
-    entry, a name outside ``routed_lora/<adapter>/``, an adapter the config does not list, a listed adapter with
+    entry, a name without ``@routed_lora/<adapter>``, an adapter the config does not list, a listed adapter with
     no tensors, and adapters whose key sets differ (a partial stream)."""
     if not is_routed_config(peft_config):
         raise SyncPayloadError(f"peft_config: expected a dict with a {ROUTED_KEY!r} entry (routed adapter set), "
@@ -91,14 +93,14 @@ def split_payload(weights: Iterable[tuple[str, torch.Tensor]], peft_config: dict
                                f"model_adapters {model_adapters}")
     per: dict[str, dict[str, torch.Tensor]] = {a: {} for a in adapters}
     for name, t in weights:
-        if not name.startswith(NAME_PREFIX) or name.count("/") < 2:
-            raise SyncPayloadError(f"weight {name!r}: expected a name {NAME_PREFIX}<adapter>/base_model.model...")
-        adapter, key = name[len(NAME_PREFIX):].split("/", 1)
+        if NAME_SUFFIX not in name:
+            raise SyncPayloadError(f"weight {name!r}: expected a name base_model.model...{NAME_SUFFIX}<adapter>")
+        key, adapter = name.rsplit(NAME_SUFFIX, 1)
         if adapter not in per:
             raise SyncPayloadError(f"weight {name!r}: adapter {adapter!r} is not among {adapters}")
         if not key.startswith("base_model.model.") or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise SyncPayloadError(f"weight {name!r}: expected base_model.model.<module>.lora_A/B.weight after "
-                                   "the adapter prefix")
+            raise SyncPayloadError(f"weight {name!r}: expected base_model.model.<module>.lora_A/B.weight before "
+                                   f"{NAME_SUFFIX}")
         per[adapter][key] = t
     keys = {a: set(t) for a, t in per.items()}
     ref = keys[adapters[0]]
