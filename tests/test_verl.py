@@ -212,3 +212,39 @@ def test_engine_initialize_model_patch_runs(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0 and "patched" in proc.stdout, proc.stderr[-3000:]
+
+
+def _sharded_sync_worker(rank, world, store):
+    import torch.distributed as dist
+
+    from _gloo import init_gloo
+    from routed_lora.fsdp import shard_model
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, store)
+    try:
+        eng = _engine(tiny_tokenizer())  # same seeds on every rank: the same model
+        want_named, want_cfg = eng.get_per_tensor_param(base_sync_done=True)
+        want_base = dict(eng.get_per_tensor_param(base_sync_done=False)[0])
+        shard_model(eng.module.get_base_model())  # FSDP2: every parameter a DTensor shard
+        assert any(type(p).__name__ == "DTensor" for p in eng.module.parameters())
+        named, cfg = eng.get_per_tensor_param(base_sync_done=True)  # a collective: every rank gathers
+        base = dict(eng.get_per_tensor_param(base_sync_done=False)[0])
+        assert cfg == want_cfg and [n for n, _ in named] == [n for n, _ in want_named]
+        for (n, t), (_, w) in zip(named, want_named):
+            assert type(t) is torch.Tensor and torch.equal(t, w), n
+        assert sorted(base) == sorted(want_base)
+        for n, w in want_base.items():
+            assert type(base[n]) is torch.Tensor and torch.equal(base[n], w), n
+    finally:
+        dist.destroy_process_group()
+
+
+def test_weight_sync_gathers_fsdp2_shards(tmp_path):
+    """Under FSDP2 (fully_shard, 2 gloo processes) every rank's sync stream holds the full tensors, equal to the
+    unsharded engine's."""
+    import torch.multiprocessing as mp
+
+    from _gloo import store_path
+
+    mp.start_processes(_sharded_sync_worker, args=(2, store_path(tmp_path)), nprocs=2, start_method="fork")
