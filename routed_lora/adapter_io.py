@@ -35,7 +35,7 @@ from .fsdp import copy_row_into, full_tensor, is_sharded
 from .hf import _state, routed_layers, target_matches
 from .state import atomic_write_bytes as _atomic_write_bytes  # a module attribute: tests fail it on purpose
 
-__all__ = ["save_adapters", "load_adapters", "MANIFEST", "FORMAT_VERSION"]
+__all__ = ["save_adapters", "load_adapters", "adapter_payload", "MANIFEST", "FORMAT_VERSION"]
 
 MANIFEST = "routed_lora.json"
 CONFIG = "adapter_config.json"
@@ -123,20 +123,14 @@ def _collective_under_fsdp(save):
     return wrapper
 
 
-@_collective_under_fsdp
-def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequence[str] | None = None) -> Path:
-    """Write every adapter (or those named in ``adapters``) of ``model`` as a PEFT LoRA folder under ``path``,
-    plus ``routed_lora.json``. Returns ``Path(path)``.
+def adapter_payload(model: nn.Module, adapters: Sequence[str] | None = None) -> tuple[dict, dict, dict]:
+    """The adapter set of ``model`` in memory, as :func:`save_adapters` writes it: ``(manifest, config,
+    tensors)`` with the manifest of ``routed_lora.json``, the PEFT LoRA config (one for every adapter: they share
+    rank, alpha and modules) and ``tensors[adapter]`` = ``{"base_model.model.<module>.lora_A.weight": (r, in),
+    "...lora_B.weight": (out, r)}`` on the CPU. Also the weight sync to a vLLM engine
+    (:mod:`routed_lora.integrations.verl_sync`) uses it, so files and sync have one naming.
 
-    Atomic: the whole set is written to a temporary folder beside ``path`` (``NAME.tmp<pid>-hex``) and then
-    swapped in by rename (:func:`routed_lora.state.swap_folder`; one atomic exchange on Linux), so a reader or a
-    kill sees the old set or the new one, never a mix. Files of the old folder that are not part of the new set
-    go with it.
-
-    FSDP2 (``fully_shard``): call it on every rank; the full tensors are gathered, rank 0 alone writes.
-    """
-    from safetensors.torch import save as st_save
-
+    FSDP2 (``fully_shard``): a collective (every rank gathers the full tensors); call it on every rank."""
     layers = routed_layers(model)
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no RoutedLoRALinear layers")
@@ -151,18 +145,6 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
     unknown = [a for a in chosen if a not in all_names]
     if unknown or not chosen:
         raise ValueError(f"adapters: expected names among {all_names}, got {adapters!r}")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"path: {path} exists and is not a folder")
-    if path.is_dir():
-        # the whole folder is replaced: refuse one that holds anything but an adapter set (its manifest and
-        # adapter folders), so that no other file is deleted with the old set
-        other = sorted(p.name for p in path.iterdir()
-                       if not (p.name == MANIFEST or (p.is_dir() and (p / CONFIG).is_file())))
-        if other:
-            raise FileExistsError(f"path: {path} holds other files than an adapter set ({other[:5]}); the whole "
-                                  "folder is replaced on save, so save into a new or an adapters-only folder")
-
     module_names = [n for n, _ in layers]
     targets = _peft_target_modules(model, module_names)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -172,42 +154,37 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
     # such a model. A/B keep the nn.Linear layout either way; PEFT corrects a wrong flag per module with a warning.
     conv = set(getattr(st, "originals", {}) or {}) if st is not None else set()
     fan_in_fan_out = bool(conv) and all(n in conv for n in module_names)
-
-    # FSDP2: the adapters are DTensor shards; every rank gathers the full tensors (a collective), rank 0 writes.
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": first.r,
+        "lora_alpha": first.lora_alpha,
+        "use_rslora": first.use_rslora,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "base_model_name_or_path": base_name,
+        "revision": None,
+    }
+    # FSDP2: the adapters are DTensor shards; every rank gathers the full tensors (a collective).
     full = {n: (full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())) for n, layer in layers}
-    if not _writes(model):
-        return path
-    files: dict[str, bytes] = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name in chosen:
         e = all_names.index(name)
-        config = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": first.r,
-            "lora_alpha": first.lora_alpha,
-            "use_rslora": first.use_rslora,
-            "target_modules": targets,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "use_dora": False,
-            "fan_in_fan_out": fan_in_fan_out,
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "base_model_name_or_path": base_name,
-            "revision": None,
-        }
-        tensors = {}
-        for n, layer in layers:
+        t = tensors[name] = {}
+        for n, _ in layers:
             A, B = full[n]
-            tensors[f"base_model.model.{n}.lora_A.weight"] = A[e].contiguous().cpu().clone()
-            tensors[f"base_model.model.{n}.lora_B.weight"] = B[e].contiguous().cpu().clone()
-        files[f"{name}/{CONFIG}"] = _json_bytes(config)
-        files[f"{name}/{WEIGHTS}"] = st_save(tensors, metadata={"format": "pt"})
+            t[f"base_model.model.{n}.lora_A.weight"] = A[e].contiguous().cpu().clone()
+            t[f"base_model.model.{n}.lora_B.weight"] = B[e].contiguous().cpu().clone()
     manifest = {
         "format": "routed-lora",
         "version": FORMAT_VERSION,
@@ -221,6 +198,44 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequen
         "router": router,
         "base_model_class": type(model).__name__,
     }
+    return manifest, config, tensors
+
+
+@_collective_under_fsdp
+def save_adapters(model: nn.Module, path: str | os.PathLike, *, adapters: Sequence[str] | None = None) -> Path:
+    """Write every adapter (or those named in ``adapters``) of ``model`` as a PEFT LoRA folder under ``path``,
+    plus ``routed_lora.json``. Returns ``Path(path)``.
+
+    Atomic: the whole set is written to a temporary folder beside ``path`` (``NAME.tmp<pid>-hex``) and then
+    swapped in by rename (:func:`routed_lora.state.swap_folder`; one atomic exchange on Linux), so a reader or a
+    kill sees the old set or the new one, never a mix. Files of the old folder that are not part of the new set
+    go with it.
+
+    FSDP2 (``fully_shard``): call it on every rank; the full tensors are gathered, rank 0 alone writes.
+    """
+    from safetensors.torch import save as st_save
+
+    if not routed_layers(model):
+        raise ValueError(f"model: {type(model).__name__} has no RoutedLoRALinear layers")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"path: {path} exists and is not a folder")
+    if path.is_dir():
+        # the whole folder is replaced: refuse one that holds anything but an adapter set (its manifest and
+        # adapter folders), so that no other file is deleted with the old set
+        other = sorted(p.name for p in path.iterdir()
+                       if not (p.name == MANIFEST or (p.is_dir() and (p / CONFIG).is_file())))
+        if other:
+            raise FileExistsError(f"path: {path} holds other files than an adapter set ({other[:5]}); the whole "
+                                  "folder is replaced on save, so save into a new or an adapters-only folder")
+
+    manifest, config, tensors = adapter_payload(model, adapters)  # a collective under FSDP2: every rank
+    if not _writes(model):
+        return path
+    files: dict[str, bytes] = {}
+    for name in manifest["adapters"]:
+        files[f"{name}/{CONFIG}"] = _json_bytes(config)
+        files[f"{name}/{WEIGHTS}"] = st_save(tensors[name], metadata={"format": "pt"})
 
     from .state import remove_stale_temporaries, swap_folder, tmp_name
 

@@ -1,7 +1,8 @@
 """veRL integration (skipped without verl; `make test-verl` builds veRL's own environment and runs it): the engine is
 registered under its own backends, builds routed adapters from veRL's PEFT LoRA, routes each sequence before
 packing, and veRL's own input preparation, forward and output processing on a tiny model give the per-token
-log-probs of our padded teacher-forced pass; disable_adapter() is the backbone; vLLM/SGLang weight sync refused."""
+log-probs of our padded teacher-forced pass; disable_adapter() is the backbone; the weight sync streams both
+adapters and the base (tests/test_verl_vllm.py loads it into vLLM); check_rollout accepts only routed_vllm."""
 
 from __future__ import annotations
 
@@ -121,15 +122,67 @@ def test_verl_forward_equals_padded_teacher_forcing(one_thread, remove_padding):
     assert float((got.values() - base.values()).abs().max()) > 1e-3  # the adapters matter
 
 
-def test_rollout_engines_that_serve_one_lora_are_refused():
+def test_check_rollout_accepts_only_the_routed_vllm_rollout():
+    verl_int.check_rollout("routed_vllm")
+    for name in ("vllm", "sglang", "trtllm"):
+        with pytest.raises(ValueError, match=f"rollout.name='{name}': expected 'routed_vllm'. {name} serves one LoRA"):
+            verl_int.check_rollout(name)
+    with pytest.raises(ValueError, match="rollout.name='hf': expected 'routed_vllm'. veRL 0.9.1 registers no HF"):
+        verl_int.check_rollout("hf")
+    with pytest.raises(ValueError, match="rollout.name='naive': expected 'routed_vllm'"):
+        verl_int.check_rollout("naive")
+
+
+def test_hf_rollout_is_not_registered_in_this_verl():
+    """The reason check_rollout refuses 'hf': veRL 0.9.1 has no HF rollout to get (docs/backends.md)."""
+    from verl.workers.rollout.base import get_rollout_class
+
+    with pytest.raises(AssertionError, match="Rollout hf with mode async not found"):
+        get_rollout_class("hf", "async")
+
+
+def test_weight_sync_streams_every_adapter_and_the_base():
+    """get_per_tensor_param as veRL's update_weights calls it: base_sync_done=True gives both adapters' tensors
+    (exactly the routed layers' rows) and the routed PEFT config; False the backbone under HF names."""
+    from routed_lora.integrations.verl_sync import ROUTED_KEY, split_payload
+
     tok = tiny_tokenizer()
     eng = _engine(tok)
-    with pytest.raises(RuntimeError, match="rollout.name=hf"):
+    named, cfg = eng.get_per_tensor_param(layered_summon=False, base_sync_done=True)
+    per, plain, meta = split_payload(named, cfg)
+    assert meta["adapters"] == ["reasoning", "tool"] and meta["router"] == eng._router().to_dict()
+    assert plain["r"] == 4 and plain["lora_alpha"] == 8 and plain["peft_type"] == "LORA"
+    base = eng.module.get_base_model()
+    layers = rl.hf.routed_layers(base)
+    assert len(per["tool"]) == 2 * len(layers) > 0
+    for n, layer in layers:
+        for e, a in enumerate(("reasoning", "tool")):
+            assert torch.equal(per[a][f"base_model.model.{n}.lora_A.weight"], layer.lora_A[e].detach())
+            assert torch.equal(per[a][f"base_model.model.{n}.lora_B.weight"], layer.lora_B[e].detach())
+    stream, cfg2 = eng.get_per_tensor_param(layered_summon=False, base_sync_done=False)
+    assert cfg2 == cfg and ROUTED_KEY in cfg2
+    got = dict(stream)
+    want = {k: v for k, v in base.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_weight_sync_refusals():
+    tok = tiny_tokenizer()
+    eng = _engine(tok)
+    with pytest.raises(RuntimeError, match="called without base_sync_done.*checkpoint_engine.backend=naive"):
         eng.get_per_tensor_param()
-    for name in ("vllm", "sglang"):
-        with pytest.raises(ValueError, match="rollout.name=hf"):
-            verl_int.check_rollout(name)
-    verl_int.check_rollout("hf")
+    eng.model_config.lora = {"merge": True}
+    with pytest.raises(RuntimeError, match="model.lora.merge=True .* set model.lora.merge=False"):
+        eng.get_per_tensor_param(base_sync_done=True)
+
+
+def test_routed_vllm_is_registered_in_verl():
+    import routed_lora.integrations.verl_rollout as vr
+    from verl.workers.rollout import base, replica
+
+    assert base._ROLLOUT_REGISTRY[("routed_vllm", "async")] == "verl.workers.rollout.vllm_rollout.ServerAdapter"
+    assert replica.RolloutReplicaRegistry._registry["routed_vllm"] is vr._load_replica
+    assert replica.RolloutReplicaRegistry._registry["vllm"] is not vr._load_replica  # veRL's own is untouched
 
 
 def test_recorded_routes_are_used():
@@ -159,3 +212,39 @@ def test_engine_initialize_model_patch_runs(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0 and "patched" in proc.stdout, proc.stderr[-3000:]
+
+
+def _sharded_sync_worker(rank, world, store):
+    import torch.distributed as dist
+
+    from _gloo import init_gloo
+    from routed_lora.fsdp import shard_model
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, store)
+    try:
+        eng = _engine(tiny_tokenizer())  # same seeds on every rank: the same model
+        want_named, want_cfg = eng.get_per_tensor_param(base_sync_done=True)
+        want_base = dict(eng.get_per_tensor_param(base_sync_done=False)[0])
+        shard_model(eng.module.get_base_model())  # FSDP2: every parameter a DTensor shard
+        assert any(type(p).__name__ == "DTensor" for p in eng.module.parameters())
+        named, cfg = eng.get_per_tensor_param(base_sync_done=True)  # a collective: every rank gathers
+        base = dict(eng.get_per_tensor_param(base_sync_done=False)[0])
+        assert cfg == want_cfg and [n for n, _ in named] == [n for n, _ in want_named]
+        for (n, t), (_, w) in zip(named, want_named):
+            assert type(t) is torch.Tensor and torch.equal(t, w), n
+        assert sorted(base) == sorted(want_base)
+        for n, w in want_base.items():
+            assert type(base[n]) is torch.Tensor and torch.equal(base[n], w), n
+    finally:
+        dist.destroy_process_group()
+
+
+def test_weight_sync_gathers_fsdp2_shards(tmp_path):
+    """Under FSDP2 (fully_shard, 2 gloo processes) every rank's sync stream holds the full tensors, equal to the
+    unsharded engine's."""
+    import torch.multiprocessing as mp
+
+    from _gloo import store_path
+
+    mp.start_processes(_sharded_sync_worker, args=(2, store_path(tmp_path)), nprocs=2, start_method="fork")

@@ -18,11 +18,13 @@ engine runs veRL's ``fsdp`` / ``fsdp2`` code paths). It
   slicing as the packed ids, and go to the model call as ``routes=``;
 - keeps ``disable_adapter()`` (PEFT's context, driven by the routed layers): the reference pass is the
   backbone;
-- refuses ``get_per_tensor_param`` (weight sync to vLLM / SGLang / TensorRT-LLM): those engines serve one LoRA
-  (or a merged model) per request, so they would roll out another policy than the one trained. Roll out with
-  veRL's ``HFRollout`` (``rollout.name=hf``), which generates with the actor module itself; the model then routes
-  by itself through the router given to ``peft_to_routed``. :func:`check_rollout` gives the same error for a
-  rollout name up front.
+- syncs its weights to veRL's vLLM rollout (``get_per_tensor_param``, module
+  :mod:`routed_lora.integrations.verl_sync`): with ``base_sync_done=True`` every adapter's LoRA tensors under
+  PEFT names + ``@routed_lora/<adapter>`` and one PEFT config that lists the adapters and the router; with
+  ``base_sync_done=False`` the backbone's weights. vLLM serves one LoRA per request, so the rollout must be
+  ``rollout.name=routed_vllm`` (:mod:`routed_lora.integrations.verl_rollout`: veRL's vLLM server with our worker
+  extension, which loads each adapter into its own LoRA slot, and our vLLM plugin, which picks the slot per
+  token). :func:`check_rollout` refuses the other rollout names up front.
 
 Routing: :attr:`routed_router` (a callable ``router(input_ids, attention_mask)``, e.g. a
 :class:`routed_lora.TagRouter`), else a ``TagRouter`` over the engine's tokenizer with :attr:`routed_spans` and
@@ -46,9 +48,11 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from ..peft_convert import peft_to_routed
 from ..router import TagRouter, route_packed
 
-__all__ = ["RoutedLoRAFSDPEngine", "RoutedLoRAFSDPEngineConfig", "BACKENDS", "check_rollout", "packed_routes"]
+__all__ = ["RoutedLoRAFSDPEngine", "RoutedLoRAFSDPEngineConfig", "BACKENDS", "ROUTED_ROLLOUT", "check_rollout",
+           "packed_routes"]
 
 BACKENDS = {"routed_lora_fsdp": "fsdp", "routed_lora_fsdp2": "fsdp2"}
+ROUTED_ROLLOUT = "routed_vllm"  # registered by routed_lora.integrations.verl_rollout
 _SINGLE_LORA_ROLLOUTS = ("vllm", "sglang", "trtllm")
 
 
@@ -77,13 +81,27 @@ def plain_strategy_config(engine_config):
 
 
 def check_rollout(name: str) -> None:
-    """Raise a clear error for a rollout engine that cannot serve per-token routed adapters."""
-    if str(name).lower() in _SINGLE_LORA_ROLLOUTS:
+    """Raise ``ValueError`` for a ``rollout.name`` that cannot roll out per-token routed adapters.
+
+    Accepted: :data:`ROUTED_ROLLOUT` (``routed_vllm``). Refused: ``vllm`` / ``sglang`` / ``trtllm`` (one LoRA per
+    request, or a merged model: another policy than the one trained) and ``hf`` (veRL 0.9.1 has no usable HF
+    rollout: ``get_rollout_class('hf', 'async')`` is not registered); anything else is unknown."""
+    key = str(name).lower()
+    if key == ROUTED_ROLLOUT:
+        return
+    if key in _SINGLE_LORA_ROLLOUTS:
         raise ValueError(
-            f"rollout.name={name!r}: {name} serves one LoRA adapter (or a merged model) per request, but routed "
-            "LoRA picks the adapter per token, so it would sample from another policy than the one trained. "
-            "Use rollout.name=hf (veRL's HFRollout generates with the actor module, which routes by itself)."
+            f"rollout.name={name!r}: expected {ROUTED_ROLLOUT!r}. {name} serves one LoRA adapter (or a merged model) "
+            "per request, but routed LoRA picks the adapter per token, so it would sample from another policy than "
+            f"the one trained. rollout.name={ROUTED_ROLLOUT} is veRL's vLLM rollout with both adapters loaded and "
+            "routed per token (routed_lora.integrations.verl_rollout, docs/backends.md)."
         )
+    if key == "hf":
+        raise ValueError(
+            f"rollout.name='hf': expected {ROUTED_ROLLOUT!r}. veRL 0.9.1 registers no HF rollout "
+            "(get_rollout_class('hf', 'async') fails; HFRollout is incomplete), so it cannot be used."
+        )
+    raise ValueError(f"rollout.name={name!r}: expected {ROUTED_ROLLOUT!r} (the rollout that routes per token)")
 
 
 def packed_routes(router, input_ids_nested: torch.Tensor) -> torch.Tensor:
@@ -179,10 +197,85 @@ class RoutedLoRAFSDPEngine(FSDPEngineWithLMHead):
             raise RuntimeError(f"routes {tuple(routes.shape)} do not match the packed input_ids {tuple(target.shape)}")
         return routes.to(target.device)
 
-    def get_per_tensor_param(self, *args, **kwargs):
-        raise RuntimeError(
-            "RoutedLoRAFSDPEngine: sending weights to a separate rollout engine (vLLM / SGLang / TensorRT-LLM) is "
-            "refused: they serve one LoRA or a merged model per request, not an adapter per token, so they would "
-            "roll out another policy than the one trained. Use rollout.name=hf (HFRollout). "
-            "Adapters for evaluation: routed_lora.save_adapters(engine.module.get_base_model(), path)."
-        )
+    # -- weight sync to the rollout -----------------------------------------------------------------------
+    def _routed_base_model(self):
+        """The Hugging Face model with the routed layers (inside veRL's FSDP wrapper and the PEFT model)."""
+        peft_model = getattr(self.module, "_fsdp_wrapped_module", self.module)
+        get_base = getattr(peft_model, "get_base_model", None)
+        return get_base() if callable(get_base) else peft_model
+
+    def get_per_tensor_param(self, layered_summon=False, base_sync_done=None, **kwargs):
+        """veRL's weight sync (``update_weights`` in the actor-rollout worker): ``(iterator of (name, tensor),
+        peft_config dict)``.
+
+        ``base_sync_done=True``: every adapter's LoRA tensors and the routed PEFT config
+        (:func:`routed_lora.integrations.verl_sync.lora_payload`); ``False``: the backbone's weights
+        (:func:`~routed_lora.integrations.verl_sync.base_tensors`) with the same config. Tensors are gathered on
+        every rank (FSDP2 DTensors: ``full_tensor``; FSDP1: inside ``summon_full_params``), as veRL's own engine
+        does; ``layered_summon`` changes nothing (the adapters are gathered layer by layer anyway).
+
+        Refused (``RuntimeError``): ``model.lora.merge=True`` (a merged model is one policy, not an adapter per
+        token), and a call without ``base_sync_done``, which is veRL's checkpoint-engine path for disaggregated
+        rollouts (``checkpoint_engine.backend`` other than ``naive``): it sends full weights and drops the LoRA
+        config, so the rollout would sample without the adapters."""
+        if base_sync_done is None:
+            raise RuntimeError(
+                "RoutedLoRAFSDPEngine.get_per_tensor_param: called without base_sync_done, i.e. by veRL's checkpoint "
+                "engine (actor_rollout_ref.rollout.checkpoint_engine.backend != 'naive'), which sends merged/full "
+                "weights and drops the LoRA config; routed adapters need the colocated sync: set "
+                "actor_rollout_ref.rollout.checkpoint_engine.backend=naive"
+            )
+        lora_cfg = getattr(self.model_config, "lora", None) or {}
+        if bool(getattr(lora_cfg, "get", lambda *_: False)("merge", False)):
+            raise RuntimeError("RoutedLoRAFSDPEngine: model.lora.merge=True merges one LoRA into the base weights; "
+                               "routed adapters are chosen per token and cannot be merged: set model.lora.merge=False")
+        from .verl_sync import base_tensors, lora_payload
+
+        router = self._router()
+        if base_sync_done:
+            with self._gathered():
+                named, config = lora_payload(self._routed_base_model(), router=router)
+            return [(_unwrapped_name(n), t) for n, t in named], config
+        # the config only: building it gathers the adapters too (small next to the base weights)
+        with self._gathered():
+            _, config = lora_payload(self._routed_base_model(), router=router)
+
+        def stream():
+            with self._gathered():
+                for n, t in base_tensors(self._routed_base_model()):
+                    yield _unwrapped_name(n), t
+
+        return stream(), config
+
+    def _gathered(self):
+        """Full parameters for the sync: FSDP1 needs ``summon_full_params``; FSDP2 / plain modules gather per
+        tensor (``full_tensor``), so nothing to do; offloaded parameters are brought back for it (as veRL does)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            from verl.utils import fsdp_utils
+
+            offload = bool(getattr(self, "_is_offload_param", False))
+            if offload:
+                fsdp_utils.load_fsdp_model_to_gpu(self.module)
+            try:
+                if fsdp_utils.fsdp_version(self.module) == 1:
+                    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+                    with FSDP.summon_full_params(self.module, writeback=False):
+                        yield
+                else:
+                    yield
+            finally:
+                if offload:
+                    fsdp_utils.offload_fsdp_model_to_cpu(self.module)
+
+        return ctx()
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without FSDP1 / activation-checkpoint wrapper segments (veRL strips them the same way)."""
+    for seg in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(seg, "")
+    return name
