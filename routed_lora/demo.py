@@ -278,10 +278,10 @@ def _run(args) -> int:
                  seed=args.seed, **common)
         return 0
     # main() has resolved a registered name (smollm2-135m) to its cached folder already
-    if not (Path(args.model) / "config.json").is_file():
-        raise UsageError(f"--model: expected a model folder (with config.json) or a registered name "
-                         f"(smollm2-135m), got {args.model!r}")
+    from .env.lora_sft import check_pretrained
     from .demo_pretrained import run_demo_pretrained
+
+    check_pretrained(args.model)
 
     run_demo_pretrained(Path(args.out), args.model, quick=args.quick, threads=args.threads or 1,
                         progress=not args.no_progress, seed=args.seed, sft_batch=args.sft_batch, sft_lr=args.sft_lr,
