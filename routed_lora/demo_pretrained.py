@@ -75,6 +75,9 @@ def run_demo_pretrained(out: Path, model: str, *, quick: bool = False, threads: 
     timings["world_s"] = time.perf_counter() - t
     t = time.perf_counter()
     folder = resolve_model(model)
+    src = Path(folder) / "routed_lora_source.json"  # a registered model's cache: show its name, not the folder
+    if src.is_file():
+        model = json.loads(src.read_text()).get("name", model)
     net, tok = load_model_and_tokenizer(folder)
     timings["load_s"] = time.perf_counter() - t
     template = pretrained_template(tok)
@@ -111,21 +114,35 @@ def run_demo_pretrained(out: Path, model: str, *, quick: bool = False, threads: 
     # 2. zero-shot, 3. the LoRA warm start of both routed adapters
     evaluate("zero-shot")
     t = time.perf_counter()
-    rows = sft_rows(train_rows, p["sft_steps"] * p["sft_batch"], two_hop_frac=p["two_hop_frac"], seed=seed)
-    trajs = build_trajectories(tok, rows, retriever, prompt_template=template)
     warm_dir = out / "warm_start"
     warm_dir.mkdir(exist_ok=True)
-    sft = lora_sft(net, tok, trajs, steps=p["sft_steps"], batch_size=p["sft_batch"], lr=p["sft_lr"], seed=seed,
-                   progress=progress, desc="warm start (LoRA, reasoning + tool)",
-                   metrics_path=warm_dir / "sft_metrics.jsonl")
-    rl.save_adapters(net, warm_dir / "adapters")
-    write_prompt_template(warm_dir, template, model=str(model))
+    # a warm start of the same settings in this folder is reused (it is most of the demo's time on 2 cores)
+    key = {k: p[k] for k in ("sft_steps", "sft_batch", "sft_lr", "two_hop_frac")} | {"seed": seed, "r": cfg.r,
+                                                                                     "model": str(folder)}
+    prev = warm_dir / "sft_summary.json"
+    old = json.loads(prev.read_text()) if prev.is_file() else {}
+    if old.get("key") == key and (warm_dir / "adapters" / "routed_lora.json").is_file():
+        rl.load_adapters(net, warm_dir / "adapters")
+        sft = old["sft"]
+        timings["sft_reused"] = True
+        how = f"reused from {warm_dir} (trained in {sft['train_seconds']:.0f} s; delete it to redo)"
+    else:
+        rows = sft_rows(train_rows, p["sft_steps"] * p["sft_batch"], two_hop_frac=p["two_hop_frac"], seed=seed)
+        trajs = build_trajectories(tok, rows, retriever, prompt_template=template)
+        sft = lora_sft(net, tok, trajs, steps=p["sft_steps"], batch_size=p["sft_batch"], lr=p["sft_lr"], seed=seed,
+                       progress=progress, desc="warm start (LoRA, reasoning + tool)",
+                       metrics_path=warm_dir / "sft_metrics.jsonl")
+        sft["tokens_mean"] = sum(len(x["input_ids"]) for x in trajs) / len(trajs)
+        rl.save_adapters(net, warm_dir / "adapters")
+        write_prompt_template(warm_dir, template, model=str(model))
+        prev.write_text(json.dumps({"key": key, "sft": sft}, indent=1))
+        how = f"in {time.perf_counter() - t:.0f} s"
     timings["sft_s"] = time.perf_counter() - t
     loads["sft"] = _load()
     log(f"[2/5] warm start: {p['sft_steps']} LoRA SFT steps x {p['sft_batch']} trajectories "
-        f"({sum(len(x['input_ids']) for x in trajs) / len(trajs):.0f} tokens on average) at lr {p['sft_lr']:g} in "
-        f"{timings['sft_s']:.0f} s ({sft['step_seconds_median']:.1f} s a step); loss {sft['loss_first']:.3f} -> "
-        f"{sft['loss_last']:.3f}", flush=True)
+        f"({sft['tokens_mean']:.0f} tokens on average) at lr {p['sft_lr']:g} {how} "
+        f"({sft['step_seconds_median']:.1f} s a step); loss {sft['loss_first']:.3f} -> {sft['loss_last']:.3f}",
+        flush=True)
     evaluate("after warm start")
 
     # 4. GRPO on the same adapters, stopped by its budget or the demo's time limit
