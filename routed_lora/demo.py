@@ -262,13 +262,30 @@ def _report(summary, before, after, format_eval) -> str:
 
 
 def _run(args) -> int:
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        from .errors import UsageError
+    from .errors import UsageError
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out: {args.out} exists and is not a folder")
-    run_demo(Path(args.out), quick=args.quick, threads=args.threads, progress=not args.no_progress, seed=args.seed,
-             sft_steps=args.sft_steps, two_hop_frac=args.two_hop_frac, grpo_steps=args.grpo_steps, grpo_budget=args.grpo_budget, lr=args.lr,
-             time_limit=args.time_limit)
+    common = dict(sft_steps=args.sft_steps, two_hop_frac=args.two_hop_frac, grpo_steps=args.grpo_steps,
+                  grpo_budget=args.grpo_budget, lr=args.lr, time_limit=args.time_limit, eval_n=args.eval_n,
+                  G=args.group_size, prompts=args.prompts_per_step)
+    if args.model is None:  # the tiny built-in model (`make demo`)
+        only = [f for f, v in (("--sft-batch", args.sft_batch), ("--sft-lr", args.sft_lr)) if v is not None]
+        if only:
+            raise UsageError(f"{', '.join(only)}: only with --model (the pretrained path's LoRA warm start); the "
+                             "tiny model's warm start is `routed-lora sft`'s full fine-tune")
+        run_demo(Path(args.out), quick=args.quick, threads=args.threads or 2, progress=not args.no_progress,
+                 seed=args.seed, **common)
+        return 0
+    # main() has resolved a registered name (smollm2-135m) to its cached folder already
+    from .env.lora_sft import check_pretrained
+    from .demo_pretrained import run_demo_pretrained
+
+    check_pretrained(args.model)
+
+    run_demo_pretrained(Path(args.out), args.model, quick=args.quick, threads=args.threads or 1,
+                        progress=not args.no_progress, seed=args.seed, sft_batch=args.sft_batch, sft_lr=args.sft_lr,
+                        **common)
     return 0
 
 
@@ -278,16 +295,33 @@ def register(sub) -> None:
     pos, pos_f = int_at_least(1), finite_float(0, low_open=True)
     p = sub.add_parser("demo", help="GRPO with routed LoRA (DART) on the built-in search world, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
-    p.add_argument("--threads", type=pos, default=2)
+    p.add_argument("--model", default=None,
+                   help="a pretrained model: smollm2-135m or a folder with a chat template (default: the tiny "
+                        "built-in model). Pretrained: chat:tiny prompt, LoRA warm start of both routed adapters, "
+                        "GRPO at lr 2e-5, G=8, about 20 minutes on 2 cores (docs/pretrained.md)")
+    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke version (pretrained: a few minutes)")
+    p.add_argument("--threads", type=pos, default=None,
+                   help="torch threads (default 2; pretrained 1: on 2 shared cores under load 3.5-5, one thread "
+                        "decoded SmolLM2 9x faster than two)")
     p.add_argument("--seed", type=int_at_least(0), default=0)
-    p.add_argument("--sft-steps", type=pos, default=None)
+    p.add_argument("--sft-steps", type=pos, default=None, help="warm start steps (default 250; pretrained 10)")
+    p.add_argument("--sft-batch", type=pos, default=None, help="with --model: warm start batch (default 8)")
+    p.add_argument("--sft-lr", type=pos_f, default=None, help="with --model: warm start learning rate (default 1e-3)")
     p.add_argument("--two-hop-frac", type=finite_float(0, 1), default=None,
-                   help="fraction of the 2-hop training questions in the warm start (default 0.03)")
+                   help="fraction of the 2-hop training questions in the warm start (default 0.03; pretrained 0.1)")
     p.add_argument("--grpo-steps", type=pos, default=None)
-    p.add_argument("--grpo-budget", type=pos_f, default=None, help="seconds of GRPO training before stopping early")
+    p.add_argument("--grpo-budget", type=pos_f, default=None,
+                   help="seconds of GRPO training before stopping early (default 330; pretrained 600)")
     p.add_argument("--time-limit", type=pos_f, default=None,
-                   help="seconds for the whole demo; GRPO stops early to finish within it (default 560, quick 110)")
-    p.add_argument("--lr", type=pos_f, default=None, help="GRPO learning rate of both adapters")
+                   help="seconds for the whole demo; GRPO stops early to finish within it (default 560, quick 110; "
+                        "pretrained 1320)")
+    p.add_argument("--lr", type=pos_f, default=None, help="GRPO learning rate of both adapters (default 5e-4; "
+                                                          "pretrained 2e-5)")
+    p.add_argument("--group-size", "-G", type=int_at_least(2), default=None,
+                   help="GRPO rollouts per question (default 8)")
+    p.add_argument("--prompts-per-step", type=pos, default=None,
+                   help="GRPO questions per step (default 32; pretrained 2)")
+    p.add_argument("--eval-n", type=int_at_least(2), default=None,
+                   help="held-out questions, half 1-hop, half 2-hop (default 200; pretrained 32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)

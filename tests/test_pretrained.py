@@ -75,6 +75,9 @@ def test_missing_loader_dependency_says_what_to_install(monkeypatch, tmp_path):
     ["sft", "--world-dir", "w", "--out", "o", "--model", NAME],
     ["eval", "--model", NAME, "--data", "x.jsonl", "--out", "o"],
     ["diagnose", "grad-angle", "--model", NAME, "--data", "x.jsonl", "--out", "o"],
+    ["demo", "--model", NAME, "--out", "o"],
+    ["study", "--model", NAME, "--out", "o"],
+    ["bench", "e2e", "--model", NAME, "--out", "o"],  # real weights asked for: the file is needed
 ])
 def test_cli_missing_package_is_one_line(no_package, capsys, argv):
     from routed_lora.cli import build_parser, main

@@ -1,7 +1,9 @@
 """End to end: one training step (forward, backward, optimizer) of a small Hugging Face model, routed-lora against
 the same model with PEFT's two adapters combined by per-token masks.
 
-The model is a Qwen2 built from a config (random weights, nothing downloaded). Both variants target the same
+The model is a Qwen2 built from a config (random weights, nothing downloaded), or, with ``E2EConfig(model=...)``
+(``routed-lora bench e2e --model smollm2-135m``), a real model's architecture and shapes: its weights, or random
+weights of the same config (``random_weights=True``; the same cost, for a machine without the model file). Both variants target the same
 modules (q, k, v, o, gate, up, down), hold the same adapter weights and see the same routes; the PEFT variant has
 both adapters active and each ``lora.Linear`` adds ``mask_e * lora_B_e(lora_A_e(x)) * scaling_e`` per adapter
 (:func:`routed_lora.bench.providers.peft_masked_forward`). Records: tokens per second (median and p20/p80 over
@@ -28,9 +30,18 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 class E2EConfig:
     def __init__(self, *, hidden=256, intermediate=704, layers=4, heads=4, kv_heads=2, vocab=2048, batch=4,
-                 seq=256, r=16, lora_alpha=32, tool_frac=0.3, dtype="float32", seed=0):
+                 seq=256, r=16, lora_alpha=32, tool_frac=0.3, dtype="float32", seed=0, model=None,
+                 random_weights=False):
         self.__dict__.update(locals())
         del self.__dict__["self"]
+        if model is not None:  # shapes come from the model: record them instead of the Qwen2 defaults
+            from routed_lora.pretrained import model_config
+
+            mc = model_config(model)
+            self.vocab, self.hidden, self.layers = mc.vocab_size, mc.hidden_size, mc.num_hidden_layers
+            self.intermediate = getattr(mc, "intermediate_size", None)
+            self.heads = mc.num_attention_heads
+            self.kv_heads = getattr(mc, "num_key_value_heads", mc.num_attention_heads)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -38,6 +49,18 @@ class E2EConfig:
 
 def make_base_model(cfg: E2EConfig, device="cpu"):
     import transformers
+
+    if cfg.model is not None:
+        from routed_lora.pretrained import random_model, resolve_model
+
+        if cfg.random_weights:
+            model = random_model(cfg.model, seed=cfg.seed)
+        else:
+            from routed_lora.env.tokenizer import load_causal_lm
+
+            model = load_causal_lm(resolve_model(cfg.model))
+        model.config.use_cache = False
+        return model.to(device=device, dtype=getattr(torch, cfg.dtype)).train()
 
     conf = transformers.Qwen2Config(
         vocab_size=cfg.vocab,
@@ -219,7 +242,8 @@ def run_e2e(device: str = "cpu", quick: bool = False, cfg: E2EConfig | None = No
             {
                 "kind": "e2e",
                 "provider": n,
-                "model": "qwen2-from-config",
+                "model": "qwen2-from-config" if cfg.model is None else
+                f"{cfg.model}{'-config-random' if cfg.random_weights else ''}",
                 **{f"e2e_{k}": v for k, v in cfg.as_dict().items()},
                 "M": tokens,
                 "r": cfg.r,

@@ -7,6 +7,11 @@ def _run(args) -> int:
     from .run import QUICK, StudyConfig, run_study
 
     kw = dict(QUICK) if args.quick else {}
+    if args.model:  # a pretrained model: its warm start and learning rate (env/lora_sft.py), then the flags
+        from routed_lora.env.lora_sft import PRETRAINED_STUDY, check_pretrained
+
+        check_pretrained(args.model)
+        kw.update(PRETRAINED_STUDY, model=str(args.model))
     for name in ("seeds", "steps", "eval_n", "r", "lr", "prompts_per_step", "group_size", "sft_steps"):
         v = getattr(args, name)
         if v is not None:
@@ -28,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study); rerun to resume")
     p.add_argument("--quick", action="store_true",
                    help=f"the quick study ({', '.join(f'{k}={v}' for k, v in QUICK.items())})")
+    p.add_argument("--model", default=None,
+                   help="a pretrained model, smollm2-135m or a folder with a chat template (default: the world's "
+                        "tiny model): chat:tiny prompt, merged LoRA warm start, sft-steps 30 and lr 2e-5 unless given")
     p.add_argument("--world", default=None, help="an existing world folder (default: build one under --out)")
     p.add_argument("--world-kind", dest="world_kind", choices=("default", "conflict"), default=None,
                    help="world built under --out: default (the demo's) or conflict (queries in codes, answers in "

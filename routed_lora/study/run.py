@@ -63,6 +63,8 @@ class StudyConfig:
     world_seed: int = 0
     world_kind: str = "default"  # "conflict": routed_lora.env.conflict_world (issue 21)
     arms: tuple = ARMS
+    # a pretrained model (folder or smollm2-135m): chat:tiny prompt, merged LoRA warm start (env/lora_sft.py)
+    model: str | None = None
 
     def check(self) -> "StudyConfig":
         for name in ("seeds", "steps", "prompts_per_step", "r", "sft_steps", "people"):
@@ -218,11 +220,11 @@ def _grpo_config(cfg: StudyConfig, spec: ArmSpec):
                       mini_batches=cfg.mini_batches, micro_batch_size=64, save_every=0, seed=1000 + spec.seed)
 
 
-def _evaluate(model, tok, rows, retriever, cfg: StudyConfig, records: list) -> dict:
+def _evaluate(model, tok, rows, retriever, cfg: StudyConfig, records: list, template=None) -> dict:
     from routed_lora.grpo.evaluate import evaluate_em
 
     return evaluate_em(model, tok, rows, retriever, samples=0, greedy=True, max_turns=cfg.max_turns,
-                       max_new_tokens=cfg.max_new_tokens, topk=cfg.topk, records=records)
+                       max_new_tokens=cfg.max_new_tokens, topk=cfg.topk, records=records, prompt_template=template)
 
 
 def run_arm(spec: ArmSpec, cfg: StudyConfig, *, warm_dir: Path, world_dir: Path, eval_rows, out: Path,
@@ -244,11 +246,15 @@ def run_arm(spec: ArmSpec, cfg: StudyConfig, *, warm_dir: Path, world_dir: Path,
     gcfg = _grpo_config(cfg, spec)
     torch.manual_seed(gcfg.seed)
     model, tok = load_model_and_tokenizer(warm_dir)
+    from routed_lora.env.lora_sft import prompt_template_of
+
+    template = prompt_template_of(warm_dir)  # the chat template of a pretrained warm start; None: the plain one
     t0 = time.perf_counter()
     train = {}
     if spec.arm in ("dart", "joint"):
         model, router = build_policy(model, tok, gcfg)
-        trainer = Trainer(gcfg, model, tok, router, retriever, train_rows, out=out / "grpo", progress=progress)
+        trainer = Trainer(gcfg, model, tok, router, retriever, train_rows, out=out / "grpo", progress=progress,
+                          prompt_template=template)
         trainer.progress_desc = f"study {spec.key}"
         res = trainer.train(evaluate_before=False, evaluate_after=False)
         rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -258,10 +264,11 @@ def run_arm(spec: ArmSpec, cfg: StudyConfig, *, warm_dir: Path, world_dir: Path,
         (out / "grpo" / "checkpoint.pt").unlink(missing_ok=True)  # the adapters are saved below
     elif spec.arm == "sft":
         model, router = build_policy(model, tok, gcfg)  # joint layout, rank 2r
-        train = continued_sft(model, tok, retriever, train_rows, gcfg, progress=progress, desc=f"study {spec.key}")
+        train = continued_sft(model, tok, retriever, train_rows, gcfg, progress=progress, desc=f"study {spec.key}",
+                              prompt_template=template)
     t_train = time.perf_counter() - t0
     records: list = []
-    ev = _evaluate(model, tok, eval_rows, retriever, cfg, records)
+    ev = _evaluate(model, tok, eval_rows, retriever, cfg, records, template)
     _write_jsonl(out / "per_question.jsonl", records)
     if spec.mode != "none":
         rl.save_adapters(model, out / "adapters")
@@ -276,7 +283,7 @@ def run_arm(spec: ArmSpec, cfg: StudyConfig, *, warm_dir: Path, world_dir: Path,
     return result
 
 
-def continued_sft(model, tok, retriever, train_rows, gcfg, *, progress=True, desc="sft") -> dict:
+def continued_sft(model, tok, retriever, train_rows, gcfg, *, progress=True, desc="sft", prompt_template=None) -> dict:
     """The control arm: ``gcfg.steps`` AdamW steps at ``gcfg.lr`` on the LoRA adapter, cross-entropy on the
     expert trajectories of the questions GRPO would see at each step (``rows_for_step``, same seed)."""
     from tqdm.auto import tqdm
@@ -294,7 +301,8 @@ def continued_sft(model, tok, retriever, train_rows, gcfg, *, progress=True, des
         idx = rows_for_step(len(train_rows), step, gcfg.prompts_per_step, gcfg.seed)
         todo = [i for i in idx if i not in cache]
         if todo:
-            for i, t in zip(todo, build_trajectories(tok, [train_rows[i] for i in todo], retriever)):
+            kw = {"prompt_template": prompt_template} if prompt_template else {}
+            for i, t in zip(todo, build_trajectories(tok, [train_rows[i] for i in todo], retriever, **kw)):
                 cache[i] = t
         ids, attn, mask = _batch([cache[i] for i in idx], tok.pad_token_id)
         loss = sft_loss(model, ids, attn, mask)
@@ -350,8 +358,16 @@ def run_study(out: str | Path, cfg: StudyConfig, *, world: str | Path | None = N
     if not (s and (s.get("steps"), s.get("two_hop_frac")) == (cfg.sft_steps, cfg.two_hop_frac)
             and (warm_dir / "config.json").exists()):
         t = time.perf_counter()
-        warm_start(world_dir, warm_dir, steps=cfg.sft_steps, eval_n=min(cfg.eval_n, 200),
-                   two_hop_frac=cfg.two_hop_frac, seed=0, threads=threads, progress=progress)
+        if cfg.model:  # pretrained: one LoRA adapter trained through the chat template, merged into the weights
+            from routed_lora.env.lora_sft import merged_warm_start
+
+            merged_warm_start(cfg.model, world_dir, warm_dir, steps=cfg.sft_steps, r=cfg.r,
+                              lora_alpha=cfg.lora_alpha, two_hop_frac=cfg.two_hop_frac,
+                              eval_n=min(cfg.eval_n, 200), max_turns=cfg.max_turns,
+                              max_new_tokens=cfg.max_new_tokens, seed=0, progress=progress)
+        else:
+            warm_start(world_dir, warm_dir, steps=cfg.sft_steps, eval_n=min(cfg.eval_n, 200),
+                       two_hop_frac=cfg.two_hop_frac, seed=0, threads=threads, progress=progress)
         log(f"[study] warm start: {cfg.sft_steps} SFT steps in {time.perf_counter() - t:.0f} s")
 
     results = {}
