@@ -229,3 +229,8 @@ def test_study_on_smollm2_warm_starts_merged_and_uses_the_chat_prompt(smollm2_di
     res = json.loads((tmp_path / "s" / "arms" / "dart" / "seed0" / "result.json").read_text())
     assert res["train"]["steps"] == 1
     assert (tmp_path / "s" / "report.md").exists()
+    # the controls: retrieval held constant runs through the chat prompt; the 2-Agent hand-over needs single-token
+    # tags, which SmolLM2's text tags are not, so it is skipped with the reason (and not retried on a rerun)
+    assert res["eval_gold"]["n/all"] == 2
+    assert (tmp_path / "s" / "arms" / "dart" / "seed0" / "per_question_gold.jsonl").exists()
+    assert "must be a single token" in res["eval_two_agent"]["skipped"]

@@ -82,6 +82,13 @@ def run_controls(spec, cfg, model, tok, rows, retriever, *, warm_dir: Path, arm_
     write_jsonl(arm_dir / FILES["gold"], recs)
     out["eval_gold"] = ev
     if spec.arm == "dart":
+        from routed_lora.diagnostics.two_agent import _single
+
+        try:  # the 2-Agent hand-over works at single-token tags (the tiny tokenizer; not SmolLM2's text tags)
+            _single(tok, "<search>"), _single(tok, "</search>"), _single(tok, "</answer>")
+        except ValueError as exc:
+            out["eval_two_agent"] = {"skipped": str(exc)}
+            return out
         ev2, recs2 = two_agent_eval(warm_dir, arm_dir / "adapters", rows, retriever, cfg, own_records,
                                     prompt_template)
         write_jsonl(arm_dir / FILES["two_agent"], recs2)
@@ -90,8 +97,12 @@ def run_controls(spec, cfg, model, tok, rows, retriever, *, warm_dir: Path, arm_
 
 
 def missing(spec, arm_dir: Path) -> bool:
-    need = ["gold"] + (["two_agent"] if spec.arm == "dart" else [])
-    return any(not (arm_dir / FILES[k]).exists() for k in need)
+    if not (arm_dir / FILES["gold"]).exists():
+        return True
+    if spec.arm != "dart" or (arm_dir / FILES["two_agent"]).exists():
+        return False
+    res = arm_dir / "result.json"  # a 2-Agent run skipped for a reason (multi-token tags) is not redone
+    return not (res.exists() and "skipped" in json.loads(res.read_text()).get("eval_two_agent", {}))
 
 
 def ensure_controls(spec, cfg, *, arm_dir: Path, warm_dir: Path, world_dir: Path, rows, log=print) -> None:
@@ -110,15 +121,18 @@ def ensure_controls(spec, cfg, *, arm_dir: Path, warm_dir: Path, world_dir: Path
         model, _ = build_policy(model, tok, _grpo_config(cfg, spec))
         rl.load_adapters(model, arm_dir / "adapters")
     own = [json.loads(x) for x in (arm_dir / "per_question.jsonl").read_text().splitlines() if x.strip()]
+    from routed_lora.env.lora_sft import prompt_template_of
+
     extra = run_controls(spec, cfg, model, tok, rows, retriever, warm_dir=warm_dir, arm_dir=arm_dir,
-                         own_records=own)
+                         own_records=own, prompt_template=prompt_template_of(warm_dir))
     res_path = arm_dir / "result.json"
     res = json.loads(res_path.read_text())
     res.update(extra)
     tmp = res_path.with_name("result.json.tmp")
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(res_path)
+    two = extra.get("eval_two_agent", {})
     log(f"[study] {spec.key}: controls added (held constant 2-hop "
         f"{extra['eval_gold'].get('em_greedy/2hop', float('nan')):.3f}"
-        + (f", 2-Agent 2-hop {extra['eval_two_agent'].get('em_greedy/2hop', float('nan')):.3f}"
-           if "eval_two_agent" in extra else "") + ")")
+        + (f", 2-Agent skipped: {two['skipped']}" if "skipped" in two else
+           f", 2-Agent 2-hop {two['em_greedy/2hop']:.3f}" if "em_greedy/2hop" in two else "") + ")")

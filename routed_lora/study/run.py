@@ -274,7 +274,7 @@ def run_arm(spec: ArmSpec, cfg: StudyConfig, *, warm_dir: Path, world_dir: Path,
         rl.save_adapters(model, out / "adapters")
     # the controls (retrieval held constant; the 2-Agent baseline of the dart arm): .controls
     controls = run_controls(spec, cfg, model, tok, eval_rows, retriever, warm_dir=warm_dir, arm_dir=out,
-                            own_records=records)
+                            own_records=records, prompt_template=template)
     result = {"arm": spec.arm, "seed": spec.seed, "mode": spec.mode, "r": spec.r, "lora_alpha": spec.lora_alpha,
               "trainable_parameters": 0 if spec.mode == "none" else
               sum(p.numel() for p in model.parameters() if p.requires_grad),
