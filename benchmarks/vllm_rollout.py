@@ -19,7 +19,9 @@ Each vLLM engine lives in its own process (spawned; in-process engine core), bot
 engines take turns: one warm-up run each, then ``--repeats`` rounds in which every engine runs once, the order
 rotated each round. Threads: vLLM binds ``--threads`` cores (VLLM_CPU_OMP_THREADS_BIND=0-(threads-1)), HF uses
 ``torch.set_num_threads(--threads)``. Rows (JSON lines): engine, median and min/max throughput in generated
-tokens/s, each run's figure, and the load average (1 min) before and after. For routed requests the front end
+tokens/s, each run's figure, and the load average (1 min) before and after; also per CPU second
+(``cpu_tok_per_s_*``: tokens / the process's CPU time), which other jobs on the same cores disturb far less than
+wall time when ``--threads 1`` (with 2 bound threads it counts OpenMP spin-waits too). For routed requests the front end
 also computes every position's route (``RoutedOutput.routes``, TagRouter in Python): its time is reported
 (``routes_s``) and the throughput without it (``engine_tok_per_s_median``).
 """
@@ -115,6 +117,7 @@ def _child(conn, kind: str, folder: str, adapters: str, prompts, cfg: dict) -> N
             break
         _, adapter, mode = msg
         extra = {}
+        c = time.process_time()
         if routed is None:
             t = time.perf_counter()
             llm.generate(toks, sp, use_tqdm=False)
@@ -129,6 +132,7 @@ def _child(conn, kind: str, folder: str, adapters: str, prompts, cfg: dict) -> N
                 gen = [r for o in outs for r in o.routes[len(o.prompt_ids):]]
                 extra = dict(routes_s=spent[0], tool_fraction=sum(r == 1 for r in gen) / max(1, len(gen)),
                              sequences_with_tool=sum(1 in o.routes[len(o.prompt_ids):] for o in outs))
+        extra["cpu_s"] = time.process_time() - c
         conn.send((dt, extra))
     conn.close()
 
@@ -186,10 +190,10 @@ def main() -> None:
             att[i, ids.shape[1] - len(p):] = 1
         gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.tokens,
                               min_new_tokens=args.tokens, pad_token_id=pad, eos_token_id=None)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=att, generation_config=gc)
-        return time.perf_counter() - t, {}
+        return time.perf_counter() - t, {"cpu_s": time.process_time() - c}
 
     def run(engine):
         if engine == "hf":
@@ -228,7 +232,10 @@ def main() -> None:
                    model="tiny qwen2 h64 l2" if args.model == "tiny" else str(args.model), threads=args.threads,
                    repeats=args.repeats, routed_lora=rl.__version__, vllm=vllm_version, torch=torch.__version__,
                    loadavg_before=load0, loadavg_after=load1, device="cpu")
-        ex = [x for _, x in results[e] if x]
+        cps = [n_tok / x["cpu_s"] for _, x in results[e]]
+        row.update(cpu_tok_per_s_median=round(statistics.median(cps), 1), cpu_tok_per_s_min=round(min(cps), 1),
+                   cpu_tok_per_s_max=round(max(cps), 1))
+        ex = [x for _, x in results[e] if "routes_s" in x]
         if ex:
             row["routes_s_median"] = round(statistics.median(x["routes_s"] for x in ex), 3)
             row["engine_tok_per_s_median"] = round(statistics.median(
