@@ -1,8 +1,9 @@
 """The vLLM general plugin: per-token LoRA slots from each request's tokens so far (DESIGN.md §2).
 
 Installed as the ``vllm.general_plugins`` entry point ``routed_lora`` (pyproject.toml); vLLM calls
-:func:`register` in the front end, the engine core and every worker process. It patches three places, and each
-patch passes through unchanged unless the batch holds a *routed request*:
+:func:`register` in the front end, the engine core and every worker process. It patches four places, and each
+patch passes through unchanged unless the batch holds a *routed request* (or, for item 2 only,
+``ROUTED_LORA_VLLM_CPU_OP=all`` is set):
 
 1. ``InputBatch.make_lora_inputs`` (v1/worker/gpu_input_batch.py), which upstream repeats each request's LoRA
    id over its scheduled tokens. For a routed request (its ``LoRARequest.lora_name`` starts with
