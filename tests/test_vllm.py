@@ -152,6 +152,70 @@ def test_weight_sync(env):
     assert (again - torch.tensor(before.logprobs)).abs().max() > 1e-2
 
 
+def _count_op_calls(monkeypatch):
+    """Count the calls into our CPU LoRA op (the in-process engine's worker runs in this process)."""
+    from collections import Counter
+
+    from routed_lora.integrations.vllm import cpu_lora
+
+    calls = Counter()
+    for name in ("lora_linear_", "lora_shrink_", "lora_expand_"):
+        f = getattr(cpu_lora, name)
+
+        def counted(*a, _f=f, _n=name, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+
+        monkeypatch.setattr(cpu_lora, name, counted)
+    return calls
+
+
+def test_our_cpu_op_serves_routed_batches_only_by_default(env, monkeypatch):
+    """Routed batches get their LoRA terms from our op (cpu_lora.py); a batch without routed requests stays on
+    vLLM's ops (the plugin is inert there) unless ROUTED_LORA_VLLM_CPU_OP=all, which is exact there too and
+    gives no-LoRA requests beside LoRA ones the backbone (vLLM's ops give them the last slot: defect 1)."""
+    tok, routed = env["tok"], env["routed"]
+    calls = _count_op_calls(monkeypatch)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    outs = routed.generate(prompts[:2], _params(tok, n_tokens=16))
+    _check(env, outs, [env["router"]] * 2)
+    n_routed = calls["lora_linear_"]
+    assert n_routed > 0, "routed batches did not use our op"
+    outs = routed.generate(prompts[:2], _params(tok, n_tokens=16), adapter="tool")
+    _check(env, outs, [1, 1])
+    assert calls["lora_linear_"] == n_routed, "our op ran in a batch without routed requests"
+    # every slot occupied (two adapter sets: three LoRA ids for three slots), so that vLLM's ops would give the
+    # no-LoRA rows the last slot's adapter
+    from vllm.inputs import TokensPrompt
+
+    from routed_lora.integrations.vllm import RoutedLLM
+
+    other = RoutedLLM(env["llm"], env["model"])  # the same weights under new ids
+    reqs = [routed.requests["tool"], None, other.requests["reasoning"], None, routed.requests["reasoning"]]
+    monkeypatch.setenv("ROUTED_LORA_VLLM_CPU_OP", "all")
+    outs = env["llm"].generate([TokensPrompt(prompt_token_ids=prompts[i % 4]) for i in range(len(reqs))],
+                               _params(tok, n_tokens=24), lora_request=reqs, use_tqdm=False)
+    other.close()
+    assert calls["lora_linear_"] > n_routed
+    for o, route in zip(outs, [1, -1, 0, -1, 0]):
+        ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+        got = torch.tensor([d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+        ref = hf_logprobs(env["model"], ids, [route] * len(ids))[len(o.prompt_token_ids) - 1:]
+        d = (ref - got).abs().max().item()
+        assert d <= TOL, f"route {route}: sampled-token log-probs differ by {d:.2e}"
+
+
+def test_routed_with_vllms_ops(env, monkeypatch):
+    """ROUTED_LORA_VLLM_CPU_OP=off: routed batches on vLLM's own per-token ops, with the defect 1/2 fixes."""
+    tok, routed = env["tok"], env["routed"]
+    monkeypatch.setenv("ROUTED_LORA_VLLM_CPU_OP", "off")
+    calls = _count_op_calls(monkeypatch)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    outs = routed.generate(prompts, _params(tok, n_tokens=24), adapter=["routed", None, "routed", "tool"])
+    _check(env, outs, [env["router"], None, env["router"], 1])
+    assert not calls
+
+
 def test_plugin_is_registered():
     from importlib.metadata import entry_points
 

@@ -1,8 +1,9 @@
 """The vLLM general plugin: per-token LoRA slots from each request's tokens so far (DESIGN.md §2).
 
 Installed as the ``vllm.general_plugins`` entry point ``routed_lora`` (pyproject.toml); vLLM calls
-:func:`register` in the front end, the engine core and every worker process. It patches three places, and each
-patch passes through unchanged unless the batch holds a *routed request*:
+:func:`register` in the front end, the engine core and every worker process. It patches four places, and each
+patch passes through unchanged unless the batch holds a *routed request* (or, for item 2 only,
+``ROUTED_LORA_VLLM_CPU_OP=all`` is set):
 
 1. ``InputBatch.make_lora_inputs`` (v1/worker/gpu_input_batch.py), which upstream repeats each request's LoRA
    id over its scheduled tokens. For a routed request (its ``LoRARequest.lora_name`` starts with
@@ -12,11 +13,13 @@ patch passes through unchanged unless the batch holds a *routed request*:
    each step (no rescan); tags of one token or several (the router's text mode) both work. The routed
    request's own LoRA id is replaced in the active set by its adapters' requests (one per adapter, loaded into
    ordinary vLLM LoRA slots from the ``save_adapters`` folder). Route -1 (backbone only) maps to LoRA id 0.
-2. ``PunicaWrapperCPU.update_metadata`` / ``_shrink_decode`` (lora/punica_wrapper/punica_cpu.py): in a routed
-   batch the per-token (bgmv) path is used for prefill too, since the prefill (sgmv) path's run buffers hold
-   ``max_num_seqs`` runs and per-token routes make more runs than requests (upstream defect 2); and rows whose
-   slot index is -1 get a zero shrink output, since the torch ops use -1 as a Python index, i.e. the last slot
-   (upstream defect 1). Then ``-1`` tokens (route -1, and no-LoRA requests in the same batch) get no LoRA term.
+2. ``PunicaWrapperCPU`` (lora/punica_wrapper/punica_cpu.py), in a routed batch (or every LoRA batch with
+   ``ROUTED_LORA_VLLM_CPU_OP=all``, :func:`op_mode`): the LoRA terms are computed by our op
+   (:mod:`.cpu_lora`: one shrink of x against every slot's stacked A, each token's own slot selected, one
+   expand GEMM per used slot) instead of vLLM's torch ops, which gather a weight copy per token. Slot index -1
+   (route -1, and no-LoRA requests in the same batch) gets no LoRA term, where vLLM's ops read -1 as a Python
+   index, i.e. the last slot (upstream defect 1); and no prefill (sgmv) run metadata is built, whose buffers
+   hold ``max_num_seqs`` runs while per-token routes make more runs than requests (upstream defect 2).
 3. ``LoRAModelRunnerMixin.load_lora_model``: the configuration guard (:func:`check_supported`): async
    scheduling (the placeholder for the newest token would make host-side routes one position late) is refused.
    The V2 model runner never calls this hook and builds its mapping on the device; the front end
@@ -358,41 +361,115 @@ def _patch_input_batch() -> None:
     cls.add_request = add_request
 
 
+def op_mode() -> str:
+    """Which batches our CPU LoRA op (:mod:`.cpu_lora`) serves, from ``ROUTED_LORA_VLLM_CPU_OP`` (read every step,
+    so an in-process engine can switch between runs): ``routed`` (default) the batches holding a routed request,
+    ``all`` every LoRA batch, ``off`` none (vLLM's own ops, with the defect-1 fix kept for routed batches)."""
+    mode = os.environ.get("ROUTED_LORA_VLLM_CPU_OP", "routed")
+    if mode not in ("routed", "all", "off"):
+        raise ValueError(f"ROUTED_LORA_VLLM_CPU_OP: expected 'routed', 'all' or 'off', got {mode!r}")
+    return mode
+
+
 def _patch_punica_cpu() -> None:
+    """The CPU punica wrapper (lora/punica_wrapper/punica_cpu.py), in batches our op serves (:func:`op_mode`):
+
+    - ``update_metadata`` keeps only the per-token indices: no prefill (sgmv) run metadata, whose buffers hold
+      ``max_num_seqs`` runs while per-token routes make more (upstream defect 2); our op takes any mix;
+    - ``add_lora_linear``, ``add_shrink``, ``add_expand``, ``add_lora_logits`` and ``add_lora_embedding`` go to
+      :mod:`.cpu_lora` (one shrink against all slots, per-token slot selection, one expand per used slot; slot
+      -1 gets no LoRA term: upstream defect 1). The slot plan is made once per step and shared by every layer.
+
+    Other batches go to vLLM's methods unchanged. With the op ``off``, routed batches still get the defect-1
+    and defect-2 fixes on vLLM's own per-token (bgmv) ops."""
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # a build without the CPU wrapper: nothing to fix there
         return
+    from . import cpu_lora
+
     cls = punica_cpu.PunicaWrapperCPU
     orig_update = cls.update_metadata
     if getattr(orig_update, "_routed_lora", False):
         return
+    orig = {k: getattr(cls, k) for k in ("add_lora_linear", "add_shrink", "add_expand", "add_lora_logits",
+                                         "add_lora_embedding", "_shrink_decode")}
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
-        if not _state.routed_batch:
+        mode = op_mode()
+        self._rl_op = mode == "all" or (mode == "routed" and _state.routed_batch)
+        self._rl_plans = {}
+        if not (self._rl_op or _state.routed_batch):
             return orig_update(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        # defect 2: the per-run (sgmv) buffers hold max_num_seqs runs; per-token routes make more runs. The
-        # per-token (bgmv) path handles any mix, prefill or decode.
+        # defect 2: no sgmv run buffers; our op (or, with the op off, vLLM's bgmv path) takes any mix
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = False
         self.no_lora = False
 
-    update_metadata._routed_lora = True
-    cls.update_metadata = update_metadata
+    def plan(self, kind: str, num_slots: int):
+        key = (kind, num_slots)
+        p = self._rl_plans.get(key)
+        if p is None:
+            idx = self.token_lora_indices if kind == "token" else self.sampler_indices
+            p = self._rl_plans[key] = cpu_lora.SlotPlan(idx, num_slots)
+        return p
 
-    orig_shrink = cls._shrink_decode
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
+                        **kwargs):
+        if not getattr(self, "_rl_op", False):
+            return orig["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                           buffer=buffer, **kwargs)
+        cpu_lora.lora_linear_(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                              plan(self, "token", lora_a_stacked[0].shape[0]))
+
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+        if not getattr(self, "_rl_op", False):
+            return orig["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
+        x = x.view(-1, x.shape[-1])
+        bufs = [y[s].view(-1, y[s].shape[-1]) for s in range(len(lora_a_stacked))]  # views: writes land in y
+        cpu_lora.lora_shrink_(bufs, x, lora_a_stacked, scale, plan(self, "token", lora_a_stacked[0].shape[0]))
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
+        if not getattr(self, "_rl_op", False):
+            return orig["add_expand"](self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs,
+                                      **kwargs)
+        y2 = y.view(-1, y.shape[-1])
+        bufs = [x[s].view(-1, x[s].shape[-1]) for s in range(len(lora_b_stacked))]
+        cpu_lora.lora_expand_(y2, bufs, lora_b_stacked, output_slices,
+                              plan(self, "token", lora_b_stacked[0].shape[0]), offset=offset_start,
+                              add_inputs=add_inputs)
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        if not getattr(self, "_rl_op", False):
+            return orig["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer,
+                                           **kwargs)
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        n = min(lora_b_stacked.shape[-2], y2.shape[1])  # the LoRA and the model may pad the vocabulary apart
+        cpu_lora.lora_linear_(y2, x2, (lora_a_stacked,), (lora_b_stacked,), scale, (n,),
+                              plan(self, "sampler", lora_a_stacked.shape[0]))
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        if not getattr(self, "_rl_op", False):
+            return orig["add_lora_embedding"](self, y, x, lora_b_stacked, add_inputs, **kwargs)
+        y2 = y.view(-1, y.shape[-1])
+        n = min(lora_b_stacked.shape[-2], y2.shape[1])
+        cpu_lora.lora_expand_(y2, (x.view(-1, x.shape[-1]),), (lora_b_stacked,), (n,),
+                              plan(self, "token", lora_b_stacked.shape[0]), add_inputs=add_inputs)
 
     def _shrink_decode(self, y, x, w_t_all, scale):
-        orig_shrink(self, y, x, w_t_all, scale)
+        orig["_shrink_decode"](self, y, x, w_t_all, scale)
         if _state.routed_batch:
-            # defect 1: slot index -1 (no LoRA) selects the last slot in the torch ops; zero those rows, so the
-            # expand adds B @ 0 = 0 for them
+            # op off, routed batch: defect 1 on vLLM's ops. Slot index -1 (no LoRA) selects the last slot in
+            # the torch ops; zero those rows, so the expand adds B @ 0 = 0 for them
             idx = self.token_lora_indices
             none = idx < 0
             if bool(none.any()):
                 y[: idx.shape[0]][none] = 0
 
-    cls._shrink_decode = _shrink_decode
+    for f in (update_metadata, add_lora_linear, add_shrink, add_expand, add_lora_logits, add_lora_embedding,
+              _shrink_decode):
+        f._routed_lora = True
+        setattr(cls, f.__name__, f)
 
 
 def _patch_lora_runner() -> None:
