@@ -145,6 +145,9 @@ def _ddp_worker(rank, world_size, store, world_dir, out_dir):
             moved = any(float(v[:, :].abs().sum()) > 0 for k, v in gathered[0].items() if k.endswith("lora_B"))
             Path(out_dir, "ddp_result.json").write_text(json.dumps({"same": same, "moved": moved,
                                                                    "rollouts": res["last"]["rollouts"]}))
+        # both ranks leave together: a rank tearing its gloo pairs down while the other is still in a collective
+        # aborted the process now and then under load ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
