@@ -78,15 +78,7 @@ def _run_suite(args) -> int:
     from .providers import PROVIDERS
     from .suite import run_suite
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UsageError(f"--device: expected cpu or cuda[:N], got {device!r}") from None
-    if kind not in ("cpu", "cuda"):
-        raise UsageError(f"--device: expected cpu or cuda[:N], got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: cuda asked for, but torch sees no CUDA device")
+    device = _device(args.device)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     if providers is not None:
         unknown = [p for p in providers if p not in PROVIDERS]

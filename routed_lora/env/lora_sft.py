@@ -96,7 +96,7 @@ def lora_sft(model, tokenizer, trajectories: Sequence[dict], *, steps: int, batc
 
     from routed_lora.grpo.adapters import AdapterOptimizer, adapter_names
 
-    from .sft import _batch, sft_loss
+    from .sft import _batch, next_batch, sft_loss
 
     if not trajectories:
         raise ValueError("lora_sft: no trajectories to train on")
@@ -112,12 +112,7 @@ def lora_sft(model, tokenizer, trajectories: Sequence[dict], *, steps: int, batc
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         for step in bar:
-            if len(order) < batch_size:
-                more = list(range(len(trajectories)))
-                rng.shuffle(more)
-                order += more
-            batch = [trajectories[i] for i in order[:batch_size]]
-            del order[:batch_size]
+            batch = [trajectories[i] for i in next_batch(order, len(trajectories), batch_size, rng)]
             ids, attn, mask = _batch(batch, tokenizer.pad_token_id)
             t0 = time.perf_counter()
             loss = sft_loss(model, ids, attn, mask)

@@ -93,6 +93,18 @@ def _split_eval(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
     return out
 
 
+def next_batch(order: list[int], n: int, batch_size: int, rng) -> list[int]:
+    """The next ``batch_size`` example indices from ``order``, refilled with a fresh shuffle of ``range(n)`` when
+    it runs short (epochs without replacement; a batch may span two epochs). Consumes them from ``order``."""
+    if len(order) < batch_size:
+        more = list(range(n))
+        rng.shuffle(more)
+        order += more
+    out = order[:batch_size]
+    del order[:batch_size]
+    return out
+
+
 def run_sft(
     world_dir: str | Path,
     out_dir: str | Path,
@@ -177,12 +189,7 @@ def run_sft(
     loss_ema = None
     evals = []
     for step in bar:
-        if len(order) < batch_size:
-            more = list(range(len(trajs)))
-            rng.shuffle(more)
-            order += more
-        batch = [trajs[i] for i in order[:batch_size]]
-        del order[:batch_size]
+        batch = [trajs[i] for i in next_batch(order, len(trajs), batch_size, rng)]
         ids, attn, mask = _batch(batch, tok.pad_token_id)
         ts = time.perf_counter()
         for g in opt.param_groups:
