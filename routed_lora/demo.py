@@ -49,6 +49,44 @@ def warm_start(world_dir: Path, out: Path, *, steps: int, eval_n: int, two_hop_f
     return run_sft(world_dir, out, **kw)
 
 
+class _Stop(Exception):
+    """Raised by :func:`train_within`'s step callback to end training after a step."""
+
+
+def train_within(trainer, cfg, model, grpo_dir: Path, *, budget: float, limit: float, t_all: float, reserve: float,
+                 on_step=None, **train_kw) -> tuple[dict, dict]:
+    """``trainer.train(**train_kw)``, stopped after a step (with a checkpoint) when the next step would overrun the
+    GRPO ``budget`` (seconds from now) or the demo's time ``limit`` (seconds from ``t_all``) minus ``reserve`` (what
+    the final evaluation and saving will take); a step's cost is taken as the last one's. ``on_step`` sees every
+    step's metrics row first. Returns (the train result, or ``{"steps": n}`` when stopped; ``{"at": step or None,
+    "why": reason}``)."""
+    from routed_lora.grpo.trainer import save_checkpoint
+
+    t0 = time.perf_counter()
+    stopped = {"at": None, "why": None}
+
+    def callback(row):
+        if on_step is not None:
+            on_step(row)
+        now = time.perf_counter()
+        step_s = row["rollout_s"] + row["update_s"]
+        if row["step"] >= cfg.steps:
+            return
+        if now - t0 + step_s > budget:
+            stopped.update(at=row["step"], why=f"the {budget:.0f} s GRPO budget")
+        elif (now - t_all) + step_s + reserve > limit:
+            stopped.update(at=row["step"], why=f"the {limit:.0f} s time limit of the demo")
+        if stopped["at"]:
+            raise _Stop
+
+    try:
+        result = trainer.train(callback=callback, **train_kw)
+    except _Stop:
+        save_checkpoint(grpo_dir, model=model, optimizer=trainer.optimizer, step=trainer.step, cfg=cfg)
+        result = {"steps": trainer.step}
+    return result, stopped
+
+
 def balanced_rows(rows, n: int, seed: int = 0) -> list[dict]:
     """Up to ``n`` rows, half 1-hop and half 2-hop, deterministic."""
     import random
@@ -144,31 +182,11 @@ def run_demo(out: Path, *, quick: bool = False, threads: int = 2, progress: bool
     limit = float(p["time_limit"])
     trainer.progress_desc = f"grpo {cfg.mode} (up to {cfg.steps} steps or {budget:.0f} s)"
     reserve = 1.3 * ev_before["eval_seconds"] + 15.0
-    t_train0 = time.perf_counter()
-    stopped_early = {"at": None, "why": None}
 
-    class _Stop(Exception):
-        pass
+    from routed_lora.grpo.trainer import MetricsWriter
 
-    def on_step(row):
-        now = time.perf_counter()
-        step_s = row["rollout_s"] + row["update_s"]
-        if row["step"] >= cfg.steps:
-            return
-        if now - t_train0 + step_s > budget:
-            stopped_early.update(at=row["step"], why=f"the {budget:.0f} s GRPO budget")
-        elif (now - t_all) + step_s + reserve > limit:
-            stopped_early.update(at=row["step"], why=f"the {limit:.0f} s time limit of the demo")
-        if stopped_early["at"]:
-            raise _Stop
-
-    from routed_lora.grpo.trainer import MetricsWriter, save_checkpoint
-
-    try:
-        result = trainer.train(callback=on_step, evaluate_before=ev_before, evaluate_after=False)
-    except _Stop:
-        save_checkpoint(grpo_dir, model=model, optimizer=trainer.optimizer, step=trainer.step, cfg=cfg)
-        result = {"steps": trainer.step}
+    result, stopped_early = train_within(trainer, cfg, model, grpo_dir, budget=budget, limit=limit, t_all=t_all,
+                                         reserve=reserve, evaluate_before=ev_before, evaluate_after=False)
     ev_after = evaluate(recs_after)
     MetricsWriter(grpo_dir / "metrics.jsonl", resume_step=10**9).write({"eval": "after", "step": trainer.step,
                                                                         **ev_after})

@@ -51,11 +51,10 @@ def run_demo_pretrained(out: Path, model: str, *, quick: bool = False, threads: 
     from routed_lora.env.retriever import BM25Retriever
     from routed_lora.env.trajectories import build_trajectories
     from routed_lora.grpo.evaluate import evaluate_em, format_eval
-    from routed_lora.grpo.trainer import (GRPOConfig, MetricsWriter, Trainer, build_policy,
-                                          load_model_and_tokenizer, save_checkpoint)
+    from routed_lora.grpo.trainer import GRPOConfig, MetricsWriter, Trainer, build_policy, load_model_and_tokenizer
     from routed_lora.pretrained import resolve_model
 
-    from .demo import _paired, _write_jsonl, balanced_rows
+    from .demo import _paired, _write_jsonl, balanced_rows, train_within
 
     p = dict(PRETRAINED_QUICK if quick else PRETRAINED)
     p.update({k: v for k, v in overrides.items() if v is not None})
@@ -154,36 +153,16 @@ def run_demo_pretrained(out: Path, model: str, *, quick: bool = False, threads: 
     budget = float(p["grpo_budget"])
     trainer.progress_desc = f"grpo dart (up to {cfg.steps} steps or {budget:.0f} s)"
     reserve = 1.3 * evals["after warm start"]["eval_seconds"] + 30.0
-    t_train0 = time.perf_counter()
-    stopped = {"at": None, "why": None}
     step_rows: list = []
-
-    class _Stop(Exception):
-        pass
-
-    def on_step(row):
-        step_rows.append(dict(row))
-        now = time.perf_counter()
-        step_s = row["rollout_s"] + row["update_s"]
-        if row["step"] >= cfg.steps:
-            return
-        if now - t_train0 + step_s > budget:
-            stopped.update(at=row["step"], why=f"the {budget:.0f} s GRPO budget")
-        elif (now - t_all) + step_s + reserve > limit:
-            stopped.update(at=row["step"], why=f"the {limit:.0f} s time limit of the demo")
-        if stopped["at"]:
-            raise _Stop
-
     # a step never starts when even one would overrun the time limit (the time is then left to the evaluation)
     if (time.perf_counter() - t_all) + reserve > limit:
-        stopped.update(at=0, why=f"the {limit:.0f} s time limit of the demo (no time left for a step)")
+        stopped = {"at": 0, "why": f"the {limit:.0f} s time limit of the demo (no time left for a step)"}
         steps_done = 0
     else:
-        try:
-            steps_done = trainer.train(callback=on_step, evaluate_before=False, evaluate_after=False)["steps"]
-        except _Stop:
-            save_checkpoint(grpo_dir, model=net, optimizer=trainer.optimizer, step=trainer.step, cfg=cfg)
-            steps_done = trainer.step
+        result, stopped = train_within(trainer, cfg, net, grpo_dir, budget=budget, limit=limit, t_all=t_all,
+                                       reserve=reserve, on_step=lambda row: step_rows.append(dict(row)),
+                                       evaluate_before=False, evaluate_after=False)
+        steps_done = result["steps"]
     timings["grpo_train_s"] = time.perf_counter() - t
     loads["grpo"] = _load()
     how = f" (stopped early by {stopped['why']})" if stopped["at"] is not None else ""
