@@ -66,6 +66,35 @@ def test_lora_linear_matches_per_token_loop(case, slices):
         assert (want - y0.double()).abs().max() > 0.1  # the LoRA term is there to be got wrong
 
 
+def test_cached_operands_follow_writes_into_the_stacks():
+    """The op keeps the stacked A (and B) of a layer between calls; vLLM writes a newly loaded adapter into a slot
+    in place (``set_lora`` copies, ``reset_lora`` zeroes, under ``torch.inference_mode``), and each write must
+    reach the next call: for the fused call and for the shrink/expand pair, slot by slot."""
+    T, K, L, R, slices = 23, 16, 3, 4, (7, 5, 6)
+    A, B = _stacks(L, R, K, slices, seed=11)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(T, K, generator=g)
+    for idx in (torch.tensor([t % 3 - 1 for t in range(T)]), torch.full((T,), 1)):
+        plan = SlotPlan(idx, L)
+        for step in range(4):
+            y = torch.zeros(T, sum(slices))
+            lora_linear_(y, x, A, B, 1.0, slices, plan)
+            assert (y.double() - _loop(torch.zeros(T, sum(slices)), x, A, B, idx, 1.0, slices, 0)).abs().max() <= TOL
+            bufs = tuple(torch.zeros(T, R) for _ in slices)
+            lora_shrink_(bufs, x, A, 1.0, plan)
+            y2 = torch.zeros(T, sum(slices))
+            lora_expand_(y2, bufs, B, slices, plan)
+            assert (y2 - y).abs().max() <= TOL
+            with torch.inference_mode():  # as vLLM loads an adapter: copy into slot `step % L`, or zero it
+                s = step % len(slices)
+                if step == 2:
+                    A[s][1] = 0
+                    B[s][1] = 0
+                else:
+                    A[s][1, 0, :, : K - 1].copy_(torch.randn(R, K - 1, generator=g))
+                    B[s][1, 0].copy_(torch.randn(slices[s], R, generator=g))
+
+
 @pytest.mark.parametrize("case", list(IDX_CASES))
 @pytest.mark.parametrize("stacked_buffer", [False, True])
 def test_shrink_then_expand_matches_per_token_loop(case, stacked_buffer):
@@ -146,8 +175,12 @@ def test_errors_name_the_argument():
         lora_linear_(torch.zeros(5, 5), torch.randn(5, 8), A, B, 1.0, (5,), plan)
     with pytest.raises(ValueError, match=r"y: expected a 2-D output with 6 rows"):
         lora_linear_(torch.zeros(7, 5), x, A, B, 1.0, (5,), plan)
-    with pytest.raises(ValueError, match=r"lora_a\[0\]: expected \(rank R=4, in_features K=7\).* got \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"x: expected \(tokens, in_features K=8\) as the lora_a stacks, got \(6, 7\)"):
         lora_linear_(y, torch.randn(6, 7), A, B, 1.0, (5,), plan)
+    with pytest.raises(ValueError, match=r"lora_a\[1\]: expected \(rank R=4, in_features K=8\).* got \(4, 7\)"):
+        lora_linear_(torch.zeros(6, 10), x, (A[0], A[0][..., :7]), (B[0], B[0]), 1.0, (5, 5), plan)
+    with pytest.raises(ValueError, match=r"lora_b\[0\]: expected rank R=4 in its last dim, got \(5, 3\)"):
+        lora_linear_(y, x, A, (B[0][..., :3],), 1.0, (5,), plan)
     with pytest.raises(ValueError, match=r"y: expected at least offset \+ sum\(output_slices\) = 7 columns, got 5"):
         lora_linear_(y, x, A, B, 1.0, (5,), plan, offset=2)
     with pytest.raises(ValueError, match=r"lora_b\[0\]: expected a slot stack of shape \(L=3"):
@@ -220,3 +253,32 @@ def test_patched_punica_wrapper_is_inert_outside_routed_batches(monkeypatch):
     assert not w._rl_op and not w.is_prefill  # op off: vLLM's bgmv ops with the defect fixes
     with pytest.raises(ValueError, match="ROUTED_LORA_VLLM_CPU_OP: expected 'routed', 'all' or 'off', got 'yes'"):
         _wrapper(monkeypatch, "yes", [11], [11], [11, None])
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_array_metadata_equals_vllms(seed):
+    """The plugin writes the punica index buffers with array operations (``_base_metadata_``); they must equal
+    vLLM's own ``_update_base_metadata`` (a Python loop over the tokens) on random mappings with empty slots and
+    tokens without LoRA."""
+    pytest.importorskip("vllm")
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from routed_lora.integrations.vllm.plugin import _base_metadata_
+
+    g = torch.Generator().manual_seed(seed)
+    lora_ids = [21, None, 7, 30, None][: 3 + seed]
+    pool = [0] + [i for i in lora_ids if i is not None]
+    T, S = 40 + 13 * seed, 5 + seed
+    ids = [pool[j] for j in torch.randint(0, len(pool), (T,), generator=g).tolist()]
+    prompt = [pool[j] for j in torch.randint(0, len(pool), (S,), generator=g).tolist()]
+    mapping = LoRAMapping(tuple(ids), tuple(prompt), is_prefill=True)
+    want, got = PunicaWrapperCPU(128, 8, device="cpu"), PunicaWrapperCPU(128, 8, device="cpu")
+    want._update_base_metadata(mapping, lora_ids, len(lora_ids), 1000)
+    _base_metadata_(got, mapping, lora_ids, len(lora_ids), 1000)
+    assert got.indices_len == want.indices_len
+    for name in ("_token_lora_indices", "_sampler_indices", "_sampler_indices_padded", "_embeddings_indices"):
+        n = want.indices_len[0] if name in ("_token_lora_indices", "_embeddings_indices") else want.indices_len[1]
+        assert torch.equal(getattr(got, name)[:n], getattr(want, name)[:n]), name
+    assert (want._token_lora_indices[:T] == -1).any() and (want._token_lora_indices[:T] >= 0).any()

@@ -54,7 +54,7 @@ def _run(tok, lr, prompt, sampled, *, async_scheduling: bool):
         if n == 1:  # decode: the newest sampled token sits at `start`
             buf[0, start] = PLACEHOLDER if async_scheduling else seq[start]
         batch.num_computed_tokens_cpu[0] = start
-        _, token_map, _ = plugin._route_lora_inputs(batch, np.array([n]), np.array([1]), ((0,), (0,) * n, set()))
+        _, token_map, _ = plugin._route_lora_inputs(batch, np.array([n]), np.array([1]), plugin._routed_specs(batch))
         used += list(token_map)
         buf[0, start: start + n] = seq[start: start + n]  # async: the real id arrives after the step
     inv = {v: k for k, v in {0: IDS["reasoning"], 1: IDS["tool"], -1: 0}.items()}

@@ -55,6 +55,7 @@ class SlotPlan:
 
     __slots__ = ("n", "num_slots", "idx", "used", "has_none", "masked", "_onehot")
 
+
     def __init__(self, idx: torch.Tensor, num_slots: int) -> None:
         if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(f"idx: expected a 1-D integer tensor of slot indices, got {idx.dtype} of shape "
@@ -71,14 +72,12 @@ class SlotPlan:
         self._onehot: dict = {}
 
     def onehot(self, dtype: torch.dtype) -> torch.Tensor:
-        """(T, L) in ``dtype``: 1 at (t, idx_t), else 0; a row of zeros for idx_t = -1. Made once per dtype."""
+        """(T, U) in ``dtype``, one column per used slot (U = len(used)): 1 at (t, u) where idx_t = used[u], else
+        0; a row of zeros for idx_t = -1. Made once per dtype."""
         m = self._onehot.get(dtype)
         if m is None:
-            L = self.num_slots
-            # slot -1 goes to an extra column L, dropped: its row stays all zero
-            col = torch.where(self.idx < 0, L, self.idx).view(-1, 1)
-            m = torch.zeros(self.n, L + 1, dtype=dtype).scatter_(1, col, 1.0)[:, :L]
-            self._onehot[dtype] = m
+            used = torch.tensor(self.used, dtype=self.idx.dtype)
+            m = self._onehot[dtype] = (self.idx.view(-1, 1) == used.view(1, -1)).to(dtype)
         return m
 
 
@@ -94,60 +93,124 @@ def _mat(w: torch.Tensor) -> torch.Tensor:
     return w[:, 0] if w.dim() == 4 else w
 
 
-def _shrink_all(x: torch.Tensor, lora_a: Sequence[torch.Tensor], plan: SlotPlan, dtype: torch.dtype):
-    """h = x A_all^T viewed (T, S, L, R), in ``dtype``: one GEMM for every slice and slot."""
-    T, K = x.shape
+def _versions(tensors) -> tuple | None:
+    """The version counters of ``tensors`` (bumped by every in-place write, e.g. vLLM's ``set_lora`` copying an
+    adapter into a slot), or None when one is an inference tensor, which keeps no counter (nothing is cached)."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return None
+
+
+class _Stacks:
+    """What one LoRA layer's stacks give every call of a step, built once and kept on the layer's first A stack
+    until a stack is replaced or written (its version counter moves):
+
+    - ``a(used, dtype)``: every slice's A of the used slots as one (S U R, K) matrix, rows ordered (slice, used
+      slot, rank): the shrink's one GEMM operand (a copy of S U R K numbers, made once per adapter load and set
+      of used slots instead of once per call; slots no token uses cost nothing);
+    - ``b_t[s][l]``: B_s[l]^T (R, N_s), a view, for the expand of a slot that owns every token;
+    - ``b(s, used)``: the used slots' B_s^T stacked (U R, N_s), so a masked expand is one GEMM per slice whatever
+      the number of used slots (the masked h is zero outside each token's own slot: the others add exact zeros);
+    - ``checked``: the argument shapes already validated against the stacks."""
+
+    __slots__ = ("tensors", "versions", "L", "R", "K", "_a", "_mats", "_bs", "_b", "b_t", "checked")
+
+    @classmethod
+    def of(cls, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], num_slots: int) -> "_Stacks":
+        """The cache of these stacks (``lora_a`` or ``lora_b`` may be empty: the shrink and the expand of a
+        row-parallel layer come apart), checked and built when missing or stale."""
+        tensors = (*lora_a, *lora_b)
+        if not tensors:
+            raise ValueError("lora_a/lora_b: expected at least one slot stack, got none")
+        versions = _versions(tensors)
+        c = getattr(tensors[0], "_routed_lora_stacks", None) if versions is not None else None
+        if (c is not None and c.versions == versions and len(c.tensors) == len(tensors)
+                and all(a is b for a, b in zip(c.tensors, tensors))):
+            return c
+        c = cls(lora_a, lora_b, num_slots)
+        c.versions = versions
+        if versions is not None:
+            tensors[0]._routed_lora_stacks = c
+        return c
+
+    def __init__(self, lora_a, lora_b, num_slots: int) -> None:
+        _check_stacks("lora_a", lora_a, num_slots)
+        _check_stacks("lora_b", lora_b, num_slots)
+        L = num_slots
+        R = lora_a[0].shape[-2] if len(lora_a) else lora_b[0].shape[-1]
+        K = lora_a[0].shape[-1] if len(lora_a) else None
+        for s, a in enumerate(lora_a):
+            if a.shape[-2:] != (R, K):
+                raise ValueError(f"lora_a[{s}]: expected (rank R={R}, in_features K={K}) in its last two dims "
+                                 f"(as lora_a[0]), got {tuple(a.shape[-2:])}")
+        for s, b in enumerate(lora_b):
+            if b.shape[-1] != R:
+                raise ValueError(f"lora_b[{s}]: expected rank R={R} in its last dim, got {tuple(b.shape[-2:])}")
+        self.tensors = (*lora_a, *lora_b)
+        self.L, self.R, self.K = L, R, K
+        self._mats = [_mat(a) for a in lora_a]  # (L, R, K) views
+        self._bs = [_mat(b) for b in lora_b]  # (L, rows, R) views
+        self._a: dict = {}
+        self._b: dict = {}
+        self.b_t = [[b[l].t() for l in range(L)] for b in self._bs]  # (R, rows) views
+        self.checked: set = set()
+
+    def a(self, used: tuple, dtype: torch.dtype) -> torch.Tensor:
+        a = self._a.get((used, dtype))
+        if a is None:
+            parts = [m[list(used)] for m in self._mats]  # (U, R, K) each, a gather (copy) per slice
+            a = torch.cat(parts).reshape(-1, self.K).to(dtype)
+            self._a[(used, dtype)] = a
+        return a
+
+    def b(self, s: int, used: tuple) -> torch.Tensor:
+        b = self._b.get((s, used))
+        if b is None:
+            sel = self._bs[s][list(used)]  # (U, rows, R)
+            b = self._b[(s, used)] = sel.transpose(1, 2).reshape(len(used) * self.R, sel.shape[1])
+        return b
+
+    def check_out(self, y: torch.Tensor, output_slices: Sequence[int], offset: int) -> None:
+        key = (y.dim(), y.shape[-1], tuple(output_slices), offset)
+        if key in self.checked:
+            return
+        if y.dim() != 2:
+            raise ValueError(f"y: expected a 2-D output (tokens, columns), got shape {tuple(y.shape)}")
+        n_b = len(self._bs)
+        if len(output_slices) != n_b:
+            raise ValueError(f"output_slices: expected one size per lora_b slice ({n_b}), got {len(output_slices)}")
+        for s, n in enumerate(output_slices):
+            rows = self._bs[s].shape[1]
+            if n > rows:
+                raise ValueError(f"lora_b[{s}]: expected (>= {n} out rows, rank R={self.R}) in its last two dims, "
+                                 f"got {(rows, self.R)}")
+        end = offset + sum(output_slices)
+        if end > y.shape[1]:
+            raise ValueError(f"y: expected at least offset + sum(output_slices) = {end} columns, got {y.shape[1]}")
+        self.checked.add(key)
+
+
+def _shrink_all(x: torch.Tensor, st: _Stacks, plan: SlotPlan, dtype: torch.dtype, n_slices: int):
+    """h = x A_used^T viewed (T, S, U, R), in ``dtype``: one GEMM for every slice and used slot."""
+    T = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != st.K:
+        raise ValueError(f"x: expected (tokens, in_features K={st.K}) as the lora_a stacks, got {tuple(x.shape)}")
     if plan.n != T:
         raise ValueError(f"x: expected {plan.n} rows (one per slot index), got {T}")
-    _check_stacks("lora_a", lora_a, plan.num_slots)
-    L, R = plan.num_slots, lora_a[0].shape[-2]
-    for s, a in enumerate(lora_a):
-        if a.shape[-1] != K or a.shape[-2] != R:
-            raise ValueError(f"lora_a[{s}]: expected (rank R={R}, in_features K={K}) in its last two dims "
-                             f"(x has K={K}), got {tuple(a.shape[-2:])}")
-    # the slices are separate tensors: one copy of S*L*R*K numbers (small beside x) buys one GEMM for them all
-    mats = [_mat(a).reshape(L * R, K) for a in lora_a]
-    a_all = mats[0] if len(mats) == 1 else torch.cat(mats)
-    h = x.to(dtype) @ a_all.to(dtype).t()
-    return h.view(T, len(lora_a), L, R)
+    if plan.num_slots != st.L:
+        raise ValueError(f"plan: expected {st.L} slots (the stacks' first dim), got {plan.num_slots}")
+    h = (x if x.dtype == dtype else x.to(dtype)) @ st.a(plan.used, dtype).t()
+    return h.view(T, n_slices, len(plan.used), st.R)
 
 
-def _expand_slot_(out: torch.Tensor, h_l: torch.Tensor, b_l: torch.Tensor, alpha: float) -> None:
-    """out += alpha * h_l b_l^T, with b_l (N, R) and out (T, N) possibly a strided column slice of y."""
-    if h_l.dtype != out.dtype:
-        h_l = h_l.to(out.dtype)
-    if b_l.dtype != out.dtype:
-        b_l = b_l.to(out.dtype)
-    out.addmm_(h_l, b_l.t(), alpha=alpha)
-
-
-def _expand_from_slots_(y: torch.Tensor, h: torch.Tensor, lora_b: Sequence[torch.Tensor],
-                        output_slices: Sequence[int], plan: SlotPlan, offset: int, alpha: float) -> None:
-    """y_s += alpha * sum over used l of h[:, s, l] B_s[l]^T; ``h`` (T, S, L, R) already masked if the plan is."""
-    o = offset
-    for s, n in enumerate(output_slices):
-        b = _mat(lora_b[s])
-        if n:
-            ys = y[:, o:o + n]
-            for l in plan.used:
-                _expand_slot_(ys, h[:, s, l], b[l, :n], alpha)
-        o += n
-
-
-def _check_out(y: torch.Tensor, T: int, lora_b, output_slices, offset: int, num_slots: int, R: int) -> None:
-    if y.dim() != 2 or y.shape[0] != T:
-        raise ValueError(f"y: expected a 2-D output with {T} rows (one per token), got {tuple(y.shape)}")
-    if len(lora_b) != len(output_slices):
-        raise ValueError(f"output_slices: expected one size per lora_b slice ({len(lora_b)}), got "
-                         f"{len(output_slices)}")
-    _check_stacks("lora_b", lora_b, num_slots)
-    for s, (b, n) in enumerate(zip(lora_b, output_slices)):
-        if b.shape[-1] != R or b.shape[-2] < n:
-            raise ValueError(f"lora_b[{s}]: expected (>= {n} out rows, rank R={R}) in its last two dims, got "
-                             f"{tuple(b.shape[-2:])}")
-    end = offset + sum(output_slices)
-    if end > y.shape[1]:
-        raise ValueError(f"y: expected at least offset + sum(output_slices) = {end} columns, got {y.shape[1]}")
+def _addmm_(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, alpha: float) -> None:
+    """out += alpha * h w, with ``out`` (T, N) possibly a strided column slice of y; operands cast to its dtype."""
+    if h.dtype != out.dtype:
+        h = h.to(out.dtype)
+    if w.dtype != out.dtype:
+        w = w.to(out.dtype)
+    out.addmm_(h, w, alpha=alpha)
 
 
 def lora_linear_(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
@@ -157,19 +220,36 @@ def lora_linear_(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor
 
     ``y``: (T, >= offset + sum N_s); ``x``: (T, K); ``lora_a``/``lora_b``: one slot stack per slice;
     ``output_slices``: N_s (an N_s below B_s's row count uses its first N_s rows: vLLM's logits layer pads the
-    vocabulary); ``plan``: the step's :class:`SlotPlan`. Returns ``y``."""
+    vocabulary); ``plan``: the step's :class:`SlotPlan`. Returns ``y``.
+
+    Expand: a slot that owns every token is one GEMM per slice with its own B_s (the same operands as a plain
+    LoRA batch, so the same bits); a masked batch is one GEMM per slice against every slot's B_s stacked."""
     if len(lora_a) != len(lora_b):
         raise ValueError(f"lora_a/lora_b: expected one stack per slice in both, got {len(lora_a)} and "
                          f"{len(lora_b)}")
+    st = _Stacks.of(lora_a, lora_b, plan.num_slots)
+    st.check_out(y, output_slices, offset)
     T = x.shape[0]
-    R = lora_a[0].shape[-2] if len(lora_a) else 0
-    _check_out(y, T, lora_b, output_slices, offset, plan.num_slots, R)
+    if y.shape[0] != T:
+        raise ValueError(f"y: expected a 2-D output with {T} rows (one per token, as x), got {tuple(y.shape)}")
     if not plan.used or T == 0:
         return y  # every token on -1 (or none): the backbone alone
-    h = _shrink_all(x, lora_a, plan, shrink_dtype)
+    h = _shrink_all(x, st, plan, shrink_dtype, len(lora_a))
+    alpha = float(scale)
+    o = offset
     if plan.masked:
         h.mul_(plan.onehot(h.dtype)[:, None, :, None])
-    _expand_from_slots_(y, h, lora_b, output_slices, plan, offset, float(scale))
+        UR = len(plan.used) * st.R
+        for s, n in enumerate(output_slices):
+            if n:
+                _addmm_(y[:, o:o + n], h[:, s].reshape(T, UR), st.b(s, plan.used)[:, :n], alpha)
+            o += n
+    else:
+        l = plan.used[0]
+        for s, n in enumerate(output_slices):
+            if n:
+                _addmm_(y[:, o:o + n], h[:, s, 0], st.b_t[s][l][:, :n], alpha)
+            o += n
     return y
 
 
@@ -181,8 +261,8 @@ def lora_shrink_(buffers, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale
     ``bgmv_shrink`` does (its buffers arrive zeroed, so "add" and "assign" agree there)."""
     if len(buffers) != len(lora_a):
         raise ValueError(f"buffers: expected one per lora_a slice ({len(lora_a)}), got {len(buffers)}")
-    T = x.shape[0]
-    R = lora_a[0].shape[-2] if len(lora_a) else 0
+    st = _Stacks.of(lora_a, (), plan.num_slots)
+    T, R = x.shape[0], st.R
     for s in range(len(lora_a)):
         bs = buffers[s]
         if bs.dim() != 2 or bs.shape[0] != T or bs.shape[1] < R:
@@ -191,12 +271,12 @@ def lora_shrink_(buffers, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale
         for s in range(len(lora_a)):
             buffers[s][:, :R] = 0
         return
-    h = _shrink_all(x, lora_a, plan, buffers[0].dtype)
+    h = _shrink_all(x, st, plan, buffers[0].dtype, len(lora_a))
     if plan.masked:
         # sum over slots of the masked h: each token keeps its own slot's R values (the others add exact zeros)
         sel = (h * plan.onehot(h.dtype)[:, None, :, None]).sum(2)
     else:
-        sel = h[:, :, plan.used[0]]  # one slot owns every token
+        sel = h[:, :, 0]  # one slot owns every token
     if scale != 1.0:
         sel = sel * scale
     for s in range(len(lora_a)):
@@ -209,11 +289,12 @@ def lora_expand_(y: torch.Tensor, buffers, lora_b: Sequence[torch.Tensor], outpu
     (with ``add_inputs=False`` their slice is set to zero, as vLLM's ``bgmv_expand_slice`` would write B @ 0).
 
     ``buffers[s]``: (T, R), each token's own slot's shrunk values (from :func:`lora_shrink_`, possibly reduced
-    across ranks in between, or the embedding layer's gathered A rows). Rows are split by slot with the plan's
-    one-hot mask, so a token's buffer row only ever meets its own slot's B."""
-    T = y.shape[0]
-    R = lora_b[0].shape[-1] if len(lora_b) else 0
-    _check_out(y, T, lora_b, output_slices, offset, plan.num_slots, R)
+    across ranks in between, or the embedding layer's gathered A rows). In a masked batch each buffer row is
+    spread to its own slot's R columns of a (T, L R) matrix (zeros elsewhere), one GEMM per slice against every
+    slot's B stacked, so a token's buffer row only ever meets its own slot's B."""
+    st = _Stacks.of((), lora_b, plan.num_slots)
+    st.check_out(y, output_slices, offset)
+    T, R = y.shape[0], st.R
     if len(buffers) != len(lora_b):
         raise ValueError(f"buffers: expected one per lora_b slice ({len(lora_b)}), got {len(buffers)}")
     for s in range(len(lora_b)):
@@ -225,14 +306,12 @@ def lora_expand_(y: torch.Tensor, buffers, lora_b: Sequence[torch.Tensor], outpu
         return y
     o = offset
     for s, n in enumerate(output_slices):
-        b, buf = _mat(lora_b[s]), buffers[s][:, :R]
+        buf = buffers[s][:, :R]
         if n:
-            ys = y[:, o:o + n]
             if not plan.masked:
-                _expand_slot_(ys, buf, b[plan.used[0], :n], 1.0)
+                _addmm_(y[:, o:o + n], buf, st.b_t[s][plan.used[0]][:, :n], 1.0)
             else:
-                m = plan.onehot(buf.dtype)
-                for l in plan.used:
-                    _expand_slot_(ys, buf * m[:, l:l + 1], b[l, :n], 1.0)
+                spread = (plan.onehot(buf.dtype)[:, :, None] * buf[:, None, :]).reshape(T, len(plan.used) * R)
+                _addmm_(y[:, o:o + n], spread, st.b(s, plan.used)[:, :n], 1.0)
         o += n
     return y

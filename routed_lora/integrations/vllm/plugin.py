@@ -136,10 +136,16 @@ class RoutedSpec:
         import numpy as np
 
         self.fast = None
+        self.fast_np = None
         if self.router.mode == "tokens":
             r = self.router
             routes = r._routes_table("cpu").tolist()  # route of span k; the last entry (index -1): no span open
             self.fast = ({int(t): k for k, t in enumerate(r.open_ids)}, [int(t) for t in r.close_ids], routes)
+            # the same for many requests at once (_decode_routes_): (open token, span) pairs in the order the
+            # dict above resolves a repeated token (the last span wins), closing token per span plus -1 for no
+            # span, route per span plus the no-span route last
+            self.fast_np = (list(self.fast[0].items()), np.array(self.fast[1] + [-1], dtype=np.int64),
+                            np.array(routes, dtype=np.int64))
         # route r (-1..E-1) -> vLLM LoRA id; a route to an adapter that was not loaded is an error at use (-2)
         self.table = np.full(len(self.names) + 1, -2, dtype=np.int64)
         for r, i in self.id_of_route.items():
@@ -249,62 +255,111 @@ class _WorkerState:
 _state = _WorkerState()
 
 
-def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, out):
-    """The routed replacement of ``make_lora_inputs``' result ``out`` (see the module doc, item 1)."""
+def _routed_specs(batch) -> dict:
+    """{vLLM LoRA id: RoutedSpec} of the routed requests' ids in the batch (empty: nothing to do)."""
+    out = {}
+    for lid, lr in batch.lora_id_to_lora_request.items():
+        spec = RoutedSpec.get(lr)
+        if spec is not None:
+            out[lid] = spec
+    return out
+
+
+def _decode_routes_(spec: "RoutedSpec", sts: list, tok):
+    """One decoding step of single-token-tag routers, for many requests at once: ``tok`` (D,) the token at each
+    request's next position, ``sts`` their :class:`RouteState` (each has routed every earlier position). The
+    rule of :meth:`RouteState.upto` as array operations; each state gets its new span and route. Returns the
+    routes (D,)."""
     import numpy as np
 
-    prompt_map, token_map, active = out
+    opens, close_arr, route_arr = spec.fast_np
+    span = np.fromiter((st.span for st in sts), dtype=np.int64, count=len(sts))
+    opened = np.full(len(sts), -1, dtype=np.int64)
+    for t, k in opens:
+        opened[tok == t] = k  # an opening tag opens its span (replacing an open one)
+    # the open span's closing tag closes it (close_arr[-1] = -1 for no span: never a token); others are ignored
+    new = np.where(opened >= 0, opened, np.where(tok == close_arr[span], -1, span))
+    routes = route_arr[new]
+    for st, sp, r in zip(sts, new.tolist(), routes.tolist()):
+        st.span = sp
+        st.routes.append(r)
+    return routes
+
+
+def _route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, by_id: dict):
+    """The routed version of ``make_lora_inputs`` (see the module doc, item 1): (prompt mapping, token mapping,
+    active LoRA requests), the ids of routed requests' positions given by their routes.
+
+    Decoding steps (one scheduled position) of requests whose router works on single tokens are done for all of
+    them at once (:func:`_decode_routes_`); prefill chunks, multi-token tags and requests seen for the first
+    time go position by position through :meth:`RouteState.upto`."""
+    import numpy as np
+
     n = batch.num_reqs
-    by_id = {lid: RoutedSpec.get(lr) for lid, lr in batch.lora_id_to_lora_request.items()}
-    by_id = {lid: spec for lid, spec in by_id.items() if spec is not None}
-    if not by_id:
-        _state.routed_batch = False
-        return out
     lids = batch.request_lora_mapping[:n]
-    specs = [None] * n
-    for i in np.flatnonzero(np.isin(lids, list(by_id))).tolist():
-        specs[i] = by_id[int(lids[i])]
+    sched = np.asarray(num_scheduled_tokens[:n])
+    sampled = np.asarray(num_sampled_tokens[:n])
+    token_map = lids.repeat(sched).astype(np.int64)  # upstream's mapping (each request's own id), then routed
+    prompt_map = lids.repeat(sampled).astype(np.int64)
     if _state.unsupported:
         raise UnsupportedVLLMConfig(_state.unsupported)
     _state.routed_batch = True
-    token_map = np.asarray(token_map, dtype=np.int64).copy()
-    prompt_map = np.asarray(prompt_map, dtype=np.int64).copy()
-    cu = np.cumsum(num_scheduled_tokens[:n])
-    cu_s = np.cumsum(num_sampled_tokens[:n])
-    active = set(active)
+    cu = np.cumsum(sched)
+    cu_s = np.cumsum(sampled)
+    computed = batch.num_computed_tokens_cpu
+    req_ids = batch.req_ids
+    states = _state.requests
     trace = _state.trace
     trace_rows = [] if trace is not None else None
-    for i, spec in enumerate(specs):
-        if spec is None:
+    if batch.generators:  # defect 3: what set_offset restores if this step's draw of a seeded request is discarded
+        for i, gen in batch.generators.items():
+            if i < n and isinstance(gen, RewindableGenerator):
+                gen._before = gen.get_state()
+    for lid, spec in by_id.items():
+        rows = np.flatnonzero(lids == lid)
+        if not len(rows):
             continue
-        req_id = batch.req_ids[i]
-        st = _state.requests.get(req_id)
-        if st is None or st.spec is not spec:
-            st = _state.requests[req_id] = RouteState(spec)
-        gen = batch.generators.get(i)
-        if isinstance(gen, RewindableGenerator):
-            gen._before = gen.get_state()  # defect 3: what set_offset restores if this step's draw is discarded
-        k = int(num_scheduled_tokens[i])
-        start = int(batch.num_computed_tokens_cpu[i])
-        all_routes = st.upto(batch.token_ids_cpu[i], start + k)
-        if k == 1:  # a decoding step: no array work
-            routes = all_routes[start:start + 1]
-            ids = [spec.table_l[routes[0]]]
-            token_map[cu[i] - 1] = ids[0]
-        else:
-            routes = all_routes[start:start + k]
-            ids = spec.table[np.asarray(routes, dtype=np.int64)].tolist()
-            token_map[cu[i] - k: cu[i]] = ids
-        if -2 in ids:
-            bad = sorted({r for r, x in zip(routes, ids) if x == -2})
-            raise RuntimeError(f"routed-lora: routes {bad} name adapters that are not loaded ({spec.names})")
-        s = int(num_sampled_tokens[i])
-        prompt_map[cu_s[i] - s: cu_s[i]] = ids[-1] if k else 0
-        if trace_rows is not None:
-            trace_rows.append({"req": req_id, "start": start, "ids": ids, "routes": list(routes)})
+        sts = []
+        for i in rows.tolist():
+            st = states.get(req_ids[i])
+            if st is None or st.spec is not spec:
+                st = states[req_ids[i]] = RouteState(spec)
+            sts.append(st)
+        k = sched[rows]
+        start = computed[rows].astype(np.int64)
+        dec = np.zeros(len(rows), dtype=bool)
+        if spec.fast is not None:
+            have = np.fromiter((len(st.routes) for st in sts), dtype=np.int64, count=len(sts))
+            dec = (k == 1) & (have == start) & (sampled[rows] == 1)
+        if dec.any():
+            d = np.flatnonzero(dec)
+            r = rows[d]
+            tok = batch.token_ids_cpu[r, start[d]].astype(np.int64)
+            routes = _decode_routes_(spec, [sts[j] for j in d.tolist()], tok)
+            ids = spec.table[routes]
+            if (ids == -2).any():
+                raise RuntimeError(f"routed-lora: routes {sorted(set(routes[ids == -2].tolist()))} name adapters "
+                                   f"that are not loaded ({spec.names})")
+            token_map[cu[r] - 1] = ids
+            prompt_map[cu_s[r] - 1] = ids
+            if trace_rows is not None:
+                for i, s0, x, rt in zip(r.tolist(), start[d].tolist(), ids.tolist(), routes.tolist()):
+                    trace_rows.append({"req": req_ids[i], "start": s0, "ids": [x], "routes": [rt]})
+        for j in np.flatnonzero(~dec).tolist():
+            i, kk, s0 = int(rows[j]), int(k[j]), int(start[j])
+            routes = sts[j].upto(batch.token_ids_cpu[i], s0 + kk)[s0:s0 + kk]
+            ids = spec.table[np.asarray(routes, dtype=np.int64)]
+            if (ids == -2).any():
+                bad = sorted({rt for rt, x in zip(routes, ids.tolist()) if x == -2})
+                raise RuntimeError(f"routed-lora: routes {bad} name adapters that are not loaded ({spec.names})")
+            token_map[cu[i] - kk: cu[i]] = ids
+            ns = int(sampled[i])
+            prompt_map[cu_s[i] - ns: cu_s[i]] = ids[-1] if kk else 0
+            if trace_rows is not None:
+                trace_rows.append({"req": req_ids[i], "start": s0, "ids": ids.tolist(), "routes": list(routes)})
     # the routed request's own id takes no slot: its adapters do (ordinary LoRA requests, loaded from its folder)
-    active = {lr for lr in active if RoutedSpec.get(lr) is None}
-    for spec in {id(s): s for s in specs if s is not None}.values():
+    active = {lr for lid, lr in batch.lora_id_to_lora_request.items() if lid not in by_id}
+    for spec in {id(s): s for s in by_id.values()}.values():
         active.update(spec.adapter_requests.values())
     if trace_rows:
         with open(trace, "a") as f:
@@ -334,8 +389,11 @@ def _patch_input_batch() -> None:
         return
 
     def make_lora_inputs(self, num_scheduled_tokens, num_sampled_tokens):
-        out = orig(self, num_scheduled_tokens, num_sampled_tokens)
-        return _route_lora_inputs(self, num_scheduled_tokens, num_sampled_tokens, out)
+        by_id = _routed_specs(self)
+        if not by_id:
+            _state.routed_batch = False
+            return orig(self, num_scheduled_tokens, num_sampled_tokens)
+        return _route_lora_inputs(self, num_scheduled_tokens, num_sampled_tokens, by_id)
 
     make_lora_inputs._routed_lora = True
     cls.make_lora_inputs = make_lora_inputs
@@ -371,6 +429,39 @@ def op_mode() -> str:
     return mode
 
 
+def _base_metadata_(wrapper, mapping, lora_index_to_id, max_loras: int, vocab_size: int) -> None:
+    """``PunicaWrapperBase._update_base_metadata`` as array operations (upstream's ``convert_mapping`` maps every
+    token's LoRA id to its slot in a Python loop; a routed batch changes its mapping every step, so vLLM redoes
+    that every step). Writes the same index buffers: per token the slot (-1: none) and the embedding rows' offset
+    (slot * vocab_size, 0 for none); per sampled row the slot and its padded form (-1 -> max_loras - 1, plus row
+    * rows). tests/test_vllm_cpu_lora.py compares the two."""
+    import numpy as np
+    import torch
+
+    slot_of = {i: s for s, i in enumerate(lora_index_to_id) if i is not None}
+
+    def slots(ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        try:
+            table = np.array([slot_of[int(u)] if u > 0 else -1 for u in uniq.tolist()], dtype=np.int64)
+        except KeyError as exc:
+            raise RuntimeError(f"routed-lora: LoRA id {exc.args[0]} is in the mapping but in no slot "
+                               f"({lora_index_to_id})") from None
+        return table[inv.reshape(-1)] if len(ids) else np.zeros(0, dtype=np.int64)
+
+    tok = slots(mapping.index_mapping)
+    samp = slots(mapping.prompt_mapping)
+    n_tok, n_samp = len(tok), len(samp)
+    emb = np.where(tok >= 0, tok, 0) * vocab_size
+    padded = np.where(samp == -1, max_loras - 1, samp) * n_samp + np.arange(n_samp)
+    wrapper._token_lora_indices[:n_tok].copy_(torch.from_numpy(tok))
+    wrapper._sampler_indices[:n_samp].copy_(torch.from_numpy(samp))
+    wrapper._sampler_indices_padded[:n_samp].copy_(torch.from_numpy(padded))
+    wrapper._embeddings_indices[:n_tok].copy_(torch.from_numpy(emb))
+    wrapper.indices_len[:] = [n_tok, n_samp, n_samp, n_tok]
+
+
 def _patch_punica_cpu() -> None:
     """The CPU punica wrapper (lora/punica_wrapper/punica_cpu.py), in batches our op serves (:func:`op_mode`):
 
@@ -402,7 +493,7 @@ def _patch_punica_cpu() -> None:
         if not (self._rl_op or _state.routed_batch):
             return orig_update(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         # defect 2: no sgmv run buffers; our op (or, with the op off, vLLM's bgmv path) takes any mix
-        self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+        _base_metadata_(self, mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = False
         self.no_lora = False
 
