@@ -100,16 +100,16 @@ def _child(conn, kind: str, folder: str, adapters: str, prompts, cfg: dict) -> N
         llm = vllm.LLM(model=folder, **engine_kwargs(adapters), **kw)
         routed = RoutedLLM(llm, adapters)
         spent = [0.0]
-        orig_routes = routed.routes_of
+        orig_routes = routed.routes_of_many
 
-        def routes_of(ids):  # the front end's route computation, timed apart
+        def routes_of_many(seqs):  # the front end's route computation, timed apart
             t = time.perf_counter()
             try:
-                return orig_routes(ids)
+                return orig_routes(seqs)
             finally:
                 spent[0] += time.perf_counter() - t
 
-        routed.routes_of = routes_of
+        routed.routes_of_many = routes_of_many
     conn.send(("ready", vllm.__version__))
     while True:
         msg = conn.recv()

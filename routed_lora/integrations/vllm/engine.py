@@ -189,6 +189,23 @@ class RoutedLLM:
             raise ValueError("no router")
         return self.router(torch.tensor([list(ids)], dtype=torch.long))[0].tolist()
 
+    def routes_of_many(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+        """:meth:`routes_of` for many sequences in one router call: they are right-padded into one batch, which
+        leaves every real position's route unchanged because routes are causal (a position's route depends on
+        the tokens up to it only)."""
+        import torch
+
+        if self.router is None:
+            raise ValueError("no router")
+        if not seqs:
+            return []
+        lens = [len(s) for s in seqs]
+        ids = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : lens[i]] = torch.as_tensor(list(s), dtype=torch.long)
+        routes = self.router(ids).tolist()
+        return [r[:n] for r, n in zip(routes, lens)]
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling_params, *, adapter="routed",
                  use_tqdm: bool = False) -> list[RoutedOutput]:
         """Generate from token-id prompts. ``adapter``: "routed", an adapter name, None, or a list of those (one
@@ -203,8 +220,11 @@ class RoutedLLM:
         lora = [self.lora_request(a) for a in adapters]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling_params,
                                  lora_request=lora, use_tqdm=use_tqdm)
+        routed = [i for i, a in enumerate(adapters) if a == "routed"]
+        routed_routes = dict(zip(routed, self.routes_of_many(
+            [list(prompts[i]) + list(outs[i].outputs[0].token_ids) for i in routed])))
         res = []
-        for p, a, o in zip(prompts, adapters, outs):
+        for i, (p, a, o) in enumerate(zip(prompts, adapters, outs)):
             c = o.outputs[0]
             toks = list(c.token_ids)
             lps = None
@@ -215,7 +235,7 @@ class RoutedLLM:
                 plp = [None if d is None else float(d[t].logprob) for t, d in zip(p, o.prompt_logprobs)]
             routes = None
             if a == "routed":
-                routes = self.routes_of(list(p) + toks)
+                routes = routed_routes[i]
             elif a is not None:
                 routes = [self.model_adapters.index(a)] * (len(p) + len(toks))
             else:
