@@ -23,7 +23,9 @@ tokens/s, each run's figure, and the load average (1 min) before and after; also
 (``cpu_tok_per_s_*``: tokens / the process's CPU time), which other jobs on the same cores disturb far less than
 wall time when ``--threads 1`` (with 2 bound threads it counts OpenMP spin-waits too). For routed requests the front end
 also computes every position's route (``RoutedOutput.routes``, TagRouter in Python): its time is reported
-(``routes_s``) and the throughput without it (``engine_tok_per_s_median``).
+(``routes_s``) and the throughput without it (``engine_tok_per_s_median``). A last row (``per_round_ratios``)
+gives the issue's targets as throughput ratios taken round by round, median [min-max]: routed / one plain LoRA
+(overhead <= 5%: >= 0.95), routed / no LoRA (>= 0.8), and routed / HF routed ``generate``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,35 @@ TEXTS = ["who was born in paris ? <think>", "the capital of france is", "what ri
 VLLM_ENGINES = {"vllm_no_lora": ("nolora", None, None), "vllm_one_lora": ("lora", "reasoning", "routed"),
                 "vllm_one_lora_our_op": ("lora", "reasoning", "all"), "vllm_routed": ("lora", "routed", "routed"),
                 "vllm_routed_vllm_ops": ("lora", "routed", "off")}
+
+
+# the issue's targets, as per-round throughput ratios (numerator, denominator, target or None)
+RATIOS = [("vllm_routed", "vllm_one_lora_our_op", 0.95), ("vllm_routed_vllm_ops", "vllm_one_lora", 0.95),
+          ("vllm_routed", "vllm_no_lora", 0.8), ("vllm_one_lora_our_op", "vllm_no_lora", None),
+          ("vllm_routed", "hf", None)]
+
+
+def _ratios(results: dict) -> dict:
+    """{"a/b": {median, min, max, target, met}} of throughput ratios taken round by round (the two runs of a round
+    are back to back, so a ratio is far steadier than either figure on a shared machine). ``results``: engine ->
+    [(seconds, extra)] per round."""
+    from routed_lora.bench.timing import paired_ratio
+
+    rounds = [{}]
+    for e, runs in results.items():
+        for i, (dt, _) in enumerate(runs):
+            while len(rounds) <= i:
+                rounds.append({})
+            rounds[i][e] = dt
+    out = {}
+    for a, b, target in RATIOS:
+        st = paired_ratio(rounds, b, a)  # time[b] / time[a] = throughput[a] / throughput[b]
+        if not st.n:
+            continue
+        vals = sorted(st.times)
+        out[f"{a}/{b}"] = dict(median=round(st.median, 3), min=round(vals[0], 3), max=round(vals[-1], 3),
+                               target=target, met=None if target is None else st.median >= target)
+    return out
 
 
 def _env(threads: int, kv_gib: int) -> None:
@@ -244,6 +275,15 @@ def main() -> None:
             row["sequences_with_tool"] = int(statistics.median(x["sequences_with_tool"] for x in ex))
         rows.append(row)
         print(json.dumps(row), flush=True)
+    ratios = _ratios(results)
+    if ratios:
+        rows.append(dict(engine="per_round_ratios", ratios=ratios, model=rows[0]["model"], sequences=n_seq,
+                         repeats=args.repeats, loadavg_before=load0, loadavg_after=load1))
+        print(json.dumps(rows[-1]), flush=True)
+        print("\nper-round throughput ratios, median [min-max] (target):")
+        for k, v in ratios.items():
+            t = "" if v["target"] is None else f"  (>= {v['target']}: {'met' if v['met'] else 'NOT met'})"
+            print(f"  {k:45s} {v['median']:.3f} [{v['min']:.3f}-{v['max']:.3f}]{t}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:

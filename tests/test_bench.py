@@ -502,3 +502,22 @@ def test_gpu_full_mode_scripts_self_test(tmp_path, script):
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip(), "the self-test printed nothing"
+
+
+def test_vllm_rollout_ratios_are_per_round_throughput_ratios():
+    """benchmarks/vllm_rollout.py's target row: throughput ratios paired round by round (not ratios of medians)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_rollout.py"
+    spec = importlib.util.spec_from_file_location("vllm_rollout_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # imports no vLLM at module level
+    res = {"vllm_routed": [(1.0, {}), (2.0, {}), (1.0, {})], "vllm_one_lora_our_op": [(0.98, {}), (1.9, {}), (1.0, {})],
+           "vllm_no_lora": [(0.9, {}), (1.0, {}), (0.7, {})]}
+    r = mod._ratios(res)
+    over = r["vllm_routed/vllm_one_lora_our_op"]  # 0.98, 0.95, 1.0 -> median 0.98: overhead 2%, met
+    assert over["median"] == pytest.approx(0.98) and over["min"] == pytest.approx(0.95) and over["met"] is True
+    nolora = r["vllm_routed/vllm_no_lora"]  # 0.9, 0.5, 0.7 -> median 0.7 < 0.8 (a ratio of medians gives 0.9)
+    assert nolora["median"] == pytest.approx(0.7) and nolora["met"] is False
+    assert "vllm_routed/hf" not in r and "vllm_routed_vllm_ops/vllm_one_lora" not in r

@@ -203,7 +203,7 @@ def _wrapper(monkeypatch, mode, index_mapping, prompt_mapping, lora_ids, routed=
 
     plugin.register()
     monkeypatch.setenv("ROUTED_LORA_VLLM_CPU_OP", mode)
-    monkeypatch.setattr(plugin._state, "routed_batch", routed)
+    monkeypatch.setattr(plugin.routing.state, "routed_batch", routed)
     w = PunicaWrapperCPU(64, 8, device="cpu")
     mapping = LoRAMapping(tuple(index_mapping), tuple(prompt_mapping), is_prefill=True)
     w.update_metadata(mapping, lora_ids, len(lora_ids), 100)

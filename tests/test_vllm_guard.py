@@ -1,8 +1,8 @@
-"""The vLLM plugin's configuration guard (routed_lora/integrations/vllm/plugin.py, docs/vllm.md "GPU").
+"""The vLLM plugin's configuration guard (routed_lora/integrations/vllm/guard.py, docs/vllm.md "GPU").
 
 Under async scheduling (vLLM's GPU default) the host token buffer holds a placeholder for the newest sampled token
 when the LoRA mapping is built; the real id is written on the device later. A stand-in for that engine, driving
-the plugin's real mapping code (``_route_lora_inputs``) with a fake persistent batch, shows the failure: routes
+the plugin's real mapping code (``routing.route_lora_inputs``) with a fake persistent batch, shows the failure: routes
 computed from the placeholder are wrong exactly at the tags (the ``<search>`` position keeps the reasoning
 adapter, and the span opens one position late or never). The guard refuses such configurations (and the V2
 model runner, which builds its mapping on the device) with an error that says what to set.
@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from routed_lora.integrations.vllm import plugin  # noqa: E402
+from routed_lora.integrations.vllm import plugin, routing  # noqa: E402
 from routed_lora.router import TagRouter  # noqa: E402
 from routed_lora.testing import tiny_tokenizer  # noqa: E402
 
@@ -32,10 +32,10 @@ def routed(monkeypatch):
     """A routed LoRA request and its spec, without files or vLLM."""
     tok = tiny_tokenizer()
     router = TagRouter(tok, default="reasoning", adapters=("reasoning", "tool"))
-    spec = plugin.RoutedSpec.of(router, ["reasoning", "tool"], {0: IDS["reasoning"], 1: IDS["tool"], -1: 0})
-    lr = types.SimpleNamespace(lora_name=plugin.ROUTED_PREFIX + "{}", lora_int_id=5, lora_path="stand-in")
-    monkeypatch.setitem(plugin.RoutedSpec._cache, (lr.lora_name, 5, "stand-in"), spec)
-    monkeypatch.setattr(plugin, "_state", plugin._WorkerState())
+    spec = routing.RoutedSpec.of(router, ["reasoning", "tool"], {0: IDS["reasoning"], 1: IDS["tool"], -1: 0})
+    lr = types.SimpleNamespace(lora_name=routing.ROUTED_PREFIX + "{}", lora_int_id=5, lora_path="stand-in")
+    monkeypatch.setitem(routing.RoutedSpec._cache, (lr.lora_name, 5, "stand-in"), spec)
+    monkeypatch.setattr(routing, "state", routing._WorkerState())
     return tok, router, lr
 
 
@@ -54,7 +54,7 @@ def _run(tok, lr, prompt, sampled, *, async_scheduling: bool):
         if n == 1:  # decode: the newest sampled token sits at `start`
             buf[0, start] = PLACEHOLDER if async_scheduling else seq[start]
         batch.num_computed_tokens_cpu[0] = start
-        _, token_map, _ = plugin._route_lora_inputs(batch, np.array([n]), np.array([1]), plugin._routed_specs(batch))
+        _, token_map, _ = routing.route_lora_inputs(batch, np.array([n]), np.array([1]), routing.routed_specs(batch))
         used += list(token_map)
         buf[0, start: start + n] = seq[start: start + n]  # async: the real id arrives after the step
     inv = {v: k for k, v in {0: IDS["reasoning"], 1: IDS["tool"], -1: 0}.items()}
@@ -96,7 +96,7 @@ def test_async_standin_is_late_at_the_tags_and_the_guard_refuses_it(routed):
     with pytest.raises(plugin.UnsupportedVLLMConfig, match="not a tested release"):
         plugin.check_supported(ok, version="0.40.1")
     # in a worker, the guard's verdict (recorded when LoRA is set up) stops the first routed batch
-    plugin._state.unsupported = "routed-lora: ... async scheduling is on: pass async_scheduling=False"
+    routing.state.unsupported = "routed-lora: ... async scheduling is on: pass async_scheduling=False"
     with pytest.raises(plugin.UnsupportedVLLMConfig, match="async_scheduling=False"):
         _run(tok, lr, prompt, sampled, async_scheduling=True)
 

@@ -8,7 +8,9 @@
 Importing this package does not import vLLM; :mod:`.engine` needs it when used.
 """
 
-from .plugin import ROUTED_PREFIX, UnsupportedVLLMConfig, check_supported, register
+from .guard import UnsupportedVLLMConfig, check_supported
+from .plugin import register
+from .routing import ROUTED_PREFIX
 
 __all__ = ["register", "check_supported", "UnsupportedVLLMConfig", "ROUTED_PREFIX", "RoutedLLM", "RoutedOutput",
            "engine_kwargs"]

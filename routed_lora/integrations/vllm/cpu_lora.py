@@ -1,5 +1,5 @@
-"""Our CPU LoRA op for vLLM's punica wrapper: one shrink against every slot, a per-token slot selection, one
-expand GEMM per slice and used slot. Pure PyTorch; does not import vLLM (:mod:`.plugin` wires it in).
+"""Our CPU LoRA op for vLLM's punica wrapper: one shrink against the slots the step uses, a per-token slot
+selection, one expand GEMM per slice. Pure PyTorch; does not import vLLM (:mod:`.plugin` wires it in).
 
 Notation: vLLM keeps each LoRA layer's adapters stacked by *slot*, one tensor per output slice s = 0..S-1 (S = 3
 for a packed q/k/v projection, 2 for gate/up, else 1):
@@ -14,18 +14,24 @@ for a packed q/k/v projection, 2 for gate/up, else 1):
 vLLM's CPU ops (lora/ops/torch_ops: bgmv_shrink, bgmv_expand_slice) gather a copy of A_s[idx_t] and B_s[idx_t]
 for every token and slice, T (R K + N_s R) numbers moved per slice, then a batched matrix-vector product; and
 they read idx_t = -1 as a Python index, i.e. the last slot (upstream defect 1, docs/vllm.md). Here, as in the
-layer's lean decode (routed_lora/layer.py ``_decode``, DESIGN.md §1):
+layer's lean decode (routed_lora/layer.py ``_decode``, DESIGN.md §1), with U = the used slots (those that own
+at least one token this step, u_1 < ... < u_U):
 
-    shrink   h = x A_all^T,  A_all = [A_0; ...; A_(S-1)] reshaped (S L R, K): ONE GEMM for all slices and slots,
-             viewed (T, S, L, R)
-    select   h[t, s, l] *= [l == idx_t]      (one-hot mask; all zero for idx_t = -1, so those rows get no term)
-    expand   y_s += scale * sum over used slots l of  h[:, s, l] B_s[l]^T     (one GEMM over all T rows per used
-             slot: rows of other slots are exact zeros there, so each token gets exactly its own slot's term)
+    shrink   h = x A_U^T,  A_U = [A_s[u] for s, for u in U] as one (S U R, K) matrix: ONE GEMM for all slices
+             and used slots, viewed (T, S, U, R)
+    select   h[t, s, j] *= [u_j == idx_t]    (one-hot mask; all zero for idx_t = -1, so those rows get no term)
+    expand   y_s += scale * h[:, s] B_{s,U}   B_{s,U} = [B_s[u]^T for u in U] stacked (U R, N_s): one GEMM over
+             all T rows per slice (the masked h is zero outside each token's own slot, so the other slots' rows
+             of B_{s,U} add exact zeros and each token gets exactly its own slot's term)
 
-The shrink costs L times the minimal LoRA FLOPs (every slot is computed for every token) and the expand |used|
-times; for L <= 4 and R <= 16 that is a few percent of the backbone GEMM (T K sum N_s). When one slot owns
-every token (a plain-LoRA batch, or a routed decoding step whose tokens all sit on one adapter) the mask is
-skipped: the same GEMMs on the same operands, so the same bits.
+The shrink costs U times the minimal LoRA FLOPs and the expand U times; U <= 2 for a routed model (3 with a
+context adapter), a few percent of the backbone GEMM (T K sum N_s) for R <= 16. When one slot owns every token (a
+plain-LoRA batch, or a routed decoding step whose tokens all sit on one adapter) the mask is skipped: the same
+GEMMs on the same operands, so the same bits.
+
+A_U and B_{s,U} are copies (S U R K and U R N_s numbers): they are built once per adapter load and set of used
+slots, not per call, and kept on the layer's stack tensors (:class:`_Stacks`); every in-place write into a stack
+(vLLM's ``set_lora`` / ``reset_lora`` at a load or weight sync) moves the tensor's version counter and drops them.
 
 Dtypes follow vLLM's ops: the shrink is computed in the buffer's dtype (float32 by default: vLLM's buffers are
 float32), the expand in the output's dtype. On fp32 models (what the plugin's tests run) no casts happen.
@@ -223,7 +229,7 @@ def lora_linear_(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor
     vocabulary); ``plan``: the step's :class:`SlotPlan`. Returns ``y``.
 
     Expand: a slot that owns every token is one GEMM per slice with its own B_s (the same operands as a plain
-    LoRA batch, so the same bits); a masked batch is one GEMM per slice against every slot's B_s stacked."""
+    LoRA batch, so the same bits); a masked batch is one GEMM per slice against the used slots' B_s stacked."""
     if len(lora_a) != len(lora_b):
         raise ValueError(f"lora_a/lora_b: expected one stack per slice in both, got {len(lora_a)} and "
                          f"{len(lora_b)}")
@@ -290,8 +296,8 @@ def lora_expand_(y: torch.Tensor, buffers, lora_b: Sequence[torch.Tensor], outpu
 
     ``buffers[s]``: (T, R), each token's own slot's shrunk values (from :func:`lora_shrink_`, possibly reduced
     across ranks in between, or the embedding layer's gathered A rows). In a masked batch each buffer row is
-    spread to its own slot's R columns of a (T, L R) matrix (zeros elsewhere), one GEMM per slice against every
-    slot's B stacked, so a token's buffer row only ever meets its own slot's B."""
+    spread to its own slot's R columns of a (T, U R) matrix (zeros elsewhere; U the used slots), one GEMM per
+    slice against the used slots' B stacked, so a token's buffer row only ever meets its own slot's B."""
     st = _Stacks.of((), lora_b, plan.num_slots)
     st.check_out(y, output_slices, offset)
     T, R = y.shape[0], st.R

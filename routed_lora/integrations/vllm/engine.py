@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .plugin import ROUTED_PREFIX, check_supported
+from .guard import check_supported
+from .routing import ROUTED_PREFIX
 
 __all__ = ["RoutedLLM", "RoutedOutput", "engine_kwargs"]
 
