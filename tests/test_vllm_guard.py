@@ -118,3 +118,70 @@ def test_train_rollout_vllm_without_vllm_is_a_usage_error(tmp_path, capsys):
                "--steps", "1", "--prompts-per-step", "2", "-G", "2"])
     assert rc == 2
     assert "--rollout vllm: vLLM is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["tokens", "text"])
+def test_batched_decoding_steps_route_as_the_router(monkeypatch, mode):
+    """Many routed requests in one persistent batch, decoding steps routed for all of them at once (the array
+    path for single-token tags, one stream call for multi-token tags), beside prefill chunks of requests that
+    join later: every position's LoRA id is TagRouter's route of the whole sequence."""
+    tok = tiny_tokenizer()
+    if mode == "tokens":
+        router = TagRouter(tok, default="reasoning", adapters=("reasoning", "tool"))
+        tags = [["<search>"], ["</search>"], ["<information>"], ["</information>"]]
+    else:  # tags of three tokens ("<" "search" ">"), route -1 outside the span
+        router = TagRouter.from_dict(tok, {"type": "TagRouter", "spans": [["tool", ["<search>", "</search>"]]],
+                                           "default": None, "mode": "text"}, adapters=("reasoning", "tool"))
+        tags = [["<", "search", ">"], ["</", "search", ">"], ["<"], ["search"]]
+    assert router.mode == mode
+    id_of = {0: IDS["reasoning"], 1: IDS["tool"], -1: 0}
+    spec = routing.RoutedSpec.of(router, ["reasoning", "tool"], id_of)
+    lr = types.SimpleNamespace(lora_name=routing.ROUTED_PREFIX + "{}", lora_int_id=5, lora_path="stand-in")
+    monkeypatch.setitem(routing.RoutedSpec._cache, (lr.lora_name, 5, "stand-in"), spec)
+    monkeypatch.setattr(routing, "state", routing._WorkerState())
+    g = np.random.default_rng(0)
+    units = [[w] for w in ("alice", "paris", "born", "who")] + tags  # a tag (or a part of one) every other unit
+    n_req, length = 7, 40
+    seqs = np.array([[t for u in g.integers(len(units), size=length) for t in tok.convert_tokens_to_ids(units[u])]
+                     [:length] for _ in range(n_req)], dtype=np.int64)
+    join = [0, 0, 0, 3, 5, 5, 11]  # the step at which each request's prompt (6-9 tokens, one chunk) is scheduled
+    plen = [6, 7, 8, 9, 6, 7, 8]
+    buf = np.zeros((n_req, length + 1), dtype=np.int64)
+    batch = types.SimpleNamespace(num_reqs=n_req, request_lora_mapping=np.full(n_req, 5), req_ids=list("abcdefg"),
+                                  lora_id_to_lora_request={5: lr}, num_computed_tokens_cpu=np.zeros(n_req, np.int64),
+                                  token_ids_cpu=buf, generators={})
+    done = np.zeros(n_req, dtype=np.int64)  # positions fed so far
+    used = [[] for _ in range(n_req)]
+    batched = []
+    orig = routing._decode_routes_ if mode == "tokens" else routing._decode_routes_text_
+
+    def spy(spec_, sts, tok_):
+        batched.append(len(sts))
+        return orig(spec_, sts, tok_)
+
+    monkeypatch.setattr(routing, "_decode_routes_" if mode == "tokens" else "_decode_routes_text_", spy)
+    for step in range(length):
+        sched = np.zeros(n_req, dtype=np.int64)
+        for i in range(n_req):
+            if step == join[i]:
+                sched[i] = plen[i]
+            elif step > join[i] and done[i] < length:
+                sched[i] = 1
+        buf[:, :] = 0
+        for i in range(n_req):
+            buf[i, : done[i] + sched[i]] = seqs[i, : done[i] + sched[i]]  # sampled tokens arrive before the step
+        batch.num_computed_tokens_cpu[:] = done
+        _, token_map, _ = routing.route_lora_inputs(batch, sched, (sched > 0).astype(np.int64),
+                                                    routing.routed_specs(batch))
+        o = 0
+        for i in range(n_req):
+            used[i] += list(token_map[o:o + sched[i]])
+            o += sched[i]
+        done += sched
+    inv = {v: k for k, v in id_of.items()}
+    switches = 0
+    for i in range(n_req):
+        want = router(torch.tensor([seqs[i, : done[i]].tolist()]))[0].tolist()
+        assert [inv[x] for x in used[i]] == want, f"request {i}"
+        switches += sum(a != b for a, b in zip(want, want[1:]))
+    assert switches >= 20 and max(batched) >= 5  # decoding steps of five or more requests went together

@@ -213,13 +213,30 @@ def _decode_routes_(spec: "RoutedSpec", sts: list, tok):
     return routes
 
 
+def _decode_routes_text_(spec: "RoutedSpec", sts: list, tok):
+    """:func:`_decode_routes_` for text-mode routers (tags of several tokens): the requests' streaming states,
+    one per request, are stepped together as one batch of the router's own stream (one call instead of one per
+    request; the rule is the router's). Returns the routes (D,)."""
+    import numpy as np
+    import torch
+
+    stream = spec.router.stream(0)
+    stream.batch_size = len(sts)
+    stream.state = [st.stream.state[0] for st in sts]
+    routes = stream.step(torch.from_numpy(np.ascontiguousarray(tok, dtype=np.int64))).numpy()
+    for st, state, r in zip(sts, stream.state, routes.tolist()):
+        st.stream.state[0] = state
+        st.routes.append(r)
+    return routes
+
+
 def route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, by_id: dict):
     """The routed version of ``make_lora_inputs`` (see the module doc, item 1): (prompt mapping, token mapping,
     active LoRA requests), the ids of routed requests' positions given by their routes.
 
-    Decoding steps (one scheduled position) of requests whose router works on single tokens are done for all of
-    them at once (:func:`_decode_routes_`); prefill chunks, multi-token tags and requests seen for the first
-    time go position by position through :meth:`RouteState.upto`."""
+    Decoding steps (one scheduled position) are done for all of a spec's requests at once
+    (:func:`_decode_routes_` for single-token tags, :func:`_decode_routes_text_` for multi-token tags); prefill
+    chunks and requests seen for the first time go through :meth:`RouteState.upto`."""
     import numpy as np
 
     n = batch.num_reqs
@@ -254,15 +271,14 @@ def route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, by_id: di
             sts.append(st)
         k = sched[rows]
         start = computed[rows].astype(np.int64)
-        dec = np.zeros(len(rows), dtype=bool)
-        if spec.fast is not None:
-            have = np.fromiter((len(st.routes) for st in sts), dtype=np.int64, count=len(sts))
-            dec = (k == 1) & (have == start) & (sampled[rows] == 1)
+        have = np.fromiter((len(st.routes) for st in sts), dtype=np.int64, count=len(sts))
+        dec = (k == 1) & (have == start) & (sampled[rows] == 1)
         if dec.any():
             d = np.flatnonzero(dec)
             r = rows[d]
             tok = batch.token_ids_cpu[r, start[d]].astype(np.int64)
-            routes = _decode_routes_(spec, [sts[j] for j in d.tolist()], tok)
+            step = _decode_routes_ if spec.fast is not None else _decode_routes_text_
+            routes = step(spec, [sts[j] for j in d.tolist()], tok)
             ids = spec.table[routes]
             if (ids == -2).any():
                 raise RuntimeError(f"routed-lora: routes {sorted(set(routes[ids == -2].tolist()))} name adapters "
