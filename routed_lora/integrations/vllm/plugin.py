@@ -148,8 +148,8 @@ def _patch_punica_cpu() -> None:
     - ``update_metadata`` keeps only the per-token indices: no prefill (sgmv) run metadata, whose buffers hold
       ``max_num_seqs`` runs while per-token routes make more (upstream defect 2); our op takes any mix;
     - ``add_lora_linear``, ``add_shrink``, ``add_expand``, ``add_lora_logits`` and ``add_lora_embedding`` go to
-      :mod:`.cpu_lora` (one shrink against all slots, per-token slot selection, one expand per used slot; slot
-      -1 gets no LoRA term: upstream defect 1). The slot plan is made once per step and shared by every layer.
+      :mod:`.cpu_lora` (one shrink against the used slots, per-token slot selection, one expand per slice;
+      slot -1 gets no LoRA term: upstream defect 1). The slot plan is made once per step and shared by every layer.
 
     Other batches go to vLLM's methods unchanged. With the op ``off``, routed batches still get the defect-1
     and defect-2 fixes on vLLM's own per-token (bgmv) ops."""
