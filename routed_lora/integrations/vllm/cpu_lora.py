@@ -86,6 +86,18 @@ class SlotPlan:
             m = self._onehot[dtype] = (self.idx.view(-1, 1) == used.view(1, -1)).to(dtype)
         return m
 
+    def mask(self, n_slices: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """(T, S U R): :meth:`onehot` spread over the shrink's columns (slice, used slot, rank), so that masking
+        ``h`` is one contiguous elementwise product (a broadcast over a 4-D view costs several times more at
+        these sizes). Made once per step and shape."""
+        key = (n_slices, rank, dtype)
+        m = self._onehot.get(key)
+        if m is None:
+            oh = self.onehot(dtype)
+            m = self._onehot[key] = oh[:, None, :, None].expand(self.n, n_slices, len(self.used), rank) \
+                .reshape(self.n, -1).contiguous()
+        return m
+
 
 def _check_stacks(name: str, stacks: Sequence[torch.Tensor], num_slots: int) -> None:
     for s, w in enumerate(stacks):
@@ -198,7 +210,8 @@ class _Stacks:
 
 
 def _shrink_all(x: torch.Tensor, st: _Stacks, plan: SlotPlan, dtype: torch.dtype, n_slices: int):
-    """h = x A_used^T viewed (T, S, U, R), in ``dtype``: one GEMM for every slice and used slot."""
+    """h = x A_used^T viewed (T, S, U, R), in ``dtype``: one GEMM for every slice and used slot; in a masked
+    batch each token's other slots' columns are zero (the select step of the module doc)."""
     T = x.shape[0]
     if x.dim() != 2 or x.shape[1] != st.K:
         raise ValueError(f"x: expected (tokens, in_features K={st.K}) as the lora_a stacks, got {tuple(x.shape)}")
@@ -207,6 +220,8 @@ def _shrink_all(x: torch.Tensor, st: _Stacks, plan: SlotPlan, dtype: torch.dtype
     if plan.num_slots != st.L:
         raise ValueError(f"plan: expected {st.L} slots (the stacks' first dim), got {plan.num_slots}")
     h = (x if x.dtype == dtype else x.to(dtype)) @ st.a(plan.used, dtype).t()
+    if plan.masked:
+        h.mul_(plan.mask(n_slices, st.R, h.dtype))  # each token keeps its own slot's columns only
     return h.view(T, n_slices, len(plan.used), st.R)
 
 
@@ -244,7 +259,6 @@ def lora_linear_(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor
     alpha = float(scale)
     o = offset
     if plan.masked:
-        h.mul_(plan.onehot(h.dtype)[:, None, :, None])
         UR = len(plan.used) * st.R
         for s, n in enumerate(output_slices):
             if n:
@@ -280,7 +294,7 @@ def lora_shrink_(buffers, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale
     h = _shrink_all(x, st, plan, buffers[0].dtype, len(lora_a))
     if plan.masked:
         # sum over slots of the masked h: each token keeps its own slot's R values (the others add exact zeros)
-        sel = (h * plan.onehot(h.dtype)[:, None, :, None]).sum(2)
+        sel = h.sum(2)
     else:
         sel = h[:, :, 0]  # one slot owns every token
     if scale != 1.0:
