@@ -13,8 +13,8 @@
 #    SMOLLM2_ONLY=1 runs step 7 alone and skips the install (a dry run elsewhere: SMOLLM2_ONLY=1 SMOL_DEVICE=cpu
 #    SMOL_BUDGET=1 SMOL_SHAPES="--batch 1 --seq 16 --decode-batch 1 --prefill 4 --decode-steps 2"
 #    SMOL_E2E_SHAPE="--batch 1 --seq 16" PYTHONPATH=. bash benchmarks/gpu_all.sh OUT).
-# FULL=1 adds the per-kernel profile, the host-overhead table, `routed-lora bench --quick` and `pytest benchmarks/ -k cuda` (about 7 minutes
-# more). Each step has its own time limit so one slow step cannot eat the others; logs go to OUT_DIR.
+# FULL=1 adds the GPU tests' reference matrix, the per-kernel profile, the host-overhead table, `routed-lora bench --quick`
+# and `pytest benchmarks/ -k cuda` (about 12 minutes more). Each step has its own time limit so one slow step cannot eat the others; logs go to OUT_DIR.
 set -u
 OUT_DIR="${1:-${OUT:-runs/gpu}}"
 mkdir -p "$OUT_DIR"
@@ -59,11 +59,17 @@ print(f"{len(recs)} records; spills in {sum(r['stack_bytes'] > 0 or r['local_byt
 EOF
 echo "== gpu_check --quick (correctness)" | tee -a "$LOG"
 timeout "${T_CHECK:-100}" "$PY" benchmarks/gpu_check.py --quick --out "$OUT_DIR" --reps "${REPS:-50}" 2>&1 | tail -30 | tee -a "$LOG"
-echo "== pytest: GPU tests (kernels, CUDA-graph training step)" | tee -a "$LOG"
+# the dtype x variant x shape reference matrix compiles a kernel set per case (14 cases took 175 s on an H200 on
+# 2026-12-04): the launch-floor, TMA, isolation and CUDA-graph tests go first, the matrix under FULL=1
+echo "== pytest: GPU tests (launch floor, TMA GEMM, isolation, CUDA-graph training step)" | tee -a "$LOG"
 timeout "${T_PYTEST:-80}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py \
-  "tests/test_bench.py::test_graphed_train_step_on_gpu_matches_eager" 2>&1 | tail -15 | tee -a "$LOG"
+  "tests/test_bench.py::test_graphed_train_step_on_gpu_matches_eager" -k "not test_kernels_match_reference" \
+  -rA 2>&1 | grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" | tail -20 | tee -a "$LOG"
 smollm2_cases
 if [ "${FULL:-0}" != "0" ]; then
+  echo "== pytest: the kernels' reference matrix (dtype x variant x shape) on the GPU" | tee -a "$LOG"
+  timeout "${T_PYTEST_REF:-300}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py \
+    -k test_kernels_match_reference 2>&1 | tail -6 | tee -a "$LOG"
   echo "== gpu_profile (per-kernel time)" | tee -a "$LOG"
   timeout "${T_PROFILE:-60}" "$PY" benchmarks/gpu_profile.py --out "$OUT_DIR" > /dev/null 2>&1 || echo "gpu_profile failed" | tee -a "$LOG"
   echo "== gpu_overhead (host overhead, steady-state time)" | tee -a "$LOG"
