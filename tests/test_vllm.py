@@ -139,17 +139,59 @@ def test_route_minus_one_and_multi_token_tags(env):
 
 
 def test_weight_sync(env):
-    """update(model) after the adapters changed: new log-probs match the new HF model, without a restart."""
+    """update(model) after the adapters changed: new log-probs match the new HF model, without a restart; a live
+    model is synced in memory under the same LoRA ids (no folder written), a folder or in_memory=False under new
+    ids, and a sync in memory survives the adapters' eviction from the workers' LoRA cache."""
     tok, routed, model = env["tok"], env["routed"], env["model"]
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     before = routed.generate(prompts[:1], _params(tok, n_tokens=16))[0]
+    ids = {a: r.lora_int_id for a, r in routed.requests.items()}
+    folder = routed.folder
     randomize_adapters(model, seed=7)
     routed.update(model)
+    assert routed.last_sync == "tensors" and routed.folder == folder
+    assert {a: r.lora_int_id for a, r in routed.requests.items()} == ids
     outs = routed.generate(prompts, _params(tok, n_tokens=32))
     _check(env, outs, [env["router"]] * len(outs))
     # the same prompt and tokens now score differently (the new weights are in use)
     again = hf_logprobs(model, before.prompt_ids + before.token_ids, before.routes)[len(before.prompt_ids) - 1:]
     assert (again - torch.tensor(before.logprobs)).abs().max() > 1e-2
+    # evicted from the workers' cache, the adapters come back from the synced tensors, not the stale folder
+    for i in ids.values():
+        routed.engine.remove_lora(i)
+    _check(env, routed.generate(prompts[:2], _params(tok, n_tokens=24)), [env["router"]] * 2)
+    # a second sync in memory, then one through a folder under new ids: each takes effect
+    randomize_adapters(model, seed=8)
+    routed.update(model)
+    _check(env, routed.generate(prompts[:2], _params(tok, n_tokens=24)), [env["router"]] * 2)
+    randomize_adapters(model, seed=9)
+    routed.update(model, in_memory=False)
+    assert routed.last_sync == "folder"
+    assert set(ids.values()).isdisjoint(r.lora_int_id for r in routed.requests.values())
+    _check(env, routed.generate(prompts[:2], _params(tok, n_tokens=24)), [env["router"]] * 2)
+    with pytest.raises(ValueError, match="in_memory=True needs a model"):
+        routed.update(routed.folder, in_memory=True)
+
+
+def test_weight_sync_from_bad_tensors_changes_nothing(env):
+    """Tensors the engine cannot take (rank above max_lora_rank, a module that is not a LoRA target) are refused
+    in the workers before anything is stored: generation keeps the weights of the last good sync."""
+    from routed_lora.adapter_io import adapter_payload
+    from routed_lora.integrations.vllm.tensor_sync import METHOD
+
+    tok, routed, model = env["tok"], env["routed"], env["model"]
+    routed.update(model)
+    _, config, tensors = adapter_payload(model)
+    lid = routed.requests["tool"].lora_int_id
+    good = (routed.requests["reasoning"].lora_int_id, config, tensors["reasoning"])
+    too_big = dict(config, r=4096)
+    stray = dict(tensors["tool"], **{"base_model.model.model.layers.0.mlp.nowhere.lora_A.weight":
+                                     next(iter(tensors["tool"].values()))})
+    for bad, match in (((lid, too_big, tensors["tool"]), "rank"), ((lid, config, stray), "nowhere")):
+        with pytest.raises(Exception, match=match):
+            env["llm"].collective_rpc(METHOD, args=([good, bad],))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    _check(env, routed.generate(prompts, _params(tok, n_tokens=24)), [env["router"]] * 2)
 
 
 def _count_op_calls(monkeypatch):
@@ -267,8 +309,18 @@ if __name__ == "__main__":  # vLLM starts its engine core in another process
         ids = o.prompt_ids + o.token_ids
         ref = hf_logprobs(model, ids, router(__import__("torch").tensor([ids]))[0].tolist())
         worst = max(worst, float((ref[len(o.prompt_ids) - 1:] - __import__("torch").tensor(o.logprobs)).abs().max()))
+    # a weight sync in memory: the tensors cross into the engine core's process with collective_rpc
+    from _vllm_util import randomize_adapters
+    randomize_adapters(model, seed=3)
+    rl.update(model)
+    synced = 0.0
+    for o in rl.generate([tok("who was born in paris ?")["input_ids"]] * 2, sp):
+        ids = o.prompt_ids + o.token_ids
+        ref = hf_logprobs(model, ids, router(__import__("torch").tensor([ids]))[0].tolist())
+        synced = max(synced, float((ref[len(o.prompt_ids) - 1:] - __import__("torch").tensor(o.logprobs)).abs().max()))
     pids = {json.loads(line)["pid"] for line in (out / "trace.jsonl").read_text().splitlines()}
-    print(json.dumps({"worst": worst, "trace_pids": sorted(pids), "pid": os.getpid()}))
+    print(json.dumps({"worst": worst, "synced": synced, "sync": rl.last_sync, "trace_pids": sorted(pids),
+                      "pid": os.getpid()}))
 """
 
 
@@ -291,4 +343,5 @@ def test_plugin_runs_in_vllms_own_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
     assert res["worst"] <= TOL
+    assert res["sync"] == "tensors" and res["synced"] <= TOL, res
     assert res["trace_pids"] and res["pid"] not in res["trace_pids"], "the routing did not run in another process"

@@ -98,6 +98,8 @@ class RoutedLLM:
         self._workdir = Path(workdir) if workdir is not None else None
         self._owned: list[Path] = []
         self.version = 0
+        self.last_sync: str | None = None  # "tensors" (in memory) or "folder" after an update
+        self._tensor_ids: set[int] = set()
         self.requests: dict[str, object] = {}
         self.routed = None
         self._load(source)
@@ -127,6 +129,7 @@ class RoutedLLM:
         self.adapters = list(m["adapters"])
         self.model_adapters = list(m["model_adapters"])
         router_d = self._router_override or m.get("router")
+        self._router_d = router_d
         self.router = None
         if router_d:
             self.router = TagRouter.from_dict(self.llm.get_tokenizer(), router_d, adapters=self.model_adapters)
@@ -157,10 +160,38 @@ class RoutedLLM:
             raise ValueError(f"adapter: expected 'routed', None or one of {self.adapters}, got {adapter!r}")
         return self.requests[adapter]
 
-    def update(self, source) -> None:
-        """Weight sync after a training step: load the adapters of ``source`` (a routed model or a folder) under
-        new LoRA ids, drop the old ones from the engine, and reset the prefix cache (cached blocks were computed
-        with the old adapters). No restart; requests in flight must have finished."""
+    def update(self, source, *, in_memory: bool | None = None) -> None:
+        """Weight sync after a training step; no restart, and requests in flight must have finished.
+
+        A live routed model with the adapters and router already loaded is synced **in memory** (the default,
+        ``in_memory=None`` or True): its tensors (:func:`routed_lora.adapter_io.adapter_payload`) go to every
+        worker with ``LLM.collective_rpc`` under the same LoRA ids (:mod:`.tensor_sync`); nothing is written.
+        A folder, a model with other adapter names or another router, or ``in_memory=False`` loads the adapters
+        under new LoRA ids (vLLM caches adapters by id) and removes the old ones. Either way the prefix cache is
+        reset: cached blocks were computed with the old adapters."""
+        if in_memory is not False and not isinstance(source, (str, os.PathLike)):
+            from routed_lora.adapter_io import adapter_payload
+
+            manifest, config, tensors = adapter_payload(source)
+            same = (list(manifest["adapters"]) == self.adapters
+                    and list(manifest["model_adapters"]) == self.model_adapters
+                    and (self._router_override or manifest.get("router")) == self._router_d)
+            if same:
+                from .tensor_sync import METHOD, pack
+
+                entries = [pack(self.requests[a].lora_int_id, config, tensors[a]) for a in self.adapters]
+                self.llm.collective_rpc(METHOD, args=(entries,))
+                self._tensor_ids.update(e[0] for e in entries)
+                self.llm.reset_prefix_cache()
+                self.version += 1
+                self.last_sync = "tensors"
+                return
+            if in_memory:
+                raise ValueError(f"source: an in-memory sync needs the loaded adapters {self.adapters} and router; "
+                                 f"the model has adapters {manifest['adapters']} and router "
+                                 f"{manifest.get('router')!r}; pass in_memory=None to load it under new ids")
+        elif in_memory:
+            raise ValueError(f"source: in_memory=True needs a model with routed layers, got the folder {source!r}")
         old = [r.lora_int_id for r in self.requests.values()]
         old_owned = list(self._owned)
         self.version += 1
@@ -170,7 +201,14 @@ class RoutedLLM:
                 self.engine.remove_lora(i)
             except Exception:  # noqa: BLE001 - never loaded (no request used it)
                 pass
+        forget = [i for i in old if i in self._tensor_ids]
+        if forget:
+            from .tensor_sync import FORGET_METHOD
+
+            self.llm.collective_rpc(FORGET_METHOD, args=(forget,))
+            self._tensor_ids.difference_update(forget)
         self.llm.reset_prefix_cache()
+        self.last_sync = "folder"
         for f in old_owned:
             if f != self.folder:
                 shutil.rmtree(f, ignore_errors=True)

@@ -58,6 +58,7 @@ def register() -> None:
     _patch_punica_cpu()
     _patch_lora_runner()
     _patch_kernel_rebind()
+    _patch_tensor_loading()
 
 
 def _patch_input_batch() -> None:
@@ -290,3 +291,22 @@ def _patch_kernel_rebind() -> None:
 
     _rebind_kernels._routed_lora = True
     dispatcher._rebind_kernels = _rebind_kernels
+
+
+def _patch_tensor_loading() -> None:
+    """Adapters synced from tensors (:mod:`.tensor_sync`): vLLM's folder loader consults the worker's registry
+    first, and the workers answer the sync's ``collective_rpc`` methods."""
+    from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from . import tensor_sync
+
+    orig = WorkerLoRAManager._load_adapter
+
+    def _load_adapter(self, lora_request):
+        lora = tensor_sync.load_from_registry(self, lora_request)
+        return orig(self, lora_request) if lora is None else lora
+
+    WorkerLoRAManager._load_adapter = _load_adapter
+    setattr(WorkerBase, tensor_sync.METHOD, tensor_sync.load_lora_tensors)
+    setattr(WorkerBase, tensor_sync.FORGET_METHOD, tensor_sync.forget_lora_tensors)
