@@ -23,8 +23,7 @@ How veRL 0.9.1 drives vLLM with LoRA, and what changes here:
    ``LRUCacheWorkerLoRAManager._load_adapter`` by veRL's extension) calls ``WeightsMapper.get_unstacked_mapper``,
    which vLLM 0.32 does not have (``AttributeError``: every LoRA load fails, veRL's own single LoRA included).
    :class:`RoutedLoRAWorkerExtension` therefore puts :func:`_load_adapter` there instead: a tensor request is
-   written as a PEFT folder to a RAM disk and loaded by vLLM's own ``WorkerLoRAManager._load_adapter``; other
-   requests go to vLLM's loader directly.
+   built from its tensors in memory (no folder); other requests go to vLLM's loader directly.
 
 Prefix caching stays exact: routes are a causal function of the tokens, and veRL resets the prefix cache after
 every weight sync (``clear_kv_cache`` / ``wake_up``).
@@ -34,8 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 from verl.utils.vllm import TensorLoRARequest
 from verl.workers.rollout.vllm_rollout.utils import VLLM_LORA_INT_ID, vLLMColocateWorkerExtension
@@ -45,6 +42,7 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManage
 
 from .verl_sync import is_routed_config, split_payload
 from .vllm.plugin import ROUTED_PREFIX, RoutedSpec, register as register_vllm_plugin
+from .vllm.tensor_sync import build_lora_model
 
 __all__ = ["RoutedLoRAWorkerExtension", "RoutedEngineClient", "RoutedvLLMHttpServer", "RoutedvLLMReplica",
            "routed_lora_request", "adapter_id", "routed_engine_args", "WORKER_EXTENSION"]
@@ -84,25 +82,16 @@ _vllm_load_adapter = WorkerLoRAManager._load_adapter  # vLLM's own loader (veRL 
 
 def _load_adapter(self, lora_request):
     """``LRUCacheWorkerLoRAManager._load_adapter`` in workers with our extension (module doc, 4): a
-    ``TensorLoRARequest`` is written as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
-    to /dev/shm and loaded by vLLM's own loader, which reads it completely; the folder is removed afterwards."""
+    ``TensorLoRARequest`` is built straight from its tensors and PEFT config with the checks vLLM applies to a
+    folder (:func:`routed_lora.integrations.vllm.tensor_sync.build_lora_model`); other requests go to vLLM's
+    loader."""
     tensors = getattr(lora_request, "lora_tensors", None)
     if tensors is None:
         return _vllm_load_adapter(self, lora_request)
-    from safetensors.torch import save_file
-
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    folder = tempfile.mkdtemp(prefix="routed-lora-verl-", dir=base)
-    try:
-        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-            json.dump(lora_request.peft_config, f)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  os.path.join(folder, "adapter_model.safetensors"))
-        plain = LoRARequest(lora_name=lora_request.lora_name, lora_int_id=lora_request.lora_int_id,
-                            lora_path=folder)
-        return _vllm_load_adapter(self, plain)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    lora = build_lora_model(self, lora_request.lora_int_id, lora_request.peft_config,
+                            {k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    lora.is_3d_lora_weight = getattr(lora_request, "is_3d_lora_weight", False)
+    return lora
 
 
 class RoutedLoRAWorkerExtension(vLLMColocateWorkerExtension):
