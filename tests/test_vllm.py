@@ -9,6 +9,7 @@ Needs vLLM (`make test-vllm` builds its environment); skipped elsewhere."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,21 @@ def test_weight_sync(env):
     _check(env, routed.generate(prompts[:2], _params(tok, n_tokens=24)), [env["router"]] * 2)
     with pytest.raises(ValueError, match="in_memory=True needs a model"):
         routed.update(routed.folder, in_memory=True)
+
+
+def test_live_model_loads_in_memory_or_into_workdir(env, tmp_path):
+    """RoutedLLM(llm, model): the adapters reach the workers as tensors (their request paths name no folder) and
+    route as TagRouter with HF's log-probs; with workdir= they are written there and read by vLLM's loader."""
+    from routed_lora.integrations.vllm import RoutedLLM
+
+    tok = env["tok"]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    for workdir in (None, tmp_path / "adapters"):
+        rl = RoutedLLM(env["llm"], env["model"], workdir=workdir)
+        assert rl.folder.exists() == (workdir is not None)
+        assert all(Path(r.lora_path).exists() == (workdir is not None) for r in rl.requests.values())
+        _check(env, rl.generate(prompts, _params(tok, n_tokens=24)), [env["router"]] * 2)
+        rl.close()
 
 
 def test_weight_sync_from_bad_tensors_changes_nothing(env):

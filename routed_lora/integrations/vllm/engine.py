@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +33,8 @@ from .routing import ROUTED_PREFIX
 __all__ = ["RoutedLLM", "RoutedOutput", "engine_kwargs"]
 
 _ids = itertools.count(1)
+# the path of adapters loaded from a live model's tensors: a name only (the workers build them from the registry)
+IN_MEMORY_PATH = "/routed-lora-in-memory"
 
 
 @dataclass
@@ -84,8 +85,9 @@ def engine_kwargs(source, *, extra_loras: int = 0, **overrides) -> dict:
 
 class RoutedLLM:
     """Routed generation on ``llm`` (a ``vllm.LLM`` built with :func:`engine_kwargs`) with the adapters of
-    ``source``: a :func:`routed_lora.save_adapters` folder (used in place) or a model with routed layers (its
-    adapters are written to a fresh folder under ``workdir``, default a temporary folder in /dev/shm).
+    ``source``: a :func:`routed_lora.save_adapters` folder (used in place) or a model with routed layers, whose
+    adapters go to the workers in memory (:mod:`.tensor_sync`; nothing is written) or, with ``workdir``, are
+    written to a fresh folder under it.
 
     ``router``: a ``TagRouter`` description (``TagRouter.to_dict()``) to use instead of the folder's."""
 
@@ -110,21 +112,29 @@ class RoutedLLM:
             return Path(source)
         from routed_lora.adapter_io import save_adapters
 
-        if self._workdir is None:
-            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-            self._workdir = Path(tempfile.mkdtemp(prefix="routed-lora-vllm-", dir=base))
         folder = self._workdir / f"v{self.version}"
         save_adapters(source, folder)
         self._owned.append(folder)
         return folder
 
     def _load(self, source) -> None:
+        """Adapters of a folder (read by vLLM's loader), or of a live model: in memory (sent to the workers'
+        registry, :mod:`.tensor_sync`; the requests' paths are names that nothing reads) unless ``workdir`` was
+        given, then written there. New LoRA ids either way."""
         from vllm.lora.request import LoRARequest
 
         from routed_lora.router import TagRouter
 
-        folder = self._folder_for(source).resolve()
-        m = _manifest(folder)
+        payload = None
+        if isinstance(source, (str, os.PathLike)) or self._workdir is not None:
+            folder = self._folder_for(source).resolve()
+            m = _manifest(folder)
+        else:
+            from routed_lora.adapter_io import adapter_payload
+
+            m, config, tensors = adapter_payload(source)
+            folder = Path(IN_MEMORY_PATH) / f"{os.getpid()}-{next(_ids)}"
+            payload = (config, tensors)
         self.folder, self.manifest = folder, m
         self.adapters = list(m["adapters"])
         self.model_adapters = list(m["model_adapters"])
@@ -136,12 +146,18 @@ class RoutedLLM:
         tag = f"v{self.version}-{next(_ids)}"
         ids = {a: 1_000_000 + 1000 * next(_ids) for a in self.adapters}
         names = {a: f"routed-lora/{tag}/{a}" for a in self.adapters}
+        if payload is not None:
+            from .tensor_sync import METHOD, pack
+
+            config, tensors = payload
+            self.llm.collective_rpc(METHOD, args=([pack(ids[a], config, tensors[a]) for a in self.adapters],))
+            self._tensor_ids.update(ids.values())
         self.requests = {a: LoRARequest(lora_name=names[a], lora_int_id=ids[a], lora_path=str(folder / a))
                          for a in self.adapters}
         if self.router is not None:
-            meta = {"tokenizer": self.tokenizer_path, "ids": ids, "names": names}
-            if self._router_override:
-                meta["router"] = self._router_override
+            # everything the workers need (RoutedSpec): they read the folder's routed_lora.json only without it
+            meta = {"tokenizer": self.tokenizer_path, "ids": ids, "names": names, "router": router_d,
+                    "model_adapters": self.model_adapters}
             self.routed = LoRARequest(lora_name=ROUTED_PREFIX + json.dumps(meta, sort_keys=True),
                                       lora_int_id=1_000_000 + 1000 * next(_ids), lora_path=str(folder))
         else:

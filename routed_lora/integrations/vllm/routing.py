@@ -31,8 +31,10 @@ class RoutedSpec:
 
         meta = json.loads(lora_request.lora_name[len(ROUTED_PREFIX):])
         folder = Path(lora_request.lora_path)
-        manifest = json.loads((folder / "routed_lora.json").read_text())
-        names = list(manifest["model_adapters"])
+        manifest = {}  # adapters loaded from tensors have no folder: their request names everything
+        if not (meta.get("model_adapters") and meta.get("router")):
+            manifest = json.loads((folder / "routed_lora.json").read_text())
+        names = list(meta.get("model_adapters") or manifest["model_adapters"])
         tok = self._tokenizer(meta["tokenizer"])
         router_d = meta.get("router") or manifest.get("router")
         if not router_d:
