@@ -152,3 +152,33 @@ def test_ratio_one_gives_policy_gradient():
     out.loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[-2 / 3, -2 / 3], [1 / 3, 0.0]]))
     assert out.ratio_sum == 3 and out.clip_sum == 0
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "dr-grpo"])
+def test_non_finite_old_and_ref_at_masked_positions_leave_gradients_finite(aggregation):
+    """old_logp / ref_logp holding -inf or nan where the mask is 0 (padding, retrieved text) change neither the
+    loss nor logp's gradient: it equals the gradient with finite values there, and is 0 at masked positions."""
+    torch.manual_seed(0)
+    logp0 = -torch.rand(3, 7) - 0.1
+    old = logp0 + 0.1 * torch.randn(3, 7)
+    ref = logp0 + 0.1 * torch.randn(3, 7)
+    mask = torch.ones(3, 7)
+    mask[0, :2] = 0
+    mask[1, 5:] = 0
+    mask[2, 3] = 0
+    bad_old, bad_ref = old.clone(), ref.clone()
+    bad_old[mask == 0] = torch.tensor([float("-inf"), float("nan"), float("inf"), float("-inf"), float("nan")])
+    bad_ref[mask == 0] = float("nan")
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    grads, losses = [], []
+    for o, r in ((old, ref), (bad_old, bad_ref)):
+        logp = logp0.clone().requires_grad_(True)
+        out = grpo_loss(logp, o, adv, mask, ref_logp=r, beta=0.04, aggregation=aggregation, max_len=7)
+        out.loss.backward()
+        grads.append(logp.grad)
+        losses.append(out.loss.detach())
+        assert math.isfinite(out.kl_sum) and math.isfinite(out.ratio_sum) and math.isfinite(out.ratio_max)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert (grads[1][mask == 0] == 0).all()

@@ -206,6 +206,12 @@ def grpo_loss(
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name}: expected shape {tuple(logp.shape)} (logp's), got {tuple(t.shape)}")
     m = mask.to(torch.bool)
+    # Masked positions (prompt, retrieved text, padding) may hold anything in old_logp / ref_logp (-inf, nan):
+    # their loss is dropped by a where, but the backward of exp / k3 there would be 0 * inf = nan, and that nan
+    # reaches every parameter. There they take logp's own value (no gradient flows through it).
+    old_logp = torch.where(m, old_logp, logp.detach())
+    if ref_logp is not None:
+        ref_logp = torch.where(m, ref_logp, logp.detach())
     per_token, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high)
     kl = None
     if ref_logp is not None:
