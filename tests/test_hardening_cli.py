@@ -290,3 +290,12 @@ def test_resume_refuses_changed_settings_and_survives_torn_files(files, tmp_path
     assert "changed settings: --lr 0.001 -> 0.0005" in capsys.readouterr().err
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 3 and ckpt["config"]["lr"] == 5e-4 and ckpt["extra"]["run"]["data"].endswith("train.jsonl")
+    # --steps not above the checkpoint's step: refused, nothing rewritten (config.json kept its 3)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for n in ("3", "2"):
+        argv = _small(files, out, "--steps", n, "--resume", "--allow-changes")
+        argv[argv.index("--lr") + 1] = "5e-4"
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--steps {n}: " in err and "is at step 3 already" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

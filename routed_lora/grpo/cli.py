@@ -91,8 +91,8 @@ _SHAPE_SETTINGS = ("mode", "r", "target_modules")
 def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) -> dict:
     """Refuse ``--resume`` when the run folder cannot be continued as it is: no checkpoint, one that is not a
     training checkpoint or was written by another number of processes, a ``metrics.jsonl`` that cannot be read
-    back (:mod:`.resume`), or a setting that changes the run differs from the checkpoint's (all of them listed),
-    unless ``allow_changes``. Reads only. Returns the checkpoint (memory-mapped) for :func:`check_resume_fits`."""
+    back (:mod:`.resume`), ``--steps`` not above the checkpoint's step, or a setting that changes the run differs
+    from the checkpoint's (all of them listed), unless ``allow_changes``. Reads only. Returns the checkpoint (memory-mapped) for :func:`check_resume_fits`."""
     import torch
 
     from routed_lora.state import setting_differences
@@ -109,6 +109,10 @@ def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) 
     with for_flag("--resume"):
         check_checkpoint(state, ckpt, world=int(os.environ.get("WORLD_SIZE", "1")))
         check_metrics(out / "metrics.jsonl")
+    step = int(state.get("step") or 0)
+    if cfg.mode != "base" and cfg.steps <= step:  # nothing to train; config.json would record the wrong length
+        raise UsageError(f"--steps {cfg.steps}: {ckpt} is at step {step} already; pass --steps above {step} to "
+                         "continue it (routed-lora eval scores its adapters)")
     saved = dict(state.get("config") or {})
     saved.update((state.get("extra") or {}).get("run") or {})
     now = {**cfg.to_dict(), **run}
