@@ -112,10 +112,6 @@ def _shape_key(kind, x, weight, lora_A, *extra):
     return (dev, kind, x.dtype, _m_bucket(x.shape[0]), weight.shape[1], weight.shape[0], R, E, *extra)
 
 
-def _aligned(*ts) -> tuple:
-    return tuple(t is None or t.data_ptr() % 16 == 0 for t in ts)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # GEMM configs: pinned (``pin_configs``, the interpreter's tiles) or autotuned at the first launch of a key.
 
