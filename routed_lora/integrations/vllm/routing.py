@@ -302,7 +302,8 @@ def route_lora_inputs(batch, num_scheduled_tokens, num_sampled_tokens, by_id: di
             prompt_map[cu_s[i] - ns: cu_s[i]] = ids[-1] if kk else 0
             if trace_rows is not None:
                 trace_rows.append({"req": req_ids[i], "start": s0, "ids": ids.tolist(), "routes": list(routes)})
-    # the routed request's own id takes no slot: its adapters do (ordinary LoRA requests, loaded from its folder)
+    # the routed request's own id takes no slot: its adapters do (ordinary LoRA requests: from the synced tensors
+    # of tensor_sync, else from its folder)
     active = {lr for lid, lr in batch.lora_id_to_lora_request.items() if lid not in by_id}
     for spec in {id(s): s for s in by_id.values()}.values():
         active.update(spec.adapter_requests.values())
