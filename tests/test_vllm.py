@@ -177,7 +177,7 @@ def test_weight_sync(env):
 def test_live_model_loads_in_memory_or_into_workdir(env, tmp_path):
     """RoutedLLM(llm, model): the adapters reach the workers as tensors (their request paths name no folder) and
     route as TagRouter with HF's log-probs; with workdir= they are written there and read by vLLM's loader."""
-    from routed_lora.integrations.vllm import RoutedLLM
+    from routed_lora.integrations.vllm import RoutedLLM, tensor_sync
 
     tok = env["tok"]
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
@@ -186,7 +186,12 @@ def test_live_model_loads_in_memory_or_into_workdir(env, tmp_path):
         assert rl.folder.exists() == (workdir is not None)
         assert all(Path(r.lora_path).exists() == (workdir is not None) for r in rl.requests.values())
         _check(env, rl.generate(prompts, _params(tok, n_tokens=24)), [env["router"]] * 2)
+        ids = [r.lora_int_id for r in rl.requests.values()]
+        # the in-process engine's worker shares this process's registry
+        assert [tensor_sync.registered(i) for i in ids] == [workdir is None] * len(ids)
         rl.close()
+        assert not any(tensor_sync.registered(i) for i in ids)
+        assert not set(ids) & set(env["llm"].llm_engine.list_loras())
 
 
 def test_weight_sync_from_bad_tensors_changes_nothing(env):

@@ -231,6 +231,23 @@ class RoutedLLM:
                 self._owned.remove(f)
 
     def close(self) -> None:
+        """Drop this object's adapters from the engine and the workers' tensor registry, and its folders; its
+        requests must not be used afterwards. The engine itself stays up (it is the caller's)."""
+        ids = [r.lora_int_id for r in self.requests.values()]
+        for i in ids:
+            try:
+                self.engine.remove_lora(i)
+            except Exception:  # noqa: BLE001 - never loaded, or the engine is already shut down
+                pass
+        forget = [i for i in ids if i in self._tensor_ids]
+        if forget:
+            from .tensor_sync import FORGET_METHOD
+
+            try:
+                self.llm.collective_rpc(FORGET_METHOD, args=(forget,))
+            except Exception:  # noqa: BLE001 - the engine is already shut down: nothing left to free
+                pass
+            self._tensor_ids.difference_update(forget)
         for f in self._owned:
             shutil.rmtree(f, ignore_errors=True)
         self._owned.clear()
