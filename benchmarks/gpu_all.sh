@@ -13,8 +13,9 @@
 #    SMOLLM2_ONLY=1 runs step 7 alone and skips the install (a dry run elsewhere: SMOLLM2_ONLY=1 SMOL_DEVICE=cpu
 #    SMOL_BUDGET=1 SMOL_SHAPES="--batch 1 --seq 16 --decode-batch 1 --prefill 4 --decode-steps 2"
 #    SMOL_E2E_SHAPE="--batch 1 --seq 16" PYTHONPATH=. bash benchmarks/gpu_all.sh OUT).
-# FULL=1 adds the GPU tests' reference matrix, the per-kernel profile, the host-overhead table, `routed-lora bench --quick`
-# and `pytest benchmarks/ -k cuda` (about 12 minutes more). Each step has its own time limit so one slow step cannot eat the others; logs go to OUT_DIR.
+# FULL=1 adds the GPU tests' reference matrix, the per-kernel profile, the host-overhead table,
+# `routed-lora bench --quick` and `pytest benchmarks/ -k cuda` (about 12 minutes more). Each step has its own time
+# limit so one slow step cannot eat the others; logs go to OUT_DIR.
 set -u
 OUT_DIR="${1:-${OUT:-runs/gpu}}"
 mkdir -p "$OUT_DIR"

@@ -92,7 +92,8 @@ def check_resume(out: Path, cfg: GRPOConfig, run: dict, *, allow_changes: bool) 
     """Refuse ``--resume`` when the run folder cannot be continued as it is: no checkpoint, one that is not a
     training checkpoint or was written by another number of processes, a ``metrics.jsonl`` that cannot be read
     back (:mod:`.resume`), ``--steps`` not above the checkpoint's step, or a setting that changes the run differs
-    from the checkpoint's (all of them listed), unless ``allow_changes``. Reads only. Returns the checkpoint (memory-mapped) for :func:`check_resume_fits`."""
+    from the checkpoint's (all of them listed), unless ``allow_changes``. Reads only. Returns the checkpoint
+    (memory-mapped) for :func:`check_resume_fits`."""
     import torch
 
     from routed_lora.state import setting_differences

@@ -89,7 +89,7 @@ def _load_adapter(self, lora_request):
     if tensors is None:
         return _vllm_load_adapter(self, lora_request)
     lora = build_lora_model(self, lora_request.lora_int_id, lora_request.peft_config,
-                            {k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+                            {k: v.detach().cpu() for k, v in tensors.items()})  # copied there
     lora.is_3d_lora_weight = getattr(lora_request, "is_3d_lora_weight", False)
     return lora
 

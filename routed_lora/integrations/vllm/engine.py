@@ -117,24 +117,52 @@ class RoutedLLM:
         self._owned.append(folder)
         return folder
 
-    def _load(self, source) -> None:
+    def _send_tensors(self, ids: dict, config: dict, tensors: dict) -> None:
+        """Every adapter's tensors to the workers' registry (:mod:`.tensor_sync`) under ``ids[adapter]``."""
+        from .tensor_sync import METHOD, pack
+
+        self.llm.collective_rpc(METHOD, args=([pack(ids[a], config, tensors[a]) for a in self.adapters],))
+        self._tensor_ids.update(ids[a] for a in self.adapters)
+
+    def _drop(self, ids: list[int], *, quiet: bool = False) -> None:
+        """Remove LoRA ``ids`` from the engine and from the workers' registry. ``quiet``: an engine already shut
+        down is not an error (close())."""
+        for i in ids:
+            try:
+                self.engine.remove_lora(i)
+            except Exception:  # noqa: BLE001 - never loaded (no request used it), or the engine is shut down
+                pass
+        forget = [i for i in ids if i in self._tensor_ids]
+        if forget:
+            from .tensor_sync import FORGET_METHOD
+
+            try:
+                self.llm.collective_rpc(FORGET_METHOD, args=(forget,))
+            except Exception:  # noqa: BLE001
+                if not quiet:
+                    raise
+            self._tensor_ids.difference_update(forget)
+
+    def _load(self, source, payload: tuple | None = None) -> None:
         """Adapters of a folder (read by vLLM's loader), or of a live model: in memory (sent to the workers'
         registry, :mod:`.tensor_sync`; the requests' paths are names that nothing reads) unless ``workdir`` was
-        given, then written there. New LoRA ids either way."""
+        given, then written there. New LoRA ids either way. ``payload``: the model's ``adapter_payload`` when
+        the caller has it already."""
         from vllm.lora.request import LoRARequest
 
         from routed_lora.router import TagRouter
 
-        payload = None
         if isinstance(source, (str, os.PathLike)) or self._workdir is not None:
             folder = self._folder_for(source).resolve()
             m = _manifest(folder)
+            payload = None
         else:
-            from routed_lora.adapter_io import adapter_payload
+            if payload is None:
+                from routed_lora.adapter_io import adapter_payload
 
-            m, config, tensors = adapter_payload(source)
+                payload = adapter_payload(source)
+            m = payload[0]
             folder = Path(IN_MEMORY_PATH) / f"{os.getpid()}-{next(_ids)}"
-            payload = (config, tensors)
         self.folder, self.manifest = folder, m
         self.adapters = list(m["adapters"])
         self.model_adapters = list(m["model_adapters"])
@@ -147,11 +175,7 @@ class RoutedLLM:
         ids = {a: 1_000_000 + 1000 * next(_ids) for a in self.adapters}
         names = {a: f"routed-lora/{tag}/{a}" for a in self.adapters}
         if payload is not None:
-            from .tensor_sync import METHOD, pack
-
-            config, tensors = payload
-            self.llm.collective_rpc(METHOD, args=([pack(ids[a], config, tensors[a]) for a in self.adapters],))
-            self._tensor_ids.update(ids.values())
+            self._send_tensors(ids, payload[1], payload[2])
         self.requests = {a: LoRARequest(lora_name=names[a], lora_int_id=ids[a], lora_path=str(folder / a))
                          for a in self.adapters}
         if self.router is not None:
@@ -188,16 +212,13 @@ class RoutedLLM:
         if in_memory is not False and not isinstance(source, (str, os.PathLike)):
             from routed_lora.adapter_io import adapter_payload
 
-            manifest, config, tensors = adapter_payload(source)
+            payload = adapter_payload(source)
+            manifest, config, tensors = payload
             same = (list(manifest["adapters"]) == self.adapters
                     and list(manifest["model_adapters"]) == self.model_adapters
                     and (self._router_override or manifest.get("router")) == self._router_d)
             if same:
-                from .tensor_sync import METHOD, pack
-
-                entries = [pack(self.requests[a].lora_int_id, config, tensors[a]) for a in self.adapters]
-                self.llm.collective_rpc(METHOD, args=(entries,))
-                self._tensor_ids.update(e[0] for e in entries)
+                self._send_tensors({a: r.lora_int_id for a, r in self.requests.items()}, config, tensors)
                 self.llm.reset_prefix_cache()
                 self.version += 1
                 self.last_sync = "tensors"
@@ -206,23 +227,15 @@ class RoutedLLM:
                 raise ValueError(f"source: an in-memory sync needs the loaded adapters {self.adapters} and router; "
                                  f"the model has adapters {manifest['adapters']} and router "
                                  f"{manifest.get('router')!r}; pass in_memory=None to load it under new ids")
-        elif in_memory:
-            raise ValueError(f"source: in_memory=True needs a model with routed layers, got the folder {source!r}")
+        else:
+            if in_memory:
+                raise ValueError(f"source: in_memory=True needs a model with routed layers, got the folder {source!r}")
+            payload = None
         old = [r.lora_int_id for r in self.requests.values()]
         old_owned = list(self._owned)
         self.version += 1
-        self._load(source)
-        for i in old:
-            try:
-                self.engine.remove_lora(i)
-            except Exception:  # noqa: BLE001 - never loaded (no request used it)
-                pass
-        forget = [i for i in old if i in self._tensor_ids]
-        if forget:
-            from .tensor_sync import FORGET_METHOD
-
-            self.llm.collective_rpc(FORGET_METHOD, args=(forget,))
-            self._tensor_ids.difference_update(forget)
+        self._load(source, payload)
+        self._drop(old)
         self.llm.reset_prefix_cache()
         self.last_sync = "folder"
         for f in old_owned:
@@ -233,21 +246,7 @@ class RoutedLLM:
     def close(self) -> None:
         """Drop this object's adapters from the engine and the workers' tensor registry, and its folders; its
         requests must not be used afterwards. The engine itself stays up (it is the caller's)."""
-        ids = [r.lora_int_id for r in self.requests.values()]
-        for i in ids:
-            try:
-                self.engine.remove_lora(i)
-            except Exception:  # noqa: BLE001 - never loaded, or the engine is already shut down
-                pass
-        forget = [i for i in ids if i in self._tensor_ids]
-        if forget:
-            from .tensor_sync import FORGET_METHOD
-
-            try:
-                self.llm.collective_rpc(FORGET_METHOD, args=(forget,))
-            except Exception:  # noqa: BLE001 - the engine is already shut down: nothing left to free
-                pass
-            self._tensor_ids.difference_update(forget)
+        self._drop([r.lora_int_id for r in self.requests.values()], quiet=True)
         for f in self._owned:
             shutil.rmtree(f, ignore_errors=True)
         self._owned.clear()

@@ -73,9 +73,8 @@ def build_lora_model(manager, lora_int_id: int, config: dict, tensors: dict):
                          f"{sorted(manager._adapter_manager.supported_lora_modules)}")
     lora = manager._lora_model_cls.from_lora_tensors(
         lora_model_id=int(lora_int_id), tensors={k: v.clone() for k, v in tensors.items()}, peft_helper=helper,
-        device="cpu",
-        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size, weights_mapper=mapper,
-        skip_prefixes=skip)
+        device="cpu", dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper, skip_prefixes=skip)
     am = manager._adapter_manager
     for check in ("_validate_modules_to_save", "_validate_token_classification_lora"):
         if hasattr(am, check):
@@ -131,15 +130,12 @@ def load_lora_tensors(worker, entries) -> list[int]:
     entries = [(int(lid), _config(config), _tensors(tensors)) for lid, config, tensors in entries]
     for lid, config, tensors in entries:
         build_lora_model(manager, lid, config, tensors)  # validate every entry before anything changes
-    ids = []
     for lid, config, tensors in entries:
-        lid = int(lid)
         with _lock:
-            _registry[lid] = (dict(config), dict(tensors))
+            _registry[lid] = (config, tensors)
         if lid in manager.list_adapters():
             manager.remove_adapter(lid)
-        ids.append(lid)
-    return ids
+    return [lid for lid, _, _ in entries]
 
 
 def forget_lora_tensors(worker, ids) -> int:
